@@ -1,0 +1,16 @@
+"""jaxgen: generative models as time-dependent vector fields, in JAX.
+
+The mathematical core (``paths``, ``fields``, ``losses``, ``samplers``, ``oracle``, ``metrics``)
+imports neither Flax nor data loading; networks live in ``jaxgen.models`` and training in
+``jaxgen.train``.
+"""
+
+from jaxgen import fields, losses, metrics, oracle, paths, samplers
+from jaxgen.paths import GaussianPath, get_schedule
+from jaxgen.oracle import GaussianMixture
+from jaxgen.samplers import SampleResult, sample_ode, sample_sde
+
+__version__ = "0.1.0"
+
+__all__ = ["fields", "losses", "metrics", "oracle", "paths", "samplers", "GaussianPath", "get_schedule",
+           "GaussianMixture", "SampleResult", "sample_ode", "sample_sde", "__version__"]

@@ -1,0 +1,227 @@
+r"""Training objectives on Gaussian paths: conditional flow matching and its siblings.
+
+Each constructor returns a pure loss function ``loss(field, batch, key) -> scalar`` that composes
+with ``jit``, ``vmap`` and ``grad``:
+
+* ``field`` is any callable with jaxgen's field signature ``field(x, t, **cond)``. A Flax NNX module
+  is both the field and its parameters (modules are pytrees), so ``jax.grad(loss)(model, batch, key)``
+  and ``nnx.grad`` work directly; for a pure ``apply(params, x, t)`` use :func:`with_params`.
+* ``batch`` is an array of data ``z`` of shape ``(B, ...)`` or a dict ``{"x": z, **cond}`` whose other
+  entries (e.g. ``"y"`` labels) are passed to the field by keyword.
+* ``key`` is a PRNG key; the loss draws ``t``, the noise (or source sample) and any coupling from it.
+
+All losses regress the network output onto the target of their parameterisation (see
+:mod:`jaxgen.fields`) at ``x_t = alpha_t z + beta_t eps``:
+
+=====================================  ==================  ======================================
+loss                                    target              reference
+=====================================  ==================  ======================================
+:func:`flow_matching_loss` (CFM)        ``da z + db eps``   notes eq. 4.1.2-4.1.3; Lipman et al. 2023
+:func:`denoising_score_matching_loss`   ``-eps / beta``     notes sec. 4.2.2; Vincent 2011; Song 2021
+:func:`noise_prediction_loss` (DDPM)    ``eps``             notes sec. 4.2.2; Ho et al. 2020
+:func:`data_prediction_loss` (x0)       ``z``               Karras et al. 2022 (denoiser)
+:func:`v_prediction_loss`               ``a eps - b z``     Salimans & Ho 2022
+=====================================  ==================  ======================================
+
+The squared error is averaged over the feature dimensions of each sample, multiplied by an
+optional time weighting ``weighting(t) -> (B,)``, and averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.fields import canonical_prediction, from_data_and_noise
+from jaxgen.paths.gaussian import GaussianPath
+from jaxgen._checks import expand_like, safe_divide
+
+Array = jax.Array
+LossFn = Callable[[Any, Any, Array], Array]
+Source = Callable[[Array, int], Array]
+
+
+def split_batch(batch) -> tuple[Array, dict]:
+    """Split a batch into the data ``z`` and the conditioning keywords."""
+    if isinstance(batch, dict):
+        if "x" not in batch:
+            raise ValueError(f"a dict batch must hold the data under key 'x'; got keys {sorted(batch)}.")
+        cond = {k: v for k, v in batch.items() if k != "x"}
+        return batch["x"], cond
+    return batch, {}
+
+
+def uniform_time(lo: float = 0.0, hi: float = 1.0) -> Callable[[Array, int], Array]:
+    """``t ~ U(lo, hi)``."""
+    return lambda key, n: jax.random.uniform(key, (n,), minval=lo, maxval=hi)
+
+
+def logit_normal_time(mean: float = 0.0, std: float = 1.0, lo: float = 0.0, hi: float = 1.0):
+    """``t = sigmoid(N(mean, std^2))`` rescaled to ``[lo, hi]`` (Esser et al. 2024, SD3)."""
+    return lambda key, n: lo + (hi - lo) * jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,)))
+
+
+def _as_path(path) -> GaussianPath:
+    if isinstance(path, GaussianPath):
+        return path
+    if isinstance(path, str):
+        return GaussianPath.from_name(path)
+    raise TypeError(f"path must be a GaussianPath or a schedule name, got {type(path).__name__}.")
+
+
+def _check_output(out, z, prediction):
+    if getattr(out, "shape", None) != z.shape:
+        raise ValueError(
+            f"the field returned shape {getattr(out, 'shape', None)} for data of shape {tuple(z.shape)}; "
+            f"a {prediction} field must return an array of the same shape as x (field(x, t) with t of shape (B,))."
+        )
+
+
+def regression_loss(
+    path: GaussianPath | str = "linear",
+    prediction: str = "velocity",
+    *,
+    source: Source | None = None,
+    coupling: Callable[[Array, Array, Array], tuple[Array, Array]] | None = None,
+    weighting: Callable[[Array], Array] | None = None,
+    time_sampler: Callable[[Array, int], Array] | str = "uniform",
+    t_range: tuple[float, float] | None = None,
+) -> LossFn:
+    r"""The generic objective ``E_{t, z, eps} [ w(t) || f_theta(x_t, t) - target(z, eps, t) ||^2 ]``.
+
+    Args:
+      path: the Gaussian path (or a schedule name).
+      prediction: what the field predicts: ``velocity``, ``score``, ``eps``, ``data`` or ``v`` (aliases allowed).
+      source: sampler ``source(key, n) -> (n, ...)`` of the t=0 distribution; ``None`` draws
+        ``eps ~ N(0, I)``. A non-Gaussian source (e.g. 8 Gaussians -> moons) makes
+        ``x_t = alpha_t z + beta_t x_source`` an interpolant rather than a Gaussian path; velocity,
+        data, eps (= the source point) and v targets stay valid, the score target does not.
+      coupling: optional ``coupling(key, x_source, z) -> (x_source, z)`` that re-pairs a minibatch
+        (e.g. minibatch optimal transport, OT-CFM).
+      weighting: optional ``w(t) -> (B,)`` time weighting. For ``score`` the default is
+        ``w = beta_t^2`` (Song et al. 2021's ``lambda(t) = sigma^2``), computed as
+        ``|| beta_t s_theta + eps ||^2`` so that it stays finite at ``beta_t = 0``.
+      time_sampler: ``"uniform"``, ``"logit_normal"`` or ``sampler(key, n) -> (n,)``.
+      t_range: ``(lo, hi)`` for the built-in time samplers; default is the schedule's domain
+        (``[0, 1 - 1e-5]`` for VP, as score_sde's ``eps``).
+    """
+    path = _as_path(path)
+    prediction = canonical_prediction(prediction)
+    if source is not None and prediction == "score":
+        raise ValueError("the score target -eps/beta_t assumes a Gaussian source; with a custom source use "
+                         "prediction='velocity', 'data', 'eps' or 'v'.")
+    lo, hi = t_range if t_range is not None else (path.schedule.t_min, path.schedule.t_max)
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}.")
+    if isinstance(time_sampler, str):
+        if time_sampler == "uniform":
+            time_sampler = uniform_time(lo, hi)
+        elif time_sampler == "logit_normal":
+            time_sampler = logit_normal_time(lo=lo, hi=hi)
+        else:
+            raise ValueError(f"unknown time_sampler {time_sampler!r}; use 'uniform', 'logit_normal' or a callable.")
+
+    def loss(field, batch, key: Array) -> Array:
+        z, cond = split_batch(batch)
+        n = z.shape[0]
+        k_t, k_eps, k_c = jax.random.split(key, 3)
+        t = time_sampler(k_t, n).astype(z.dtype)
+        if source is None:
+            eps = jax.random.normal(k_eps, z.shape, z.dtype)
+        else:
+            eps = source(k_eps, n).astype(z.dtype)
+            if eps.shape != z.shape:
+                raise ValueError(f"source returned shape {tuple(eps.shape)}, expected the data's shape {tuple(z.shape)}.")
+        if coupling is not None:
+            eps, z = coupling(k_c, eps, z)
+        xt = path.sample(z, eps, t)
+        out = field(xt, t, **cond)
+        _check_output(out, z, prediction)
+        if prediction == "score":
+            # w/beta^2 * || beta s + eps ||^2, with w = beta^2 by default.
+            beta = expand_like(path.coefficients(t).beta.astype(z.dtype), z)
+            resid = beta * out + eps
+            per = jnp.mean(jnp.reshape(resid**2, (n, -1)), -1)
+            if weighting is not None:
+                b2 = path.coefficients(t).beta.astype(z.dtype) ** 2
+                per = safe_divide(weighting(t) * per, b2, floor=1e-12)
+            return jnp.mean(per)
+        target = from_data_and_noise(path, z, eps, t, prediction)
+        per = jnp.mean(jnp.reshape((out - target) ** 2, (n, -1)), -1)
+        if weighting is not None:
+            per = weighting(t) * per
+        return jnp.mean(per)
+
+    return loss
+
+
+def flow_matching_loss(path: GaussianPath | str = "linear", **kwargs) -> LossFn:
+    r"""Conditional flow matching (notes eq. 4.1.2): ``|| u_theta(x_t, t) - (da_t z + db_t eps) ||^2``.
+
+    For CondOT (the default) the target is ``z - eps`` (notes Algorithm 1). Its gradient equals that
+    of the marginal flow-matching loss ``|| u_theta - u_t(x) ||^2`` (the two differ by a constant).
+    """
+    return regression_loss(path, "velocity", **kwargs)
+
+
+def denoising_score_matching_loss(path: GaussianPath | str = "vp", **kwargs) -> LossFn:
+    r"""Denoising score matching (notes sec. 4.2.2): ``lambda(t) || s_theta(x_t, t) + eps / beta_t ||^2``."""
+    return regression_loss(path, "score", **kwargs)
+
+
+def noise_prediction_loss(path: GaussianPath | str = "vp", **kwargs) -> LossFn:
+    r"""DDPM's simple loss (notes sec. 4.2.2, Ho et al. 2020 eq. 14): ``|| eps_theta(x_t, t) - eps ||^2``."""
+    return regression_loss(path, "eps", **kwargs)
+
+
+def data_prediction_loss(path: GaussianPath | str = "vp", **kwargs) -> LossFn:
+    r"""Data (x0) prediction: ``|| D_theta(x_t, t) - z ||^2``, the denoiser objective."""
+    return regression_loss(path, "data", **kwargs)
+
+
+def v_prediction_loss(path: GaussianPath | str = "vp", **kwargs) -> LossFn:
+    r"""v-prediction (Salimans & Ho 2022): ``|| v_theta(x_t, t) - (alpha_t eps - beta_t z) ||^2``."""
+    return regression_loss(path, "v", **kwargs)
+
+
+def marginal_regression_loss(
+    path: GaussianPath | str,
+    target_field: Callable[[Array, Array], Array],
+    prediction: str = "velocity",
+    *,
+    time_sampler: Callable[[Array, int], Array] | None = None,
+) -> LossFn:
+    r"""Regression onto a known *marginal* field: ``E_{t, x ~ p_t} || f_theta(x, t) - f_t(x) ||^2``.
+
+    With the oracle's ``u_t(x)`` as ``target_field`` this is the marginal flow-matching loss
+    ``L_FM`` of notes eq. 4.1.1 (tractable only when ``u_t`` is known). ``x ~ p_t`` is drawn as
+    ``alpha_t z + beta_t eps`` from the data in ``batch``.
+    """
+    path = _as_path(path)
+    time_sampler = time_sampler or uniform_time(path.schedule.t_min, path.schedule.t_max)
+
+    def loss(field, batch, key):
+        z, cond = split_batch(batch)
+        n = z.shape[0]
+        k_t, k_eps = jax.random.split(key)
+        t = time_sampler(k_t, n).astype(z.dtype)
+        xt = path.sample(z, jax.random.normal(k_eps, z.shape, z.dtype), t)
+        out = field(xt, t, **cond)
+        _check_output(out, z, prediction)
+        return jnp.mean(jnp.mean(jnp.reshape((out - target_field(xt, t)) ** 2, (n, -1)), -1))
+
+    return loss
+
+
+def with_params(apply_fn: Callable[..., Array]) -> Callable[[LossFn], Callable[[Any, Any, Array], Array]]:
+    """Adapt a loss to a pure ``apply_fn(params, x, t, **cond)``: ``with_params(apply)(loss)(params, batch, key)``."""
+
+    def adapt(loss: LossFn):
+        def loss_params(params, batch, key):
+            return loss(lambda x, t, **c: apply_fn(params, x, t, **c), batch, key)
+
+        return loss_params
+
+    return adapt

@@ -1,0 +1,6 @@
+"""Flax NNX networks with jaxgen's field signature ``model(x, t, **cond)``."""
+
+from jaxgen.models.embeddings import sinusoidal_embedding
+from jaxgen.models.mlp import MLPField
+
+__all__ = ["MLPField", "sinusoidal_embedding"]
