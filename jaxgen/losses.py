@@ -205,7 +205,7 @@ def marginal_regression_loss(
     def loss(field, batch, key):
         z, cond = split_batch(batch)
         n = z.shape[0]
-        k_t, k_eps = jax.random.split(key)
+        k_t, k_eps, _ = jax.random.split(key, 3)  # the same draws as regression_loss for the same key
         t = time_sampler(k_t, n).astype(z.dtype)
         xt = path.sample(z, jax.random.normal(k_eps, z.shape, z.dtype), t)
         out = field(xt, t, **cond)

@@ -146,7 +146,8 @@ def annealed_langevin(
 
     At each level ``t_i`` (increasing from noise to data) run ``steps_per_level`` Langevin steps on
     ``p_{t_i}``. The step size follows score_sde's Langevin corrector (Song et al. 2021, Alg. 4):
-    ``eta = 2 (snr * ||xi|| / ||score||)^2`` per sample, so it adapts to the scale of each level.
+    ``eta = 2 (snr * mean ||xi|| / mean ||score||)^2`` (norms averaged over the batch), so it adapts to
+    the scale of each level.
     NFE = ``len(ts) * steps_per_level``.
     """
     ts = jnp.asarray(ts, jnp.float32)
@@ -161,8 +162,9 @@ def annealed_langevin(
         idx, t = inp
         s = f(x, t)
         xi = jax.random.normal(jax.random.fold_in(key, idx), x.shape, x.dtype)
-        eta = 2.0 * (snr * flat(xi) / jnp.maximum(flat(s), 1e-12)) ** 2
-        eta = expand_like(eta, x)
+        # Batch-averaged norms, as score_sde: per-sample norms are too noisy in low dimension (a sample
+        # sitting on a mode has score ~ 0 and would take a huge step).
+        eta = 2.0 * (snr * jnp.mean(flat(xi)) / jnp.maximum(jnp.mean(flat(s)), 1e-12)) ** 2
         return x + eta * s + jnp.sqrt(2.0 * eta) * xi, None
 
     idx = jnp.arange(n_levels * k)

@@ -1,0 +1,148 @@
+"""Field algebra: exact round trips, agreement with the oracle, endpoint safety, SDE drift and guidance."""
+
+import itertools
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from jaxgen import fields
+from jaxgen.fields import PREDICTIONS, convert
+from jaxgen.oracle import GaussianMixture
+from jaxgen.paths import GaussianPath
+
+NAMES = ["linear", "cosine", "polynomial", "vp", "sub_vp", "ve", "edm"]
+PATHS = {n: GaussianPath.from_name(n) for n in NAMES}
+GM = GaussianMixture.isotropic(jnp.array([[-1.0, 0.5], [1.5, -0.5], [0.0, 2.0]]), jnp.array([0.3, 0.5, 0.4]),
+                               jnp.array([0.3, 0.3, 0.4]))
+B = 64
+
+
+def _inputs(path, lo=0.1, hi=0.9, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    t = jax.random.uniform(k1, (B,), minval=lo, maxval=hi)
+    z = GM.sample(k2, B)
+    x = path.sample(z, jax.random.normal(k3, z.shape), t)
+    return x, t
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trips_all_pairs(name):
+    """A -> B -> A is the identity for every pair of parameterisations (to 1e-5 relative)."""
+    path = PATHS[name]
+    x, t = _inputs(path)
+    for a, b in itertools.permutations(PREDICTIONS, 2):
+        out = GM.field(path, a)(x, t)
+        back = convert(path, convert(path, out, x, t, source=a, target=b), x, t, source=b, target=a)
+        scale = float(jnp.abs(out).max()) + float(jnp.abs(x).max())
+        np.testing.assert_allclose(back, out, atol=1e-5 * scale, rtol=1e-5, err_msg=f"{name}: {a}->{b}->{a}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_conversions_agree_with_oracle(name):
+    """Converting any oracle prediction gives the oracle's other predictions.
+
+    (Up to t = 0.95: closer to the data, data -> score cancels x - alpha z in float32 for EDM/VE.)
+    """
+    path = PATHS[name]
+    x, t = _inputs(path, 0.02, 0.95, seed=1)
+    outputs = {p: GM.field(path, p)(x, t) for p in PREDICTIONS}
+    np.testing.assert_allclose(outputs["score"], GM.marginal_score(path, x, t), rtol=1e-5)
+    for a, b in itertools.permutations(PREDICTIONS, 2):
+        got = convert(path, outputs[a], x, t, source=a, target=b)
+        scale = float(jnp.abs(outputs[b]).max())
+        np.testing.assert_allclose(got, outputs[b], atol=2e-4 * scale, err_msg=f"{name}: {a}->{b}")
+
+
+def test_named_conversions_are_the_notes_formulas():
+    """u = (beta^2 da/a - db beta) s + (da/a) x (eq. 4.2.3); s = -eps/beta; Tweedie z = (x + beta^2 s)/a."""
+    path = PATHS["cosine"]
+    x, t = _inputs(path)
+    a, b, da, db = (v[:, None] for v in path.coefficients(t))
+    s = GM.marginal_score(path, x, t)
+    np.testing.assert_allclose(fields.score_to_velocity(path, s, x, t), (b**2 * da / a - db * b) * s + da / a * x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fields.score_to_eps(path, s, x, t), -b * s, rtol=1e-6)
+    np.testing.assert_allclose(fields.tweedie_data(path, s, x, t), (x + b**2 * s) / a, rtol=1e-4, atol=1e-5)
+    u = GM.marginal_velocity(path, x, t)
+    np.testing.assert_allclose(fields.velocity_to_score(path, u, x, t), s, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fields.eps_to_score(path, -b * s, x, t), s, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_nan_or_inf_anywhere_on_closed_interval(name):
+    path = PATHS[name]
+    t = jnp.concatenate([jnp.zeros(8), jnp.ones(8), jnp.linspace(0, 1, B - 16)])
+    z = GM.sample(jax.random.key(3), B)
+    x = path.sample(z, jax.random.normal(jax.random.key(4), z.shape), t)
+    for a in PREDICTIONS:
+        out = GM.field(path, a)(x, t)
+        assert np.all(np.isfinite(np.asarray(out))), (name, a)
+        for b in PREDICTIONS:
+            assert np.all(np.isfinite(np.asarray(convert(path, out, x, t, source=a, target=b)))), (name, a, b)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "vp", "ve"])
+def test_score_from_velocity_is_exact_at_noise_end(name):
+    """p_0 = N(0, beta_0^2 I) for any data, so the score at t=0 is -x / beta_0^2; no division by alpha_0 = 0."""
+    path = PATHS[name]
+    x = 2.0 * jax.random.normal(jax.random.key(5), (B, 2))
+    t = jnp.zeros(B)
+    s = fields.velocity_to_score(path, GM.marginal_velocity(path, x, t), x, t)
+    b0 = float(path.coefficients(jnp.zeros(())).beta)
+    a0 = float(path.coefficients(jnp.zeros(())).alpha)
+    if a0 == 0.0:
+        np.testing.assert_allclose(s, -x / b0**2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s, GM.marginal_score(path, x, t), rtol=1e-4, atol=1e-6)
+
+
+def test_aliases_and_unknown_prediction():
+    assert fields.canonical_prediction("x0") == "data"
+    assert fields.canonical_prediction("noise") == "eps"
+    with pytest.raises(ValueError, match="unknown prediction type 'banana'"):
+        fields.canonical_prediction("banana")
+
+
+def test_sde_drift_is_extension_trick():
+    u, s = jnp.ones((3, 2)), 2 * jnp.ones((3, 2))
+    np.testing.assert_allclose(fields.sde_drift(u, s, 0.5), 1 + 0.125 * 2)
+    np.testing.assert_allclose(fields.sde_drift(u, s, jnp.array([0.0, 1.0, 2.0]))[:, 0], [1.0, 2.0, 5.0])
+
+
+def test_sde_drift_field_from_eps_model_matches_velocity_and_score():
+    path = PATHS["vp"]
+    x, t = _inputs(path)
+    sigma = lambda tt: 0.3 + tt
+    drift = fields.sde_drift_field(path, GM.field(path, "eps"), sigma, prediction="eps")(x, t)
+    want = GM.marginal_velocity(path, x, t) + 0.5 * (0.3 + t[:, None]) ** 2 * GM.marginal_score(path, x, t)
+    np.testing.assert_allclose(drift, want, rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_free_guidance_combination_and_doubled_batch():
+    cond, uncond = jnp.full((2, 2), 3.0), jnp.full((2, 2), 1.0)
+    np.testing.assert_allclose(fields.cfg_combine(cond, uncond, 0.0), uncond)
+    np.testing.assert_allclose(fields.cfg_combine(cond, uncond, 1.0), cond)
+    np.testing.assert_allclose(fields.cfg_combine(cond, uncond, 2.0), 5.0)
+    calls = []
+
+    def field(x, t, y):
+        calls.append(x.shape)
+        return x * 0 + y[:, None].astype(x.dtype)
+
+    g = fields.guided_field(field, 3.0, null_label=10)
+    out = g(jnp.zeros((4, 2)), jnp.full((4,), 0.5), y=jnp.array([1, 2, 3, 4]))
+    assert calls == [(8, 2)]  # one network call on the doubled batch
+    np.testing.assert_allclose(out[:, 0], (1 - 3) * 10 + 3 * np.array([1, 2, 3, 4]))
+
+
+def test_as_field_converts_outputs():
+    path = PATHS["linear"]
+    x, t = _inputs(path)
+    f = fields.as_field(path, GM.field(path, "eps"), source="noise", target="velocity")
+    np.testing.assert_allclose(f(x, t), GM.marginal_velocity(path, x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_conversion_rejects_mismatched_shapes():
+    path = PATHS["linear"]
+    with pytest.raises(ValueError, match="shape mismatch"):
+        convert(path, jnp.ones((4, 2)), jnp.ones((4, 3)), 0.5, source="eps", target="velocity")
