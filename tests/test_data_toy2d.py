@@ -222,3 +222,8 @@ def test_registry_binds_kwargs():
         toy2d.get_distribution("eight_gaussians", radius=2.0)
     with pytest.raises(TypeError, match="n"):
         toy2d.get_distribution("moons", n=3)
+
+
+def test_aliases_resolve_to_the_same_sampler():
+    from jaxgen.data.toy2d import get_distribution, eight_gaussians
+    assert get_distribution("8gaussians") is eight_gaussians

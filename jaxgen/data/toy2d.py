@@ -378,6 +378,17 @@ DISTRIBUTIONS: dict[str, Callable[..., jax.Array]] = {
 }
 """Name -> sampler ``fn(key, n, **params)``."""
 
+ALIASES: dict[str, str] = {
+    "8gaussians": "eight_gaussians",
+    "8_gaussians": "eight_gaussians",
+    "two_moons": "moons",
+    "swissroll": "swiss_roll",
+    "2spirals": "spirals",
+    "gaussian": "standard_normal",
+    "normal": "standard_normal",
+}
+"""Alternative names (TorchCFM's ``8gaussians`` among them)."""
+
 
 def get_distribution(name: str, **kwargs: Any) -> Sampler:
     """Returns the sampler ``sample(key, n)`` registered under ``name``.
@@ -391,9 +402,9 @@ def get_distribution(name: str, **kwargs: Any) -> Sampler:
       TypeError: if ``kwargs`` do not match the sampler's parameters.
     """
     try:
-        fn = DISTRIBUTIONS[name]
+        fn = DISTRIBUTIONS[ALIASES.get(name, name)]
     except (KeyError, TypeError):
-        known = ", ".join(sorted(DISTRIBUTIONS))
+        known = ", ".join(sorted(DISTRIBUTIONS) + sorted(ALIASES))
         raise ValueError(
             f"Unknown distribution {name!r}. Known distributions: {known}."
         ) from None
