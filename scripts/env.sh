@@ -22,9 +22,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[jaxgen] installing jaxgen and its dependencies into $VENV (first run: about a minute)" >&2
-  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
-  "$VENV/bin/python" -m pip install -q -e "$JAXGEN_ROOT[test]" 2>&1 | grep -v "is ignored" >&2 || true
-  "$VENV/bin/python" -c "import jaxgen, pytest" || { echo "error: installation failed (see pip output above)." >&2; exit 1; }
+  LOG="$VENV/pip-install.log"
+  if ! { "$VENV/bin/python" -m pip install -q --upgrade pip && "$VENV/bin/python" -m pip install -q -e "$JAXGEN_ROOT[test]"; } >"$LOG" 2>&1 \
+     || ! "$VENV/bin/python" -c "import jaxgen, flax, optax, diffrax, orbax.checkpoint, pytest" >>"$LOG" 2>&1; then
+    grep -v "is ignored" "$LOG" | tail -n 30 >&2
+    echo "error: installing jaxgen into $VENV failed (full log: $LOG). Check that PyPI is reachable, or delete $VENV and retry." >&2
+    exit 1
+  fi
   echo "$WANT" > "$STAMP"
 fi
 PY="$VENV/bin/python"
