@@ -18,16 +18,23 @@ noise), which satisfies ``x = alpha z_hat + beta eps_hat`` exactly. Decoding use
 best-conditioned formula for each parameterisation:
 
 * velocity: solve ``[x; u] = [[a, b], [da, db]] [z; eps]``; its determinant ``a db - b da`` is
-  negative on all of ``[0, 1]`` for a valid schedule (checked at construction), so this is safe at
-  both ends. E.g. the score from a velocity is ``s = -(a u - da x) / (beta (a db - b da))``, which is
-  the notes' eq. 4.2.3 rearranged without dividing by ``alpha_t``.
+  negative inside ``(0, 1)`` for a valid schedule (checked at construction), and non-zero at the
+  endpoints for linear, cosine, VP, VE and EDM. E.g. the score from a velocity is
+  ``s = -(a u - da x) / (beta (a db - b da))``: the notes' eq. 4.2.3 rearranged without dividing by
+  ``alpha_t``. Where the determinant vanishes (polynomial ``n > 1`` at t=0) the non-zero one of
+  ``alpha``/``beta`` decodes ``x`` directly.
 * v: solve ``[x; v] = [[a, b], [-b, a]] [z; eps]``, determinant ``a^2 + b^2 > 0``.
 * eps/score: ``z = (x - b eps) / a`` divides by ``alpha_t`` (zero at t=0, where the data mean is
   not identifiable from ``x``); data: ``eps = (x - a z) / b`` divides by ``beta_t`` (zero at t=1).
   These divisions are floored (``|den| >= 1e-6``): exact elsewhere, finite everywhere.
 
-The score at t=1 is ``-eps_hat / beta_t`` with ``beta_1 = 0``: it is floored too (finite but large);
-samplers never evaluate the score at t=1.
+Finite is not accurate: where a divisor vanishes the information is genuinely missing. A data
+(x0) prediction says nothing about the noise at t=1 (``beta_1 = 0``), an eps or score prediction
+nothing about the data at t=0 (``alpha_0 = 0``), and the floored division amplifies a network's error
+by up to ``1e6`` there. Sample such fields on a grid that does not evaluate them at that end: Euler,
+Euler-Maruyama and Langevin never evaluate at their final time; for Heun use
+``sample_ode(..., final_euler=True)`` (EDM's Algorithm 1) and start eps/score fields at ``t0 > 0``
+(e.g. ``1e-3``) on paths with ``alpha_0 = 0``. Velocity and v predictions are safe at both ends.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen._checks import batch_time, check_same_shape, expand_like, safe_divide
-from jaxgen.paths.gaussian import GaussianPath
+from jaxgen.paths.gaussian import GaussianPath, as_path
 
 Array = jax.Array
 
@@ -72,10 +79,8 @@ def canonical_prediction(name: str) -> str:
     return _ALIASES[key]
 
 
-def _coeffs(path: GaussianPath, x: Array, t: Array):
-    if not isinstance(path, GaussianPath):
-        raise TypeError(f"expected a jaxgen.paths.GaussianPath, got {type(path).__name__}; "
-                        "build one with GaussianPath.from_name('linear').")
+def _coeffs(path: GaussianPath | str, x: Array, t: Array):
+    path = as_path(path)
     t = batch_time(t, x)
     c = path.coefficients(t)
     return tuple(expand_like(v.astype(x.dtype), x) for v in c)
@@ -87,9 +92,18 @@ def to_data_and_noise(path: GaussianPath, output: Array, x: Array, t: Array, pre
     check_same_shape(output=output, x=x)
     a, b, da, db = _coeffs(path, x, t)
     if prediction == "velocity":
-        det = a * db - b * da  # < 0 on [0, 1]
+        det = a * db - b * da  # < 0 inside (0, 1) for a valid schedule
         z = safe_divide(db * x - b * output, det)
         eps = safe_divide(a * output - da * x, det)
+        # Where det vanishes (an endpoint of e.g. polynomial(n > 1), whose u_0 = 0 for every z), x
+        # alone identifies the component whose coefficient is non-zero: eps = x / beta if alpha = 0,
+        # z = x / alpha if beta = 0; the other one is taken from u = da z + db eps.
+        noise_end = jnp.abs(a) <= jnp.abs(b)
+        eps_alt = jnp.where(noise_end, safe_divide(x, b), safe_divide(output - da * safe_divide(x, a), db))
+        z_alt = jnp.where(noise_end, safe_divide(output - db * safe_divide(x, b), da), safe_divide(x, a))
+        singular = jnp.abs(det) < 1e-6
+        z = jnp.where(singular, z_alt, z)
+        eps = jnp.where(singular, eps_alt, eps)
     elif prediction == "v":
         n2 = a * a + b * b
         z = (a * x - b * output) / n2

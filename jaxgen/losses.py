@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.fields import canonical_prediction, from_data_and_noise
-from jaxgen.paths.gaussian import GaussianPath
+from jaxgen.paths.gaussian import GaussianPath, as_path
 from jaxgen._checks import expand_like, safe_divide
 
 Array = jax.Array
@@ -63,14 +63,6 @@ def logit_normal_time(mean: float = 0.0, std: float = 1.0, lo: float = 0.0, hi: 
     return lambda key, n: lo + (hi - lo) * jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,)))
 
 
-def _as_path(path) -> GaussianPath:
-    if isinstance(path, GaussianPath):
-        return path
-    if isinstance(path, str):
-        return GaussianPath.from_name(path)
-    raise TypeError(f"path must be a GaussianPath or a schedule name, got {type(path).__name__}.")
-
-
 def _check_output(out, z, prediction):
     if getattr(out, "shape", None) != z.shape:
         raise ValueError(
@@ -80,7 +72,7 @@ def _check_output(out, z, prediction):
 
 
 def regression_loss(
-    path: GaussianPath | str = "linear",
+    path: GaussianPath | str,
     prediction: str = "velocity",
     *,
     source: Source | None = None,
@@ -94,8 +86,9 @@ def regression_loss(
     Args:
       path: the Gaussian path (or a schedule name).
       prediction: what the field predicts: ``velocity``, ``score``, ``eps``, ``data`` or ``v`` (aliases allowed).
-      source: sampler ``source(key, n) -> (n, ...)`` of the t=0 distribution; ``None`` draws
-        ``eps ~ N(0, I)``. A non-Gaussian source (e.g. 8 Gaussians -> moons) makes
+      source: sampler ``source(key, n) -> (n, ...)`` of the noise ``eps``; ``None`` draws
+        ``eps ~ N(0, I)``. The t=0 distribution is then that of ``alpha_0 z + beta_0 eps``, so sample
+        from ``beta_0 * source`` (``beta_0 = 1`` except for VE/EDM). A non-Gaussian source (e.g. 8 Gaussians -> moons) makes
         ``x_t = alpha_t z + beta_t x_source`` an interpolant rather than a Gaussian path; velocity,
         data, eps (= the source point) and v targets stay valid, the score target does not.
       coupling: optional ``coupling(key, x_source, z) -> (x_source, z)`` that re-pairs a minibatch
@@ -107,7 +100,7 @@ def regression_loss(
       t_range: ``(lo, hi)`` for the built-in time samplers; default is the schedule's domain
         (``[0, 1 - 1e-5]`` for VP, as score_sde's ``eps``).
     """
-    path = _as_path(path)
+    path = as_path(path)
     prediction = canonical_prediction(prediction)
     if source is not None and prediction == "score":
         raise ValueError("the score target -eps/beta_t assumes a Gaussian source; with a custom source use "
@@ -157,7 +150,7 @@ def regression_loss(
     return loss
 
 
-def flow_matching_loss(path: GaussianPath | str = "linear", **kwargs) -> LossFn:
+def flow_matching_loss(path: GaussianPath | str, **kwargs) -> LossFn:
     r"""Conditional flow matching (notes eq. 4.1.2): ``|| u_theta(x_t, t) - (da_t z + db_t eps) ||^2``.
 
     For CondOT (the default) the target is ``z - eps`` (notes Algorithm 1). Its gradient equals that
@@ -166,22 +159,22 @@ def flow_matching_loss(path: GaussianPath | str = "linear", **kwargs) -> LossFn:
     return regression_loss(path, "velocity", **kwargs)
 
 
-def denoising_score_matching_loss(path: GaussianPath | str = "vp", **kwargs) -> LossFn:
+def denoising_score_matching_loss(path: GaussianPath | str, **kwargs) -> LossFn:
     r"""Denoising score matching (notes sec. 4.2.2): ``lambda(t) || s_theta(x_t, t) + eps / beta_t ||^2``."""
     return regression_loss(path, "score", **kwargs)
 
 
-def noise_prediction_loss(path: GaussianPath | str = "vp", **kwargs) -> LossFn:
+def noise_prediction_loss(path: GaussianPath | str, **kwargs) -> LossFn:
     r"""DDPM's simple loss (notes sec. 4.2.2, Ho et al. 2020 eq. 14): ``|| eps_theta(x_t, t) - eps ||^2``."""
     return regression_loss(path, "eps", **kwargs)
 
 
-def data_prediction_loss(path: GaussianPath | str = "vp", **kwargs) -> LossFn:
+def data_prediction_loss(path: GaussianPath | str, **kwargs) -> LossFn:
     r"""Data (x0) prediction: ``|| D_theta(x_t, t) - z ||^2``, the denoiser objective."""
     return regression_loss(path, "data", **kwargs)
 
 
-def v_prediction_loss(path: GaussianPath | str = "vp", **kwargs) -> LossFn:
+def v_prediction_loss(path: GaussianPath | str, **kwargs) -> LossFn:
     r"""v-prediction (Salimans & Ho 2022): ``|| v_theta(x_t, t) - (alpha_t eps - beta_t z) ||^2``."""
     return regression_loss(path, "v", **kwargs)
 
@@ -199,7 +192,7 @@ def marginal_regression_loss(
     ``L_FM`` of notes eq. 4.1.1 (tractable only when ``u_t`` is known). ``x ~ p_t`` is drawn as
     ``alpha_t z + beta_t eps`` from the data in ``batch``.
     """
-    path = _as_path(path)
+    path = as_path(path)
     time_sampler = time_sampler or uniform_time(path.schedule.t_min, path.schedule.t_max)
 
     def loss(field, batch, key):

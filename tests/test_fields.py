@@ -146,3 +146,19 @@ def test_conversion_rejects_mismatched_shapes():
     path = PATHS["linear"]
     with pytest.raises(ValueError, match="shape mismatch"):
         convert(path, jnp.ones((4, 2)), jnp.ones((4, 3)), 0.5, source="eps", target="velocity")
+
+
+def test_velocity_decoding_where_the_determinant_vanishes():
+    """polynomial(2) has alpha = d_alpha = d_beta = 0 at t = 0 (u_0 = 0 for every z): eps = x, score = -x."""
+    path = GaussianPath.from_name("polynomial", n=2.0)
+    x = jax.random.normal(jax.random.key(9), (8, 2))
+    t = jnp.zeros(8)
+    u = GM.marginal_velocity(path, x, t)
+    np.testing.assert_allclose(convert(path, u, x, t, source="velocity", target="eps"), x, rtol=1e-5)
+    np.testing.assert_allclose(convert(path, u, x, t, source="velocity", target="score"), -x, rtol=1e-5)
+
+
+def test_conversions_accept_schedule_names():
+    x = jnp.ones((2, 2))
+    np.testing.assert_allclose(convert("linear", x, x, 0.5, source="eps", target="data"),
+                               convert(PATHS["linear"], x, x, 0.5, source="eps", target="data"))

@@ -49,3 +49,8 @@ def test_sinusoidal_embedding():
     np.testing.assert_allclose(e[0], [1, 1, 1, 1, 0, 0, 0, 0], atol=1e-7)
     with pytest.raises(ValueError, match="even"):
         sinusoidal_embedding(jnp.zeros(2), 7)
+
+
+def test_mlp_with_other_output_dimension():
+    m = MLPField(2, width=8, out_dim=1, rngs=nnx.Rngs(0))
+    assert m(jnp.ones((3, 2)), jnp.zeros(3)).shape == (3, 1)

@@ -164,3 +164,11 @@ def test_oracle_is_a_pytree_and_jits():
     f = jax.jit(lambda gm, x, t: gm.marginal_velocity(PATHS["cosine"], x, t))
     out = f(GM, jnp.zeros((4, 2)), jnp.full((4,), 0.5))
     np.testing.assert_allclose(out, GM.marginal_velocity(PATHS["cosine"], jnp.zeros((4, 2)), 0.5), rtol=1e-6)
+
+
+def test_oracle_differentiates_with_respect_to_the_mixture():
+    path = PATHS["linear"]
+    x = jnp.array([[0.3, -0.2]])
+    g = jax.grad(lambda s: GaussianMixture.isotropic(jnp.zeros((1, 2)), s).marginal_log_prob(path, x, 1.0)[0])(0.5)
+    # d/ds log N(x; 0, s^2 I) = |x|^2 / s^3 - 2 / s
+    np.testing.assert_allclose(g, 0.13 / 0.125 - 4.0, rtol=1e-5)

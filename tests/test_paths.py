@@ -184,3 +184,9 @@ def test_path_methods_jit_and_vmap():
     assert out.shape == (4, 2)
     per = jax.vmap(lambda zz, tt: path.sample(zz[None], zz[None], tt[None])[0])(z, jnp.full((4,), 0.3))
     np.testing.assert_allclose(per, path.sample(z, z, 0.3), rtol=1e-6)
+
+
+def test_polynomial_with_small_exponent():
+    s = get_schedule("polynomial", n=0.25)
+    c = s(jnp.array([0.0, 0.5, 1.0]))
+    assert np.all(np.isfinite(np.asarray(c.d_alpha))) and float(c.alpha[0]) <= 0.02

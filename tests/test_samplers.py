@@ -145,3 +145,34 @@ def test_bad_sampler_input():
         sample_ode(lambda x, t: x[:, :1], X0, steps=2)
     with pytest.raises(ValueError, match="forward in time"):
         euler_maruyama(lambda x, t: x, 1.0, X0, jax.random.key(0), t0=1.0, t1=0.0)
+
+
+def test_final_euler_never_evaluates_at_t1():
+    seen = []
+
+    def f(x, t):
+        jax.debug.callback(lambda tt: seen.append(float(tt[0])), t)
+        return FIELD(x, t)
+
+    res = jax.block_until_ready(sample_ode(f, X0, method="heun", steps=32, final_euler=True, save_trajectory=True))
+    jax.effects_barrier()
+    assert res.nfe == 63 == len(seen) and max(seen) < 1.0
+    assert res.trajectory.shape == (33, 256, 2)
+    np.testing.assert_allclose(res.x, EXACT, atol=0.02)
+
+
+def test_sde_grid_must_increase_and_eps_fields_must_start_after_t0():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        euler_maruyama(lambda x, t: x, 1.0, X0, jax.random.key(0), ts=jnp.linspace(1.0, 0.0, 5))
+    path = GaussianPath.from_name("linear")
+    with pytest.raises(ValueError, match="start the SDE at t0 > 0"):
+        sample_sde(GAUSS.field(path, "eps"), X0, jax.random.key(0), path=path, sigma=0.5, prediction="eps")
+    res = sample_sde(GAUSS.field(path, "eps"), X0, jax.random.key(0), path="linear", sigma=0.5, prediction="eps",
+                     t0=1e-3, steps=50)
+    assert np.all(np.isfinite(np.asarray(res.x)))
+
+
+def test_langevin_vmaps_over_step_size():
+    out = jax.vmap(lambda eta: langevin(lambda x, t: -x, jnp.zeros((64, 1)), jax.random.key(0), step_size=eta,
+                                        steps=5).x)(jnp.array([0.1, 0.2]))
+    assert out.shape == (2, 64, 1)

@@ -27,7 +27,8 @@ class MLPField(nnx.Module):
 
     Call it with jaxgen's field signature: ``model(x, t)`` with ``x`` of shape ``(B, d)`` (or ``(B, ...)``,
     flattened) and ``t`` of shape ``(B,)``; optional ``num_classes`` adds a learned label embedding
-    (``model(x, t, y=labels)``; label ``num_classes`` is the null class for guidance).
+    (``model(x, t, y=labels)``; label ``num_classes`` is the null class for guidance). With
+    ``out_dim != dim`` (e.g. a scalar energy or a density ratio) the output has shape ``(B, out_dim)``.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class MLPField(nnx.Module):
     def __call__(self, x: Array, t: Array, y: Array | None = None) -> Array:
         shape = x.shape
         h = x.reshape(shape[0], -1)
+        h_dim = h.shape[1]
         if h.shape[1] != self.dim:
             raise ValueError(f"MLPField was built for dim={self.dim} but got x of shape {tuple(shape)}.")
         t = jnp.broadcast_to(jnp.asarray(t, h.dtype), (shape[0],))
@@ -78,4 +80,5 @@ class MLPField(nnx.Module):
         act = ACTIVATIONS[self.activation]
         for layer in self.layers:
             h = act(layer(h))
-        return self.out(h).reshape(shape)
+        out = self.out(h)
+        return out.reshape(shape) if out.shape[1] == h_dim else out

@@ -15,9 +15,9 @@ from jaxgen.paths.schedules import (
     ve,
     vp,
 )
-from jaxgen.paths.gaussian import GaussianPath
+from jaxgen.paths.gaussian import GaussianPath, as_path
 
 __all__ = [
-    "SCHEDULES", "Schedule", "ScheduleOutput", "GaussianPath", "get_schedule",
+    "SCHEDULES", "Schedule", "ScheduleOutput", "GaussianPath", "as_path", "get_schedule",
     "linear", "cond_ot", "cosine", "polynomial", "vp", "sub_vp", "ve", "edm", "custom",
 ]

@@ -89,8 +89,9 @@ class GaussianPath:
     def conditional_velocity(self, x: Array, z: Array, t: Array) -> Array:
         r"""Conditional vector field ``u_t(x|z)`` (eq. 3.2.1), computed as ``d_alpha z + d_beta (x - alpha z) / beta``.
 
-        At ``t = 1`` (``beta = 0``) the division is floored, so a point on the path (``x = z``)
-        gives the exact limit ``d_alpha z``.
+        At ``t = 1`` (``beta = 0``) the noise ``(x - alpha z) / beta`` is not identifiable from ``x``;
+        the division is floored (finite, and ``d_alpha z`` for ``x = z``). For training targets use
+        :meth:`conditional_velocity_from_noise`, which needs no division.
         """
         check_same_shape(x=x, z=z)
         a, b, da, db = self._coeffs(x, t)
@@ -116,3 +117,12 @@ class GaussianPath:
         b = jnp.maximum(jnp.reshape(b, (x.shape[0],)), 1e-6)  # a point mass at t=1: floored, finite
         d = r.shape[1]
         return -0.5 * jnp.sum(r**2, -1) / b**2 - d * jnp.log(b) - 0.5 * d * jnp.log(2 * jnp.pi)
+
+
+def as_path(path: "GaussianPath | str") -> GaussianPath:
+    """Accept a :class:`GaussianPath` or a schedule name (``"linear"``, ``"vp"``, ...)."""
+    if isinstance(path, GaussianPath):
+        return path
+    if isinstance(path, str):
+        return GaussianPath.from_name(path)
+    raise TypeError(f"path must be a GaussianPath or a schedule name such as 'linear', got {type(path).__name__}.")

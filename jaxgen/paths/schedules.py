@@ -179,14 +179,18 @@ def cosine() -> Schedule:
 def polynomial(n: float = 2.0) -> Schedule:
     r"""Polynomial schedule ``alpha_t = t^n``, ``beta_t = 1 - t^n`` (``n > 0``).
 
-    For ``n < 1`` the derivative is infinite at t=0, so the domain starts at ``t_min = 1e-5`` and the
-    boundary holds approximately.
+    For ``n < 1`` the derivative is infinite at t=0, so the domain starts at
+    ``t_min = min(1e-5, 0.02^(1/n))`` (where ``alpha = t_min^n <= 0.02``) and the boundary holds
+    approximately.
     """
     if not n > 0:
         raise ValueError(f"polynomial schedule needs an exponent n > 0, got n={n}.")
     if n >= 1:
         return Schedule(lambda t: t**n, lambda t: 1.0 - t**n, name=f"polynomial(n={n})")
-    return Schedule(lambda t: t**n, lambda t: 1.0 - t**n, name=f"polynomial(n={n})", t_min=1e-5,
+    t_min = min(1e-5, 0.02 ** (1.0 / n))
+    if t_min < 1e-30:
+        raise ValueError(f"polynomial schedule exponent n={n} is too small for float32 times; use n >= 0.03.")
+    return Schedule(lambda t: t**n, lambda t: 1.0 - t**n, name=f"polynomial(n={n})", t_min=t_min,
                     boundary="approximate", boundary_tol=0.05)
 
 

@@ -100,6 +100,7 @@ def sample_ode(
     ts: Array | None = None,
     cond: dict | None = None,
     save_trajectory: bool = False,
+    final_euler: bool = False,
     backend: str = "scan",
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -120,14 +121,23 @@ def sample_ode(
       cond: conditioning keywords passed to the field (e.g. ``{"y": labels}``).
       save_trajectory: return the states at every grid time (fixed) or at ``num_save`` uniform
         times (adaptive).
+      final_euler: take the last step of ``midpoint``/``heun`` with Euler, so the field is never
+        evaluated at ``t1`` (EDM's Algorithm 1; needed for data/eps predictions converted to a
+        velocity when a path coefficient vanishes at ``t1``). Saves one NFE.
       backend: ``"scan"`` (hand-written ``lax.scan``) or ``"diffrax"`` for the fixed-step methods.
       rtol, atol, max_steps: adaptive-step controls (diffrax ``PIDController`` / ``diffeqsolve``).
       adjoint: diffrax adjoint for gradients through adaptive solves (default
         ``RecursiveCheckpointAdjoint``, exact gradients of the numerical solution).
 
     Returns:
-      :class:`SampleResult` with the exact NFE: ``steps * {1, 2, 2}`` for euler/midpoint/heun; for the
-      adaptive methods ``(stages - 1) * attempted_steps + 1`` (accepted and rejected steps).
+      :class:`SampleResult` with the NFE: ``steps * {1, 2, 2}`` for euler/midpoint/heun (minus one with
+      ``final_euler``); for the adaptive methods ``(stages - 1) * attempted_steps + 1``, counting
+      accepted and rejected steps. That adaptive count is exact unless the *first* step is rejected:
+      diffrax then evaluates ``f(t0)`` again for each rejected first attempt, which the count misses
+      (diffrax's statistics do not record it; the tests check the count with a counting callback).
+
+    Call samplers inside ``jax.jit`` when you call them repeatedly: eagerly, each call traces and
+    compiles its loop anew.
     """
     method = method.lower()
     f = _bind(field, cond)
@@ -135,7 +145,10 @@ def sample_ode(
         grid = _resolve_grid(steps, t0, t1, ts)
         n_steps = grid.shape[0] - 1
         nfe = FIXED_STEP_NFE[method] * n_steps
+        last_euler = final_euler and method != "euler"
         if backend == "diffrax":
+            if last_euler:
+                raise ValueError("final_euler is only available with backend='scan'.")
             return _fixed_diffrax(method, f, x0, grid, save_trajectory, nfe)
         if backend != "scan":
             raise ValueError(f"unknown backend {backend!r}; use 'scan' or 'diffrax'.")
@@ -145,7 +158,12 @@ def sample_ode(
             return x_next, (x_next if save_trajectory else None)
 
         pairs = jnp.stack([grid[:-1], grid[1:]], axis=1)
-        x, traj = jax.lax.scan(body, x0, pairs)
+        x, traj = jax.lax.scan(body, x0, pairs[:-1] if last_euler else pairs)
+        if last_euler:
+            x = _fixed_step("euler", f, x, grid[-2], grid[-1])
+            nfe -= FIXED_STEP_NFE[method] - 1
+            if save_trajectory:
+                traj = jnp.concatenate([traj, x[None]], axis=0)
         if save_trajectory:
             traj = jnp.concatenate([x0[None], traj], axis=0)
         return SampleResult(x, nfe, grid, traj)

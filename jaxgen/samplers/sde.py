@@ -19,9 +19,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import check_time, expand_like
-from jaxgen.fields import sde_drift_field
-from jaxgen.paths.gaussian import GaussianPath
+from jaxgen._checks import check_time, expand_like, is_concrete
+from jaxgen.fields import canonical_prediction, sde_drift_field
+from jaxgen.paths.gaussian import GaussianPath, as_path
 from jaxgen.samplers.ode import SampleResult, _bind, _resolve_grid
 
 Array = jax.Array
@@ -52,8 +52,9 @@ def euler_maruyama(
     drift is evaluated at the left end of each step, never at ``t1``: NFE = ``steps``.
     """
     grid = _resolve_grid(steps, t0, t1, ts)
-    if ts is None and not t1 > t0:
-        raise ValueError(f"Euler-Maruyama runs forward in time (noise -> data): need t1 > t0, got t0={t0}, t1={t1}.")
+    if is_concrete(grid) and not bool(jnp.all(jnp.diff(grid) > 0)):
+        raise ValueError("Euler-Maruyama runs forward in time (noise -> data): the time grid must be strictly "
+                         f"increasing, got t0={float(grid[0])}, t1={float(grid[-1])}.")
     f = _bind(drift, cond)
     n_steps = grid.shape[0] - 1
 
@@ -91,6 +92,16 @@ def sample_sde(
     are decoded from the same output, so NFE = ``steps``. For schedules whose score diverges at t=1
     (``beta_1 = 0``) keep ``sigma_t`` bounded: the drift is only evaluated at ``t < t1``.
     """
+    path = as_path(path)
+    prediction = canonical_prediction(prediction)
+    start = float(ts[0]) if ts is not None and is_concrete(ts) else t0
+    if prediction in ("eps", "score") and is_concrete(jnp.asarray(start)):
+        alpha0 = float(path.coefficients(jnp.asarray(start, jnp.float32)).alpha)
+        if alpha0 < 1e-3:
+            raise ValueError(
+                f"a {prediction} prediction carries no information about the data where alpha_t = 0, and the drift "
+                f"needs it (alpha at t0={start:g} is {alpha0:.3g}): start the SDE at t0 > 0, e.g. t0=1e-3, or use a "
+                "velocity, data or v parameterisation.")
     drift = sde_drift_field(path, field, sigma, prediction=prediction)
     return euler_maruyama(drift, sigma, x0, key, steps=steps, t0=t0, t1=t1, ts=ts, cond=cond,
                           save_trajectory=save_trajectory)
@@ -115,7 +126,7 @@ def langevin(
     ``eta = h sigma^2 / 2``. Its stationary law approaches ``p_t`` as ``eta -> 0`` (for a Gaussian
     ``N(m, s^2)`` it is exactly ``N(m, s^2 / (1 - eta / (2 s^2)))``). NFE = ``steps``.
     """
-    if not step_size > 0:
+    if is_concrete(step_size) and not float(step_size) > 0:
         raise ValueError(f"step_size must be positive, got {step_size}.")
     check_time(jnp.asarray(t))
     f = _bind(score, cond)
