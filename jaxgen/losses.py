@@ -80,6 +80,9 @@ def regression_loss(
     weighting: Callable[[Array], Array] | None = None,
     time_sampler: Callable[[Array, int], Array] | str = "uniform",
     t_range: tuple[float, float] | None = None,
+    label_dropout: float = 0.0,
+    null_label: int | None = None,
+    label_key: str = "y",
 ) -> LossFn:
     r"""The generic objective ``E_{t, z, eps} [ w(t) || f_theta(x_t, t) - target(z, eps, t) ||^2 ]``.
 
@@ -99,6 +102,9 @@ def regression_loss(
       time_sampler: ``"uniform"``, ``"logit_normal"`` or ``sampler(key, n) -> (n,)``.
       t_range: ``(lo, hi)`` for the built-in time samplers; default is the schedule's domain
         (``[0, 1 - 1e-5]`` for VP, as score_sde's ``eps``).
+      label_dropout: probability with which each sample's label ``batch[label_key]`` is replaced by
+        ``null_label`` (classifier-free guidance training, Ho & Salimans 2022; notes sec. 5.2.2), so one
+        network learns both ``u(x|y)`` and ``u(x|null)``.
     """
     path = as_path(path)
     prediction = canonical_prediction(prediction)
@@ -108,6 +114,11 @@ def regression_loss(
     lo, hi = t_range if t_range is not None else (path.schedule.t_min, path.schedule.t_max)
     if not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}.")
+    if not 0.0 <= label_dropout < 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}.")
+    if label_dropout > 0 and null_label is None:
+        raise ValueError("label_dropout > 0 needs the null label: pass null_label=num_classes (the extra class "
+                         "of a guidance-ready network).")
     if isinstance(time_sampler, str):
         if time_sampler == "uniform":
             time_sampler = uniform_time(lo, hi)
@@ -120,6 +131,12 @@ def regression_loss(
         z, cond = split_batch(batch)
         n = z.shape[0]
         k_t, k_eps, k_c = jax.random.split(key, 3)
+        if label_dropout > 0:
+            if label_key not in cond:
+                raise ValueError(f"label_dropout needs labels in the batch under key {label_key!r}; got keys "
+                                 f"{sorted(['x', *cond])}.")
+            drop = jax.random.bernoulli(jax.random.fold_in(k_c, 1), label_dropout, (n,))
+            cond = {**cond, label_key: jnp.where(drop, jnp.asarray(null_label, cond[label_key].dtype), cond[label_key])}
         t = time_sampler(k_t, n).astype(z.dtype)
         if source is None:
             eps = jax.random.normal(k_eps, z.shape, z.dtype)

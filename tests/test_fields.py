@@ -162,3 +162,37 @@ def test_conversions_accept_schedule_names():
     x = jnp.ones((2, 2))
     np.testing.assert_allclose(convert("linear", x, x, 0.5, source="eps", target="data"),
                                convert(PATHS["linear"], x, x, 0.5, source="eps", target="data"))
+
+
+def test_classifier_guidance_with_the_exact_classifier_gives_the_conditional_field():
+    """With p(y|x_t) from the oracle (component posterior) and w = 1, the guided score is the score of
+    the y-th component's path."""
+    path = PATHS["cosine"]
+    x, t = _inputs(path, 0.2, 0.8)
+
+    def log_prob(xx, tt, y):
+        a, b, _, _ = (v[:, None] for v in path.coefficients(tt))
+        logits = jnp.stack([GaussianMixture.isotropic(GM.means[k:k + 1], jnp.sqrt(GM.covs[k, 0, 0]))
+                            .marginal_log_prob(path, xx, tt) for k in range(3)], -1) + jnp.log(GM.weights)
+        return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, None], -1)[:, 0]
+
+    y = jnp.full((B,), 2)
+    guided = fields.classifier_guided_field(path, GM.field(path, "velocity"), log_prob, 1.0)(x, t, y=y)
+    comp = GaussianMixture.isotropic(GM.means[2:3], jnp.sqrt(GM.covs[2, 0, 0]))
+    np.testing.assert_allclose(guided, comp.marginal_velocity(path, x, t), rtol=1e-3, atol=1e-3)
+
+
+def test_label_dropout_replaces_labels_with_null():
+    from jaxgen.losses import flow_matching_loss
+
+    seen = {}
+
+    def field(x, t, y):
+        seen["y"] = y
+        return jnp.zeros_like(x)
+
+    flow_matching_loss("linear", label_dropout=0.5, null_label=10)(field, {"x": jnp.zeros((1000, 2)), "y": jnp.zeros(1000, jnp.int32)}, jax.random.key(0))
+    frac = float(jnp.mean(seen["y"] == 10))
+    assert 0.45 < frac < 0.55 and set(np.unique(np.asarray(seen["y"]))) == {0, 10}
+    with pytest.raises(ValueError, match="null_label"):
+        flow_matching_loss("linear", label_dropout=0.1)
