@@ -68,6 +68,9 @@ class Trainer:
       ema_decay: decay of the EMA of the weights, or ``None`` for no EMA.
       ema_warmup: if True, use ``min(decay, (1 + step) / (10 + step))`` so early averages are not
         dominated by the random initialisation.
+      compute_dtype: mixed precision, e.g. ``jnp.bfloat16``: the forward and backward passes run with
+        parameters and floating-point inputs cast to this dtype, while the master weights, the
+        optimizer state, the EMA and the loss stay in float32.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Trainer:
         data: Callable[[Array], Any] | None = None,
         ema_decay: float | None = None,
         ema_warmup: bool = True,
+        compute_dtype: Any = None,
     ):
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
@@ -88,6 +92,7 @@ class Trainer:
         self.data = data
         self.ema_decay = ema_decay
         self.ema_warmup = ema_warmup
+        self.compute_dtype = compute_dtype
         self.step = jax.jit(self._step)
         self._steps = jax.jit(self._scan, static_argnums=1)
 
@@ -108,8 +113,11 @@ class Trainer:
 
     def loss(self, params: Any, rest: Any, batch: Any, key: Array) -> tuple[Array, Any]:
         """The loss at ``params`` and the module's updated non-parameter state."""
+        if self.compute_dtype is not None:
+            cast = lambda v: v.astype(self.compute_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+            params, batch = jax.tree.map(cast, params), jax.tree.map(cast, batch)
         model = nnx.merge(self.graphdef, params, rest)
-        value = self.loss_fn(model, batch, key)
+        value = self.loss_fn(model, batch, key).astype(jnp.float32)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return value, new_rest
 

@@ -108,3 +108,11 @@ def test_adam_with_schedule_warms_up_and_decays():
     assert float(jnp.abs(upd["w"]).max()) == 0.0  # lr is 0 at step 0 of the warm-up
     with pytest.raises(ValueError, match="ema_decay"):
         _trainer(ema=1.5)
+
+
+def test_mixed_precision_keeps_float32_master_weights():
+    model = MLPField(2, width=16, hidden_layers=1, rngs=nnx.Rngs(0))
+    tr = Trainer(model, LOSS, optax.adam(1e-3), data=DATA, compute_dtype=jnp.bfloat16)
+    state, losses = tr.steps(tr.init(0), 3)
+    assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state.params))
+    assert losses.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(losses)))
