@@ -1,0 +1,334 @@
+"""Class-conditional flow matching on images with classifier-free guidance: train, sample, evaluate.
+
+The functions here back the ``jaxgen`` command line (``jaxgen train | sample | evaluate | list``). A run
+directory holds ``config.json``, ``checkpoints/`` (orbax; training resumes from the latest one),
+``metrics.jsonl``, periodic sample grids, and after training the final outputs: per-class sample grid,
+guidance sweep, loss curve, evaluation report, and the raw guided samples (``samples.npy`` in [-1, 1],
+``labels.npy``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from experiments.configs import ImageConfig
+
+ODE_SAMPLERS = ("euler", "midpoint", "heun", "tsit5", "dopri5")
+SDE_SAMPLERS = ("euler_maruyama",)
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+def load_dataset(cfg: ImageConfig, split: str):
+    from jaxgen.data.images import load_digits, load_tfds
+
+    if cfg.dataset == "digits":
+        return load_digits(split)
+    return load_tfds(cfg.dataset, split)
+
+
+def build_model(cfg: ImageConfig, image_shape, seed: int):
+    from flax import nnx
+
+    from jaxgen.models.unet import UNetField
+
+    h, _, c = image_shape
+    return UNetField(c, channels=cfg.channels, channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
+                     attention_resolutions=tuple(cfg.attention_resolutions), num_heads=cfg.num_heads,
+                     dropout=cfg.dropout, num_classes=cfg.num_classes, image_size=h, rngs=nnx.Rngs(seed))
+
+
+def build_trainer(cfg: ImageConfig, train_set):
+    import jax.numpy as jnp
+
+    from jaxgen.data.images import device_sampler
+    from jaxgen.losses import regression_loss
+    from jaxgen.train import Trainer, adam_with_schedule
+
+    model = build_model(cfg, train_set.images.shape[1:], cfg.seed)
+    loss = regression_loss(cfg.schedule, cfg.prediction, label_dropout=cfg.label_dropout, null_label=cfg.num_classes)
+    opt = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                             clip_norm=cfg.clip_norm or None)
+    dtype = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
+    return Trainer(model, loss, opt, data=device_sampler(train_set, cfg.batch_size),
+                   ema_decay=cfg.ema_decay or None, compute_dtype=dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int, null_label: int, shape: tuple):
+    import jax
+
+    from jaxgen.fields import as_field, guided_field
+    from jaxgen.paths import GaussianPath
+    from jaxgen.samplers import sample_ode, sample_sde
+
+    path = GaussianPath.from_name(schedule)
+
+    def generate(model, labels, guidance, key):
+        k0, k1 = jax.random.split(key)
+        x0 = path.sample_prior(k0, (labels.shape[0],) + shape)
+        field = guided_field(model, guidance, null_label=null_label)  # one network call on a doubled batch
+        if sampler in SDE_SAMPLERS:
+            t0 = 1e-3 if prediction in ("eps", "score") else 0.0
+            res = sample_sde(field, x0, k1, path=path, sigma=lambda t: 1.0 - t, prediction=prediction,
+                             steps=steps, t0=t0, cond={"y": labels})
+        else:
+            vel = as_field(path, field, source=prediction, target="velocity")
+            res = sample_ode(vel, x0, method=sampler, steps=steps, cond={"y": labels},
+                             final_euler=prediction != "velocity")
+        return res.x, res.nfe
+
+    return jax.jit(generate)
+
+
+def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=None, steps=None, shape=None):
+    """Guided samples ``(1 - w) u(x|null) + w u(x|y)`` for ``labels``; returns (images in [-1, 1], NFE)."""
+    import jax.numpy as jnp
+
+    sampler = (sampler or cfg.sampler).lower()
+    if sampler not in ODE_SAMPLERS + SDE_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(ODE_SAMPLERS + SDE_SAMPLERS)}.")
+    gen = _compiled_generator(cfg.schedule, cfg.prediction, sampler, int(steps or cfg.sample_steps),
+                              cfg.num_classes, tuple(shape))
+    model.eval()
+    x, nfe = gen(model, jnp.asarray(labels, jnp.int32), jnp.asarray(guidance, jnp.float32), key)
+    return np.clip(np.asarray(x), -1.0, 1.0), int(nfe)
+
+
+def save_grid(images, path: str, *, nrow: int, title: str | None = None, row_labels=None):
+    """Save images ``(N, H, W, C)`` in [-1, 1] as a PNG grid with ``nrow`` images per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = (np.asarray(images) + 1.0) / 2.0
+    n, h, w, c = images.shape
+    ncol = nrow
+    rows = int(np.ceil(n / ncol))
+    pad = 1
+    canvas = np.ones((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), np.float32)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    scale = max(1.0, 48.0 / h)
+    fig = plt.figure(figsize=(canvas.shape[1] * scale / 40, canvas.shape[0] * scale / 40 + (0.4 if title else 0)))
+    ax = fig.add_axes([0.06 if row_labels is not None else 0, 0, 0.94 if row_labels is not None else 1,
+                       0.92 if title else 1])
+    ax.imshow(canvas[..., 0] if c == 1 else canvas, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([(h + pad) * r + pad + h / 2 for r in range(rows)] if row_labels is not None else [])
+    if row_labels is not None:
+        ax.set_yticklabels([str(l) for l in row_labels])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _plot_loss(losses, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(losses, color="lightsteelblue", lw=0.5, label="per step")
+    w = max(1, len(losses) // 50)
+    if len(losses) > w:
+        ax.plot(np.arange(w - 1, len(losses)), np.convolve(losses, np.ones(w) / w, mode="valid"), color="navy",
+                label=f"moving average ({w})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the commands --------------------------------------------------------------------------------
+
+def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
+    """Train (resuming from ``out/checkpoints`` if present), then write samples, sweep and report."""
+    import jax
+
+    from jaxgen.checkpoint import Checkpointer
+
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    cfg_path = os.path.join(out, "config.json")
+    if os.path.exists(cfg_path):
+        saved = json.load(open(cfg_path))
+        if {k: v for k, v in saved.items() if k != "steps"} != {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+                                                                dataclasses.asdict(cfg).items() if k != "steps"}:
+            raise ValueError(f"{out} holds a run with a different configuration ({cfg_path}); resume it with the "
+                             "same config or choose another --out directory.")
+    with open(cfg_path, "w") as fh:
+        json.dump(dataclasses.asdict(cfg), fh, indent=2)
+
+    train_set = load_dataset(cfg, "train")
+    trainer = build_trainer(cfg, train_set)
+    state = trainer.init(jax.random.key(cfg.seed))
+    shape = train_set.images.shape[1:]
+    log_path = os.path.join(out, "metrics.jsonl")
+    t_start = time.perf_counter()
+    labels_grid = np.repeat(np.arange(cfg.num_classes), 8)
+
+    def on_chunk(st, chunk_losses):
+        step = int(st.step)
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps({"step": step, "loss": float(np.mean(chunk_losses)),
+                                 "seconds": round(time.perf_counter() - t_start, 2)}) + "\n")
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            imgs, _ = generate(trainer.model(st, ema=trainer.ema_decay is not None), cfg, labels_grid,
+                               cfg.eval_guidance, jax.random.key(1), shape=shape)
+            save_grid(imgs, os.path.join(out, f"samples_step{step:07d}.png"), nrow=8,
+                      title=f"step {step}, w = {cfg.eval_guidance}")
+
+    from jaxgen.checkpoint import train_with_checkpoints
+
+    with Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.keep_checkpoints) as ckpt:
+        state, losses = train_with_checkpoints(trainer, state, cfg.steps, ckpt, every=cfg.checkpoint_every,
+                                               progress=progress, callback=on_chunk)
+    train_seconds = time.perf_counter() - t_start
+    all_losses = [json.loads(l)["loss"] for l in open(log_path)] if os.path.exists(log_path) else []
+    if len(losses):
+        np.save(os.path.join(out, "losses.npy"), np.asarray(losses))
+        _plot_loss(np.asarray(losses), os.path.join(out, "loss.png"))
+    elif all_losses:
+        _plot_loss(np.asarray(all_losses), os.path.join(out, "loss.png"))
+    report = finalize(cfg, out, trainer, state, shape)
+    report["train_seconds_this_session"] = round(train_seconds, 1)
+    with open(os.path.join(out, "report.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    return report
+
+
+def finalize(cfg: ImageConfig, out: str, trainer, state, shape) -> dict:
+    """Per-class grid, guidance sweep, guided samples at ``eval_guidance`` and the evaluation report."""
+    import jax
+
+    model = trainer.model(state, ema=trainer.ema_decay is not None)
+    n = cfg.samples_per_class
+    labels = np.repeat(np.arange(cfg.num_classes), n)
+    imgs, nfe = generate(model, cfg, labels, cfg.eval_guidance, jax.random.key(cfg.seed + 7), shape=shape)
+    np.save(os.path.join(out, "samples.npy"), imgs.astype(np.float32))
+    np.save(os.path.join(out, "labels.npy"), labels.astype(np.int32))
+    per_row = min(n, 12)
+    grid_idx = np.concatenate([np.arange(k * n, k * n + per_row) for k in range(cfg.num_classes)])
+    save_grid(imgs[grid_idx], os.path.join(out, "samples_per_class.png"), nrow=per_row,
+              row_labels=list(range(cfg.num_classes)),
+              title=f"{cfg.sampler} {cfg.sample_steps} steps (NFE {nfe}), guidance w = {cfg.eval_guidance}")
+    sweep_labels = np.repeat(np.arange(cfg.num_classes), 6)
+    sweep = []
+    for w in cfg.guidance_scales:
+        s, _ = generate(model, cfg, sweep_labels, w, jax.random.key(cfg.seed + 11), shape=shape)
+        sweep.append(s)
+    _save_sweep(sweep, cfg, os.path.join(out, "guidance_sweep.png"))
+    report = {"config": cfg.name, "step": int(state.step), "sampler": cfg.sampler, "nfe": nfe,
+              "guidance": cfg.eval_guidance}
+    report.update(evaluate_samples(cfg, imgs, labels))
+    report["guidance_sweep"] = {str(w): evaluate_samples(cfg, s, sweep_labels, brief=True)
+                                for w, s in zip(cfg.guidance_scales, sweep)}
+    _write_markdown(report, os.path.join(out, "report.md"))
+    return report
+
+
+def _save_sweep(sweep, cfg, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sweep), figsize=(3.2 * len(sweep), 3.6))
+    for ax, s, w in zip(np.atleast_1d(axes), sweep, cfg.guidance_scales):
+        n, h, wd, c = s.shape
+        per = n // cfg.num_classes
+        grid = ((s.reshape(cfg.num_classes, per, h, wd, c).transpose(0, 2, 1, 3, 4)
+                 .reshape(cfg.num_classes * h, per * wd, c)) + 1) / 2
+        ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_title(f"w = {w:g}")
+        ax.axis("off")
+    fig.suptitle("classifier-free guidance sweep: rows are classes 0-9", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_samples(cfg: ImageConfig, images, labels, *, brief: bool = False) -> dict:
+    """Classifier accuracy on the requested labels, diversity and Fréchet distance (digits only)."""
+    images = np.asarray(images)
+    out: dict[str, Any] = {"pixel_std_within_class": float(np.mean([images[labels == k].std(0).mean()
+                                                                     for k in np.unique(labels)]))}
+    if cfg.dataset != "digits":
+        return out
+    from jaxgen.evaluation import digits_report, guided_label_accuracy
+
+    clf, test = _digits_classifier()
+    if brief:
+        out["label_accuracy"] = float(guided_label_accuracy(clf, images, labels))
+        return out
+    out.update(digits_report(clf, images, labels, test.images))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_classifier():
+    from jaxgen.data.images import load_digits
+    from jaxgen.evaluation import classifier_accuracy, load_or_train_digits_classifier
+
+    train_set, test_set = load_digits("train"), load_digits("test")
+    clf = load_or_train_digits_classifier(train_set.images, train_set.labels)
+    acc = classifier_accuracy(clf, test_set.images, test_set.labels)
+    if acc < 0.95:
+        raise RuntimeError(f"the digits classifier scores {acc:.3f} < 0.95 on held-out digits; clear its cache.")
+    return clf, test_set
+
+
+def _write_markdown(report: dict, path: str):
+    lines = [f"# Evaluation of {report['config']} at step {report['step']}", "",
+             f"Sampler {report['sampler']}, NFE {report['nfe']}, guidance w = {report['guidance']}.", ""]
+    for k, v in report.items():
+        if k in ("config", "step", "sampler", "nfe", "guidance", "guidance_sweep") or isinstance(v, (dict, list)):
+            continue
+        lines.append(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}")
+    if "guidance_sweep" in report:
+        lines += ["", "| w | label accuracy | within-class pixel std (diversity) |", "|---|---|---|"]
+        for w, r in report["guidance_sweep"].items():
+            lines.append(f"| {w} | {r.get('label_accuracy', float('nan')):.3f} | {r['pixel_std_within_class']:.3f} |")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def load_run(run_dir: str, *, step: int | None = None):
+    """Restore a run: its config, trainer and state (from ``run_dir`` or its ``checkpoints`` folder)."""
+    import jax
+
+    from jaxgen.checkpoint import Checkpointer
+
+    run_dir = os.path.abspath(run_dir)
+    if os.path.basename(run_dir.rstrip("/")) == "checkpoints":
+        run_dir = os.path.dirname(run_dir.rstrip("/"))
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{run_dir} is not a jaxgen run directory (no config.json); pass the --out folder "
+                                "of `jaxgen train`.")
+    raw = json.load(open(cfg_path))
+    cfg = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    train_set = load_dataset(cfg, "train")
+    trainer = build_trainer(cfg, train_set)
+    with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints yet.")
+        state = ckpt.restore(trainer.init(jax.random.key(cfg.seed)), step=step)
+    return cfg, trainer, state, train_set.images.shape[1:]
