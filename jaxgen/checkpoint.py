@@ -1,0 +1,530 @@
+r"""Crash-safe, resumable checkpoints of a :class:`~jaxgen.train.TrainState` (orbax-checkpoint).
+
+:class:`Checkpointer` wraps ``orbax.checkpoint.CheckpointManager`` (the V0 API with ``ocp.args``) and
+saves the *whole* training state: step, parameters, the model's other state, the optimizer state,
+the EMA weights (or their absence) and the run's PRNG key, plus a small JSON record (step, config,
+metrics, jaxgen version and the shape of every array).
+
+Layout and crash safety. Step ``k`` lives in ``<directory>/<k>/`` with two items, ``state/`` (the
+arrays, tensorstore/OCDBT) and ``meta/`` (JSON). Orbax writes a step into
+``<directory>/<k>.orbax-checkpoint-tmp`` and, once every byte and ``commit_success.txt`` is written,
+renames it to ``<directory>/<k>`` -- an atomic ``rename`` on a POSIX file system. A process killed at
+any moment (``SIGKILL`` included, before or during the commit) therefore leaves either the complete
+new step or no new step: the previous checkpoints are untouched and :meth:`Checkpointer.latest_step`
+never reports the unfinished one (temporary directories are not steps). Leftover temporary
+directories of a killed writer are removed when this process first saves. (Power loss is another
+matter: orbax does not ``fsync``; a kill of the process is covered, a crash of the machine may not
+be.) On object stores such as GCS orbax commits with the ``commit_success.txt`` marker instead.
+
+Resuming. :func:`train_with_checkpoints` restores the latest checkpoint (if any) into the state you
+pass as a template, trains in fused chunks with ``trainer.steps`` and saves every ``every`` steps and
+at the end. Step ``k`` of :class:`~jaxgen.train.Trainer` draws its randomness from
+``fold_in(state.key, k)``, and the chunks are cut at *absolute* step numbers (multiples of ``chunk``
+and of ``every``), so a run killed at any time and restarted replays exactly the same compiled
+programs on exactly the same inputs as an uninterrupted run: it ends with bitwise the same
+parameters (on the same hardware and software).
+
+Example::
+
+    from jaxgen.checkpoint import Checkpointer, train_with_checkpoints
+
+    trainer = Trainer(model, loss, optax.adam(1e-3), data=lambda key: moons(key, 256), ema_decay=0.999)
+    with Checkpointer("runs/moons/checkpoints", max_to_keep=3) as ckpt:
+        state, losses = train_with_checkpoints(trainer, trainer.init(0), 10_000, ckpt, every=1000)
+
+    # later, elsewhere: restore into a state of the same model configuration
+    with Checkpointer("runs/moons/checkpoints") as ckpt:
+        state = ckpt.restore(trainer.init(0))          # latest step; ckpt.restore(..., step=3000)
+        info = ckpt.restore_metadata()                  # {"step", "config", "metrics", "jaxgen_version", ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer", "train_with_checkpoints"]
+
+_FORMAT = "jaxgen.checkpoint/1"
+_TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
+_MAX_LISTED = 12
+
+
+# -- pytree <-> nested dict of plain arrays ---------------------------------------------------------
+
+def _is_prng_key(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impl_name(leaf: Any) -> str:
+    return str(leaf.dtype)  # e.g. "key<fry>", for arrays and ShapeDtypeStructs alike
+
+
+def _key_impl(leaf: Any) -> Any:
+    if isinstance(leaf, jax.Array):
+        return jax.random.key_impl(leaf)
+    return getattr(leaf.dtype, "_impl", None)  # a ShapeDtypeStruct template
+
+
+def _path_name(entry: Any) -> str:
+    if isinstance(entry, jax.tree_util.DictKey):
+        name = str(entry.key)
+    elif isinstance(entry, jax.tree_util.SequenceKey):
+        name = str(entry.idx)
+    elif isinstance(entry, jax.tree_util.GetAttrKey):
+        name = entry.name
+    elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
+        name = str(entry.key)
+    else:
+        name = str(entry)
+    # orbax joins the names of a leaf's path with '.' to name its arrays
+    return name.replace(".", "_").replace("/", "_") or "_"
+
+
+def _flatten(tree: Any) -> tuple[list[tuple[str, tuple[str, ...], Any]], Any]:
+    """``[(readable path, storage path, leaf)]`` and the treedef."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = []
+    for path, leaf in with_path:
+        out.append((jax.tree_util.keystr(path), tuple(_path_name(e) for e in path), leaf))
+    return out, treedef
+
+
+def _nest(items: list[tuple[tuple[str, ...], Any]]) -> dict:
+    root: dict = {}
+    for names, value in items:
+        node = root
+        for n in names[:-1]:
+            node = node.setdefault(n, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"cannot store the state: the path {'/'.join(names)} collides with another leaf.")
+        if names[-1] in node:
+            raise ValueError(f"cannot store the state: two leaves map to the path {'/'.join(names)}.")
+        node[names[-1]] = value
+    return root
+
+
+def _lookup(tree: dict, names: tuple[str, ...]) -> Any:
+    for n in names:
+        tree = tree[n]
+    return tree
+
+
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _jsonable(obj: Any) -> Any:
+    """A JSON-serialisable copy (numpy/jax scalars and arrays become numbers/lists, the rest ``str``)."""
+
+    def default(o):
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return dataclasses.asdict(o)
+        if isinstance(o, (np.ndarray, np.generic, jax.Array)):
+            return np.asarray(o).tolist()
+        if isinstance(o, (set, frozenset)):
+            return sorted(o, key=str)
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        return str(o)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+def _listing(lines: list[str]) -> str:
+    shown = lines[:_MAX_LISTED]
+    more = len(lines) - len(shown)
+    return "\n".join("  " + s for s in shown) + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+# -- the checkpointer ---------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Save and restore :class:`~jaxgen.train.TrainState` s in a directory (orbax ``CheckpointManager``).
+
+    Args:
+      directory: the checkpoint folder (made absolute; created if missing). One sub-folder per step.
+      max_to_keep: how many checkpoints to keep (``None``: keep all). Without ``best_metric`` these
+        are the ``max_to_keep`` most recent steps.
+      save_interval_steps: :meth:`save` without ``force`` writes only when ``step`` is a multiple of
+        this (and larger than the latest saved step); the first save always writes.
+      async_save: write in a background thread. :meth:`save` returns once the arrays are copied
+        off the device; the files appear when the write commits. :meth:`wait`, :meth:`close`, the
+        context manager, :meth:`latest_step`, :meth:`all_steps` and :meth:`restore` wait for it.
+      best_metric: if set (e.g. ``"loss"``), keep the ``max_to_keep`` checkpoints with the best value
+        of ``metrics[best_metric]`` (every :meth:`save` must then pass ``metrics`` holding it) *and*
+        always the most recent checkpoint, so a run can still resume: at most ``max_to_keep + 1``
+        steps are on disk. :meth:`best_step` names the best one.
+      best_mode: ``"min"`` (lower is better, e.g. a loss) or ``"max"``.
+
+    The checkpointer is a context manager; leaving it (or :meth:`close`) waits for pending writes.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+    ):
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
+        if max_to_keep is not None and int(max_to_keep) < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}.")
+        if int(save_interval_steps) < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        cm = ocp.checkpoint_managers
+        if best_metric is None:
+            keep = cm.LatestN(n=max_to_keep)
+            best_fn = None
+        else:
+            metric = best_metric
+            best_fn = lambda metrics: float(metrics[metric])  # noqa: E731
+            keep = cm.AnyPreservationPolicy([
+                cm.BestN(get_metric_fn=best_fn, reverse=(best_mode == "min"), n=max_to_keep,
+                         keep_checkpoints_without_metrics=False),
+                cm.LatestN(n=1),
+            ])
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=int(save_interval_steps),
+            best_fn=best_fn,
+            best_mode=best_mode,
+            preservation_policy=keep,
+            enable_async_checkpointing=bool(async_save),
+            create=True,
+            # Not orbax's cleanup at construction: a reader opened beside a running writer would delete
+            # the writer's in-flight step. Stale temporary folders are removed on this process's first save.
+            cleanup_tmp_directories=False,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._cleaned = False
+
+    # -- context manager -----------------------------------------------------------------------
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({self.directory!r}, steps={self._manager.all_steps()})"
+
+    # -- queries -------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until this process's pending (async) saves are committed to disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release orbax's resources."""
+        self._manager.close()
+
+    def reload(self) -> None:
+        """Re-read the directory (to see steps that *another* process committed since this one opened it)."""
+        self._manager.wait_until_finished()
+        self._manager.reload()
+
+    def all_steps(self) -> list[int]:
+        """The committed steps, ascending (waits for this process's pending saves; never unfinished ones)."""
+        self.wait()
+        return sorted(int(s) for s in self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The most recent committed step, or ``None`` (an interrupted, uncommitted save is not a step)."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The step with the best ``best_metric`` (the latest step if no ``best_metric`` was set)."""
+        self.wait()
+        return self._manager.best_step()
+
+    # -- save ----------------------------------------------------------------------------------
+    def _remove_stale_tmp_dirs(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if _TMP_DIR.match(name):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def save(self, state: Any, *, metrics: Mapping[str, Any] | None = None, config: Any = None,
+             force: bool = False) -> bool:
+        """Save ``state`` (a :class:`~jaxgen.train.TrainState`) as step ``int(state.step)``.
+
+        Args:
+          state: the training state; every leaf is stored, typed PRNG keys as their key data.
+          metrics: optional ``{name: number}`` stored with the step (required, with ``best_metric``,
+            when the checkpointer keeps the best checkpoints).
+          config: optional JSON-able description of the run (a dict or a dataclass), stored in the
+            metadata (values that JSON cannot hold are stored as strings).
+          force: save even if ``save_interval_steps`` says otherwise.
+
+        Returns:
+          whether a checkpoint was written (started, if asynchronous). Nothing is written, and
+          ``False`` returned, when the step is not due (without ``force``) or when a checkpoint of this
+          step, or a later one (without ``force``), already exists: existing steps are never overwritten.
+        """
+        step = int(state.step)
+        if self.best_metric is not None and (metrics is None or self.best_metric not in metrics):
+            raise ValueError(f"this Checkpointer keeps the best checkpoints by {self.best_metric!r}: pass "
+                             f"save(state, metrics={{{self.best_metric!r}: value, ...}}).")
+        self._remove_stale_tmp_dirs()
+        if step in self._manager.all_steps():
+            return False
+        if not force and not self._manager.should_save(step):
+            return False
+
+        flat, _ = _flatten(state)
+        arrays, leaves = [], {}
+        for readable, names, leaf in flat:
+            record: dict[str, Any] = {}
+            if _is_prng_key(leaf):
+                record["prng_impl"] = _key_impl_name(leaf)
+                leaf = jax.random.key_data(leaf)
+            elif not isinstance(leaf, (jax.Array, np.ndarray)):
+                leaf = np.asarray(leaf)
+            record.update(path="/".join(names), shape=list(leaf.shape), dtype=str(leaf.dtype))
+            leaves[readable] = record
+            arrays.append((names, leaf))
+
+        metrics = None if metrics is None else _jsonable(dict(metrics))
+        meta = {
+            "format": _FORMAT,
+            "step": step,
+            "jaxgen_version": _jaxgen_version(),
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": _jsonable(config),
+            "metrics": metrics,
+            "leaves": leaves,
+        }
+        return bool(self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_nest(arrays)), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics,
+            force=True,  # the interval was checked above
+        ))
+
+    # -- restore -------------------------------------------------------------------------------
+    def _resolve(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}.")
+        if step is None:
+            return steps[-1]
+        if int(step) not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; available steps: {steps}.")
+        return int(step)
+
+    def restore_metadata(self, step: int | None = None) -> dict:
+        """The JSON record of a step (default: the latest): ``step``, ``config``, ``metrics``,
+        ``jaxgen_version``, ``saved_at`` and ``leaves`` (every stored array's path, shape and dtype)."""
+        step = self._resolve(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = restored["meta"]
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise ValueError(f"step {step} in {self.directory} was not written by jaxgen.checkpoint.Checkpointer.")
+        return meta
+
+    def restore(self, template_state: Any, step: int | None = None) -> Any:
+        """Restore a step (default: the latest) into the structure, shapes and dtypes of ``template_state``.
+
+        ``template_state`` is a state of the same model configuration, e.g. ``trainer.init(seed)``
+        (or, allocating nothing, ``jax.eval_shape(trainer.init, jax.random.key(seed))``); only its
+        structure, shapes, dtypes and shardings are used: the arrays are placed on the template's
+        shardings (one device if it has none) and cast to its dtypes, and its keys' PRNG
+        implementation re-wraps the stored key data. If the template keeps no EMA
+        (``ema_params=None``), stored EMA weights are ignored. Any pytree with a ``step`` works, not
+        only a :class:`~jaxgen.train.TrainState`.
+
+        Raises:
+          FileNotFoundError: no such checkpoint.
+          ValueError: the checkpoint does not fit the template (different shapes or a different tree:
+            it was written by another model configuration); the message lists the leaves.
+        """
+        step = self._resolve(step)
+        meta = self.restore_metadata(step)
+        saved: dict[str, dict] = meta["leaves"]
+        saved_by_path = {rec["path"]: readable for readable, rec in saved.items()}
+
+        flat, treedef = _flatten(template_state)
+        template_ema_none = getattr(template_state, "ema_params", 0) is None
+        mismatched, missing = [], []
+        targets = []  # (names, ShapeDtypeStruct)
+        wanted = set()
+        for readable, names, leaf in flat:
+            path = "/".join(names)
+            wanted.add(path)
+            if _is_prng_key(leaf):
+                data = jax.eval_shape(jax.random.key_data, leaf)
+                shape, dtype = tuple(data.shape), data.dtype
+            elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+                shape, dtype = tuple(leaf.shape), leaf.dtype
+            else:
+                shape, dtype = np.shape(leaf), np.asarray(leaf).dtype
+            if path not in saved_by_path:
+                missing.append(f"{readable}: template {shape}, not in the checkpoint")
+                continue
+            rec = saved[saved_by_path[path]]
+            if tuple(rec["shape"]) != shape:
+                mismatched.append(f"{readable}: checkpoint {tuple(rec['shape'])} vs template {shape}")
+                continue
+            if _is_prng_key(leaf) and rec.get("prng_impl") not in (None, _key_impl_name(leaf)):
+                mismatched.append(f"{readable}: PRNG key implementation {rec.get('prng_impl')} in the checkpoint vs "
+                                  f"{_key_impl_name(leaf)} in the template")
+                continue
+            sharding = getattr(leaf, "sharding", None) or _default_sharding()
+            targets.append((names, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)))
+        unexpected, ignored = [], []
+        for readable, rec in saved.items():
+            if rec["path"] in wanted:
+                continue
+            if template_ema_none and readable.startswith(".ema_params"):
+                ignored.append((tuple(rec["path"].split("/")), jax.ShapeDtypeStruct(
+                    tuple(rec["shape"]), np.dtype(rec["dtype"]), sharding=_default_sharding())))
+            else:
+                unexpected.append(f"{readable}: checkpoint {tuple(rec['shape'])}, not in the template")
+
+        if mismatched or missing or unexpected:
+            hint = ""
+            if template_ema_none is False and any(m.startswith(".ema_params") for m in missing) and not any(
+                    r.startswith(".ema_params") for r in saved):
+                hint = ("\nThe checkpoint holds no EMA weights (it was trained with ema_decay=None); build the "
+                        "template with a Trainer without EMA.")
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.directory} does not fit the template state: it was "
+                f"written by a different model configuration (another width, depth or architecture, optimizer "
+                f"or EMA setting). Build the template with the configuration the run was trained with "
+                f"(saved config: {json.dumps(meta.get('config'))[:300]}).\n"
+                + _listing(mismatched + missing + unexpected) + hint)
+
+        # orbax restores the whole stored tree (leaves the template drops, i.e. unwanted EMA weights, too)
+        targets += ignored
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(targets))))["state"] \
+            if targets else {}
+        leaves = []
+        for readable, names, leaf in flat:
+            value = _lookup(restored, names)
+            if _is_prng_key(leaf):
+                impl = _key_impl(leaf)
+                value = jax.random.wrap_key_data(value) if impl is None else jax.random.wrap_key_data(value, impl=impl)
+            leaves.append(value)
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _jaxgen_version() -> str:
+    try:
+        from jaxgen import __version__
+        return str(__version__)
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+# -- resumable training ---------------------------------------------------------------------------
+
+def train_with_checkpoints(
+    trainer,
+    state,
+    num_steps: int,
+    checkpointer: Checkpointer,
+    *,
+    every: int,
+    chunk: int | None = None,
+    progress: bool = True,
+    callback: Callable[[Any, np.ndarray], None] | None = None,
+    config: Any = None,
+    metrics_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+):
+    """Train to step ``num_steps``, resuming from the latest checkpoint and saving every ``every`` steps.
+
+    If ``checkpointer`` holds a checkpoint, it is restored with ``state`` as the template (so ``state``
+    is typically ``trainer.init(seed)``); training then continues from its step. ``num_steps`` is the
+    *total* step count to reach (``state.step == num_steps`` at the end), not an increment, so running
+    the same call again after a crash, a kill or a pre-emption picks up where the last checkpoint left
+    off and does nothing once the run is complete.
+
+    Steps run fused (``trainer.steps``) in chunks cut at absolute step numbers that are multiples of
+    ``chunk`` or of ``every`` (default ``chunk = every``). Since step ``k`` uses ``fold_in(key, k)`` and
+    a checkpoint is always at a chunk boundary, a resumed run executes the same programs on the same
+    inputs as an uninterrupted one and reaches bitwise the same parameters. Keep ``every`` a multiple
+    of ``chunk`` so that a single chunk length is compiled (other combinations are correct too but
+    compile one program per distinct length), and compare interrupted and uninterrupted runs at the
+    same ``chunk``/``every``: fused programs of different lengths may differ in the last bits.
+
+    A checkpoint is saved (``force=True``: ``every`` decides, not the checkpointer's
+    ``save_interval_steps``) whenever the step reaches a multiple of ``every`` and at the end, with
+    ``metrics={"loss": mean loss since the previous save, **metrics_fn(state)}`` and ``config``.
+    After every chunk the losses come back to the host; a non-finite loss raises
+    ``FloatingPointError`` with the last good state in ``error.state`` (the checkpoints are kept).
+    ``callback(state, chunk_losses)`` runs after every chunk (and after that chunk's save). Pending
+    saves are awaited before returning (or raising).
+
+    Returns:
+      ``(state, losses)``: the final state and the losses of the steps run *by this call* (a resumed
+      run does not have the losses of the steps before its checkpoint).
+    """
+    from tqdm.auto import tqdm
+
+    num_steps, every = int(num_steps), int(every)
+    chunk = every if chunk is None else int(chunk)
+    if every < 1 or chunk < 1:
+        raise ValueError(f"every and chunk must be >= 1, got every={every}, chunk={chunk}.")
+
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state)
+    start = int(state.step)
+    losses: list[np.ndarray] = []
+    since_save: list[np.ndarray] = []
+    step = start
+    bar = tqdm(total=num_steps, initial=min(start, num_steps), desc="train", disable=not progress, unit="step",
+               dynamic_ncols=True)
+    try:
+        while step < num_steps:
+            nxt = min(num_steps, (step // chunk + 1) * chunk, (step // every + 1) * every)
+            n = nxt - step
+            new_state, chunk_losses = trainer.steps(state, n)
+            chunk_losses = np.asarray(chunk_losses)
+            if not np.all(np.isfinite(chunk_losses)):
+                bad = step + int(np.argmax(~np.isfinite(chunk_losses)))
+                err = FloatingPointError(
+                    f"the loss became {chunk_losses[~np.isfinite(chunk_losses)][0]} at step {bad}; training stopped "
+                    f"and the last good state (step {step}) is kept (the latest checkpoint is step "
+                    f"{checkpointer.latest_step()}). Lower the learning rate, add gradient clipping "
+                    "(optax.clip_by_global_norm), or check the data for NaN/inf.")
+                err.state = state
+                raise err
+            state, step = new_state, nxt
+            losses.append(chunk_losses)
+            since_save.append(chunk_losses)
+            bar.update(n)
+            bar.set_postfix(loss=f"{float(np.mean(chunk_losses[-min(50, n):])):.4f}")
+            if step % every == 0 or step == num_steps:
+                metrics = {"loss": float(np.mean(np.concatenate(since_save)))}
+                if metrics_fn is not None:
+                    metrics.update(metrics_fn(state))
+                checkpointer.save(state, metrics=metrics, config=config, force=True)
+                since_save = []
+            if callback is not None:
+                callback(state, chunk_losses)
+    finally:
+        bar.close()
+        checkpointer.wait()
+    return state, (np.concatenate(losses) if losses else np.zeros((0,), np.float32))

@@ -1,0 +1,346 @@
+"""Checkpointer: exact round trips (EMA or none, typed keys), retention, metadata, a clear error for a model
+of the wrong size, and a real SIGKILL-and-resume run in a subprocess that ends bitwise where an
+uninterrupted run ends.
+
+This file is also the subprocess: ``python tests/test_checkpoint.py child ...`` trains the tiny model.
+"""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxgen.checkpoint import Checkpointer, train_with_checkpoints
+from jaxgen.data.toy2d import moons
+from jaxgen.losses import flow_matching_loss
+from jaxgen.models import MLPField
+from jaxgen.train import Trainer, TrainState
+
+SEED = 3
+NUM_STEPS, EVERY = 60, 10
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def _tiny_trainer(width=16, ema=0.9):
+    model = MLPField(2, width=width, hidden_layers=1, time_dim=8, rngs=nnx.Rngs(0))
+    return Trainer(model, flow_matching_loss("linear"), optax.adam(1e-2), data=lambda key: moons(key, 64),
+                   ema_decay=ema)
+
+
+def _plain(tree):
+    """Leaves as numpy arrays (typed keys as their key data), for comparisons."""
+    def f(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+    return jax.tree.map(f, tree)
+
+
+def _scramble(state: TrainState, seed: int) -> TrainState:
+    """The same structure with random values everywhere (host-made: no compilation)."""
+    rng = np.random.default_rng(seed)
+
+    def f(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return x
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            return jnp.asarray(rng.integers(1, 1000, size=x.shape).astype(x.dtype))
+        return jnp.asarray(rng.normal(size=x.shape).astype(x.dtype))
+
+    return jax.tree.map(f, state)._replace(key=jax.random.key(seed))
+
+
+def _assert_same(a, b, exact=True):
+    la, lb = jax.tree.leaves(_plain(a)), jax.tree.leaves(_plain(b))
+    assert jax.tree.structure(_plain(a)) == jax.tree.structure(_plain(b))
+    for x, y in zip(la, lb):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        if exact:
+            np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return _tiny_trainer()
+
+
+@pytest.fixture(scope="module")
+def trainer_no_ema():
+    return _tiny_trainer(ema=None)
+
+
+# -- round trips -------------------------------------------------------------------------------------
+
+def test_round_trip_with_ema_restores_every_leaf_and_the_typed_key(trainer, tmp_path):
+    state = _scramble(trainer.init(0), 1)._replace(step=jnp.asarray(7, jnp.int32))
+    with Checkpointer(tmp_path / "ck") as ckpt:
+        assert ckpt.save(state)
+        assert ckpt.latest_step() == 7 and ckpt.all_steps() == [7]
+        restored = ckpt.restore(trainer.init(5))  # a template with other values: everything comes from disk
+    assert isinstance(restored, TrainState)
+    assert jax.dtypes.issubdtype(restored.key.dtype, jax.dtypes.prng_key)
+    assert restored.key.dtype == state.key.dtype
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(jax.random.key(1)))
+    assert isinstance(restored.params, nnx.State) and restored.ema_params is not None
+    _assert_same(restored, state)
+    # the restored state trains and models like the original
+    model = trainer.model(restored, ema=True)
+    np.testing.assert_array_equal(model.out.kernel[...], state.ema_params["out"]["kernel"][...])
+    # an abstract template (no arrays allocated) works too
+    with Checkpointer(tmp_path / "ck") as ckpt:
+        again = ckpt.restore(jax.eval_shape(trainer.init, jax.random.key(0)))
+    _assert_same(again, state)
+
+
+def test_round_trip_without_ema_and_ema_mismatches(trainer, trainer_no_ema, tmp_path):
+    state = _scramble(trainer_no_ema.init(0), 2)._replace(step=jnp.asarray(4, jnp.int32))
+    assert state.ema_params is None
+    with Checkpointer(tmp_path / "noema") as ckpt:
+        ckpt.save(state)
+        restored = ckpt.restore(trainer_no_ema.init(9))
+        assert restored.ema_params is None
+        _assert_same(restored, state)
+        # a template that expects EMA weights: a clear error
+        with pytest.raises(ValueError, match="no EMA weights"):
+            ckpt.restore(trainer.init(0))
+    # a checkpoint with EMA restored into a template without: the EMA weights are dropped
+    with_ema = _scramble(trainer.init(0), 3)
+    with Checkpointer(tmp_path / "ema") as ckpt:
+        ckpt.save(with_ema)
+        restored = ckpt.restore(trainer_no_ema.init(0))
+    assert restored.ema_params is None
+    _assert_same(restored.params, with_ema.params)
+
+
+# -- retention, intervals, metadata ----------------------------------------------------------------------
+
+def test_keep_latest_n_interval_and_no_overwrite(trainer, tmp_path):
+    state = trainer.init(0)
+    with Checkpointer(tmp_path / "ck", max_to_keep=2, save_interval_steps=5) as ckpt:
+        written = [ckpt.save(state._replace(step=jnp.asarray(s, jnp.int32))) for s in (0, 3, 5, 10, 15)]
+        assert written == [True, False, True, True, True]  # step 3 is not due (interval 5)
+        assert ckpt.save(state._replace(step=jnp.asarray(17, jnp.int32)), force=True)
+        assert ckpt.all_steps() == [15, 17]
+        assert not ckpt.save(state._replace(step=jnp.asarray(17, jnp.int32)), force=True)  # never overwritten
+    assert sorted(os.listdir(tmp_path / "ck")) == ["15", "17"]
+    with Checkpointer(tmp_path / "ck") as ckpt:  # a new process sees the same steps
+        assert ckpt.all_steps() == [15, 17] and ckpt.latest_step() == 17
+        assert int(ckpt.restore(state, step=15).step) == 15
+        with pytest.raises(FileNotFoundError, match="step 5"):
+            ckpt.restore(state, step=5)
+    with Checkpointer(tmp_path / "empty") as ckpt:
+        assert ckpt.latest_step() is None and ckpt.all_steps() == []
+        with pytest.raises(FileNotFoundError, match="no checkpoint"):
+            ckpt.restore(state)
+
+
+def test_best_metric_keeps_the_best_and_the_latest(trainer, tmp_path):
+    state = trainer.init(0)
+    losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 5.0, 5: 4.0}
+    with Checkpointer(tmp_path / "ck", max_to_keep=2, best_metric="loss", best_mode="min") as ckpt:
+        for s, loss in losses.items():
+            ckpt.save(state._replace(step=jnp.asarray(s, jnp.int32)), metrics={"loss": loss})
+        assert ckpt.all_steps() == [2, 3, 5]  # the two best (1.0, 2.0) and the latest (to resume from)
+        assert ckpt.best_step() == 2
+        with pytest.raises(ValueError, match="metrics"):
+            ckpt.save(state._replace(step=jnp.asarray(6, jnp.int32)))
+
+
+@dataclasses.dataclass
+class _Config:
+    width: int = 16
+    lr: float = 1e-2
+    sizes: tuple = (1, 2)
+
+
+def test_metadata_and_absolute_directory(trainer, tmp_path, monkeypatch):
+    import jaxgen
+
+    monkeypatch.chdir(tmp_path)
+    state = trainer.init(0)._replace(step=jnp.asarray(12, jnp.int32))
+    with Checkpointer("relative/ck") as ckpt:
+        assert ckpt.directory == str(tmp_path / "relative" / "ck")
+        ckpt.save(state, metrics={"loss": np.float32(0.25), "fid": jnp.asarray(3.5)}, config=_Config())
+        ckpt.save(state._replace(step=jnp.asarray(13, jnp.int32)), config={"name": "moons", "path": tmp_path})
+        meta = ckpt.restore_metadata(12)
+        latest = ckpt.restore_metadata()
+    assert meta["step"] == 12 and latest["step"] == 13
+    assert meta["config"] == {"width": 16, "lr": 1e-2, "sizes": [1, 2]}
+    assert meta["metrics"] == {"loss": 0.25, "fid": 3.5}
+    assert meta["jaxgen_version"] == jaxgen.__version__
+    assert latest["config"] == {"name": "moons", "path": str(tmp_path)} and latest["metrics"] is None
+    assert meta["leaves"][".params['out']['kernel'].value"]["shape"] == [16, 2]
+    assert meta["leaves"][".key"]["prng_impl"] == str(state.key.dtype)
+
+
+def test_restoring_into_a_model_of_another_size_names_the_leaves(trainer, tmp_path):
+    with Checkpointer(tmp_path / "ck") as ckpt:
+        ckpt.save(trainer.init(0), config={"width": 16})
+        wider = _tiny_trainer(width=24)
+        with pytest.raises(ValueError) as info:
+            ckpt.restore(wider.init(0))
+    msg = str(info.value)
+    assert "different model configuration" in msg
+    assert ".params['out']['kernel'].value: checkpoint (16, 2) vs template (24, 2)" in msg
+    assert "checkpoint (16,) vs template (24,)" in msg
+    assert '"width": 16' in msg
+
+
+# -- SIGKILL and resume ---------------------------------------------------------------------------------
+
+def _child(argv):
+    """Subprocess: train the tiny model to NUM_STEPS with checkpoints every EVERY steps, resuming if possible.
+
+    argv: directory, seconds to sleep after each chunk, and the step at whose commit to SIGKILL itself (0: none).
+    Prints ``FIRST <step>`` (where this process's training started) and ``DONE <step>``.
+    """
+    directory, pause, kill_at_commit = argv[0], float(argv[1]), int(argv[2])
+    if kill_at_commit:
+        # die at the worst moment: the step is fully written to its temporary folder, the rename is next
+        from orbax.checkpoint._src.path import async_path
+
+        rename = async_path.rename
+
+        async def killing_rename(src, dst):
+            if os.path.basename(str(dst)) == str(kill_at_commit):
+                print(f"KILLING {kill_at_commit}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await rename(src, dst)
+
+        async_path.rename = killing_rename
+
+    trainer = _tiny_trainer()
+    first = []
+
+    def on_chunk(state, losses):
+        if not first:
+            first.append(int(state.step) - len(losses))
+            print(f"FIRST {first[0]}", flush=True)
+        print(f"STEP {int(state.step)}", flush=True)
+        time.sleep(pause)
+
+    with Checkpointer(directory, max_to_keep=3) as ckpt:
+        state, _ = train_with_checkpoints(trainer, trainer.init(SEED), NUM_STEPS, ckpt, every=EVERY,
+                                          progress=False, callback=on_chunk)
+    print(f"DONE {int(state.step)}", flush=True)
+
+
+def _committed(directory):
+    try:
+        return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    except FileNotFoundError:
+        return []
+
+
+class _Run:
+    """The child in a subprocess: no stdin, output to files, always reaped."""
+
+    def __init__(self, tmp_path, name, directory, pause=0.0, kill_at_commit=0):
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.update(PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+                   # the runs share compiled programs (identical executables) to start in seconds
+                   JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        self.out, self.err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "child", str(directory), str(pause), str(kill_at_commit)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=repo)
+
+    def lines(self, tag):
+        return [int(l.split()[1]) for l in self.out.read_text().splitlines() if l.startswith(tag + " ")]
+
+    def report(self):
+        return f"stdout:\n{self.out.read_text()}\nstderr (tail):\n{self.err.read_text()[-3000:]}"
+
+    def wait(self, timeout=150):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the training subprocess did not finish in {timeout} s\n{self.report()}")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def test_sigkill_mid_save_and_mid_training_then_resume_matches_an_uninterrupted_run(trainer, tmp_path):
+    ckdir = tmp_path / "run"
+    # 1. killed by SIGKILL inside the commit of step 20 (written to the temporary folder, not yet renamed)
+    run = _Run(tmp_path, "a", ckdir, kill_at_commit=2 * EVERY)
+    try:
+        # meanwhile, in this process: the uninterrupted reference run (same seed, chunks, checkpoint interval)
+        with Checkpointer(tmp_path / "reference") as ref_ckpt:
+            reference, ref_losses = train_with_checkpoints(trainer, trainer.init(SEED), NUM_STEPS, ref_ckpt,
+                                                           every=EVERY, progress=False)
+            assert ref_ckpt.all_steps() == [40, 50, 60]
+        assert int(reference.step) == NUM_STEPS and ref_losses.shape == (NUM_STEPS,)
+        rc = run.wait()
+    finally:
+        run.kill()
+    assert rc == -signal.SIGKILL, run.report()
+    assert run.lines("STEP")[-1] == 2 * EVERY and run.lines("FIRST") == [0]
+    assert f"{2 * EVERY}{TMP_SUFFIX}" in os.listdir(ckdir)  # the unfinished save is there, uncommitted
+    with Checkpointer(ckdir) as ckpt:
+        assert ckpt.all_steps() == [EVERY] and ckpt.latest_step() == EVERY  # the previous one is intact
+        assert int(ckpt.restore(trainer.init(SEED)).step) == EVERY
+
+    # 2. restarted (removes the stale folder, resumes at step 10), killed by SIGKILL from outside
+    #    as soon as it has committed a new checkpoint
+    run = _Run(tmp_path, "b", ckdir, pause=3.0)
+    try:
+        deadline = time.monotonic() + 150
+        while max(_committed(ckdir), default=0) <= EVERY:
+            assert run.proc.poll() is None, run.report()
+            if time.monotonic() > deadline:
+                pytest.fail(f"no new checkpoint after 150 s\n{run.report()}")
+            time.sleep(0.02)
+        seen = max(_committed(ckdir))
+        os.kill(run.proc.pid, signal.SIGKILL)
+        rc = run.wait(timeout=30)
+    finally:
+        run.kill()
+    assert rc == -signal.SIGKILL, run.report()
+    assert run.lines("FIRST") == [EVERY], run.report()  # resumed exactly at the latest checkpoint
+    with Checkpointer(ckdir) as ckpt:
+        latest = ckpt.latest_step()
+    assert seen <= latest < NUM_STEPS and latest % EVERY == 0  # every committed checkpoint survived the kill
+
+    # 3. restarted again: runs to the end from the latest checkpoint, losing nothing that was saved
+    run = _Run(tmp_path, "c", ckdir)
+    try:
+        rc = run.wait()
+    finally:
+        run.kill()
+    assert rc == 0, run.report()
+    assert run.lines("FIRST") == [latest] and run.lines("DONE") == [NUM_STEPS], run.report()
+    assert not any(n.endswith(TMP_SUFFIX) for n in os.listdir(ckdir))
+    with Checkpointer(ckdir) as ckpt:
+        assert ckpt.latest_step() == NUM_STEPS
+        final = ckpt.restore(trainer.init(SEED))
+        # a further call finds the run complete and trains nothing
+        done, losses = train_with_checkpoints(trainer, trainer.init(SEED), NUM_STEPS, ckpt, every=EVERY,
+                                              progress=False)
+    assert losses.shape == (0,) and int(done.step) == NUM_STEPS
+    _assert_same(final, reference, exact=False)  # 1e-6 (bitwise in practice)
+    initial = trainer.init(SEED)
+    assert not np.allclose(final.params["out"]["kernel"][...], initial.params["out"]["kernel"][...])  # it trained
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
+    _child(sys.argv[2:])
