@@ -130,7 +130,12 @@ class Trainer:
                 raise ValueError("no batch given and the trainer has no data sampler: pass step(state, batch) "
                                  "or build Trainer(..., data=lambda key: ...).")
             batch = self.data(k_data)
-        (value, rest), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, state.rest, batch, k_loss)
+        # Differentiate with respect to (params, rest) and keep the params' gradient: stateful modules
+        # (dropout RNG counters) must be traced at the level where they are mutated, which a closed-over
+        # `rest` is not. Integer/key leaves get float0 gradients (allow_int), which XLA drops.
+        (value, rest), (grads, _) = jax.value_and_grad(
+            lambda pr, b, k: self.loss(pr[0], pr[1], b, k), has_aux=True, allow_int=True
+        )((state.params, state.rest), batch, k_loss)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params

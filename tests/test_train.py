@@ -116,3 +116,23 @@ def test_mixed_precision_keeps_float32_master_weights():
     state, losses = tr.steps(tr.init(0), 3)
     assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state.params))
     assert losses.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(losses)))
+
+
+class _DropoutField(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 2, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x, t):
+        return self.drop(self.lin(jnp.concatenate([x, t[:, None]], -1)))
+
+
+def test_stateful_dropout_module_trains_and_its_rng_state_advances():
+    tr = Trainer(_DropoutField(nnx.Rngs(0)), LOSS, optax.adam(1e-3), data=DATA)
+    s0 = tr.init(0)
+    s1, l1 = tr.step(s0)
+    s2, losses = tr.steps(s1, 3)
+    assert np.all(np.isfinite(np.asarray(losses)))
+    counts = [np.asarray(v) for v in jax.tree.leaves(s2.rest) if np.asarray(v).dtype.kind in "iu"]
+    counts0 = [np.asarray(v) for v in jax.tree.leaves(s0.rest) if np.asarray(v).dtype.kind in "iu"]
+    assert counts and any((a != b).any() for a, b in zip(counts, counts0))  # dropout masks change per step
