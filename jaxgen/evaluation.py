@@ -1,0 +1,566 @@
+r"""Sample-quality evaluation with learned features: a digits classifier and pluggable Fréchet distances.
+
+For image models the standard metric is the Fréchet Inception Distance (FID): embed real and generated
+images with a fixed network :math:`\phi`, fit a Gaussian to each feature set and report
+
+.. math::
+
+    \mathrm{FD}_\phi = \|\mu_r - \mu_g\|^2
+        + \operatorname{tr}\!\left(C_r + C_g - 2\left(C_r^{1/2} C_g C_r^{1/2}\right)^{1/2}\right),
+
+(Heusel, Ramsauer, Unterthiner, Nessler & Hochreiter, "GANs trained by a two time-scale update rule
+converge to a local Nash equilibrium", NeurIPS 2017). This module keeps the feature extractor
+pluggable: :func:`frechet_distance_from_features` takes any ``feature_fn(images) -> (B, F)``.
+
+Nothing is downloaded here. For real FID on natural images, supply an Inception-v3 pool3 feature
+function yourself where the weights can be obtained (e.g. a JAX port of the pytorch-fid / TF-GAN
+weights) and pass it as ``feature_fn``; images are channels-last ``(B, H, W, C)`` in ``[-1, 1]``, so
+resize and rescale them inside your ``feature_fn`` as the weights expect.
+
+For the 8x8 scikit-learn digits (used as a small, CPU-friendly image benchmark) the module trains its
+own feature extractor: :class:`DigitsClassifier`, a small MLP whose penultimate layer provides the
+features (a "Fréchet classifier distance") and whose predictions measure how often a class-conditional
+(e.g. guided) sampler produces the requested digit. :func:`load_or_train_digits_classifier` caches the
+trained weights on disk, keyed by a hash of the training data and hyperparameters.
+
+Example::
+
+    clf = load_or_train_digits_classifier(train_x, train_y)        # a few seconds once, then cached
+    classifier_accuracy(clf, test_x, test_y)                       # ~0.98
+    report = digits_report(clf, samples, requested_labels, test_x, train_images=train_x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.typing import ArrayLike
+
+from jaxgen.metrics import frechet_distance, gaussian_moments
+
+Array = jax.Array
+
+__all__ = [
+    "DigitsClassifier",
+    "train_digits_classifier",
+    "load_or_train_digits_classifier",
+    "default_cache_dir",
+    "classifier_predict",
+    "classifier_accuracy",
+    "classifier_feature_fn",
+    "feature_moments",
+    "frechet_distance_from_features",
+    "guided_label_accuracy",
+    "digits_report",
+]
+
+#: Bumped whenever the architecture or the training recipe changes, so stale caches are not reused.
+CACHE_VERSION = "digits-mlp-v1"
+
+
+# ---------------------------------------------------------------------------
+# The classifier
+# ---------------------------------------------------------------------------
+
+
+class DigitsClassifier(nnx.Module):
+    r"""A small MLP classifier for ``8x8x1`` digit images in ``[-1, 1]`` (channels-last).
+
+    Architecture: ``flatten -> dense(hidden) -> relu -> dense(F) -> relu`` (the *features*,
+    :math:`\phi(x) \in \mathbb{R}^F`) ``-> dense(num_classes)`` (the logits). An MLP rather than a CNN
+    because XLA:CPU convolution gradients are very slow for tiny images (a 2-layer CNN trains ~50x
+    slower on CPU here) while this MLP already reaches ~99% held-out accuracy on scikit-learn's digits.
+
+    Args:
+      hidden: width of the first hidden layer.
+      features: width ``F`` of the penultimate (feature) layer.
+      num_classes: number of classes.
+      image_shape: ``(H, W, C)`` of the inputs.
+      rngs: ``nnx.Rngs`` for the initialisation.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden: int = 256,
+        features: int = 64,
+        num_classes: int = 10,
+        image_shape: tuple[int, int, int] = (8, 8, 1),
+        rngs: nnx.Rngs,
+    ):
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.num_classes = num_classes
+        self.fc1 = nnx.Linear(int(np.prod(self.image_shape)), hidden, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, features, rngs=rngs)
+        self.head = nnx.Linear(features, num_classes, rngs=rngs)
+
+    def _check(self, x: Array) -> Array:
+        x = jnp.asarray(x)
+        if x.ndim == 3 and self.image_shape[-1] == 1 and x.shape[1:] == self.image_shape[:2]:
+            x = x[..., None]  # (B, H, W) -> (B, H, W, 1)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"DigitsClassifier expects channels-last images of shape (B, {', '.join(map(str, self.image_shape))}), "
+                f"got {tuple(x.shape)}.")
+        return x.astype(jnp.float32)
+
+    def features(self, x: Array) -> Array:
+        """Penultimate-layer activations ``phi(x)`` of shape ``(B, F)`` (used for Fréchet distances)."""
+        h = self._check(x)
+        h = nnx.relu(self.fc1(h.reshape(h.shape[0], -1)))
+        return nnx.relu(self.fc2(h))
+
+    def __call__(self, x: Array) -> Array:
+        """Class logits of shape ``(B, num_classes)``."""
+        return self.head(self.features(x))
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+def _check_data(images: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(images, dtype=np.float32)
+    y = np.asarray(labels).astype(np.int32)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(f"images must have shape (N, H, W, C), got {x.shape}.")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"labels must have shape ({x.shape[0]},) to match the images, got {y.shape}.")
+    return x, y
+
+
+def _random_shift(key: Array, x: Array, max_shift: int) -> Array:
+    """Translate each image by up to ``max_shift`` pixels per axis, filling with background (-1)."""
+    b, h, w, c = x.shape
+    p = max_shift
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-1.0)
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * p + 1)
+
+    def crop(img, off):
+        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+
+    return jax.vmap(crop)(padded, offsets)
+
+
+def train_digits_classifier(
+    train_images: ArrayLike,
+    train_labels: ArrayLike,
+    *,
+    steps: int = 1500,
+    batch_size: int = 128,
+    learning_rate: float = 3e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    augment: bool = False,
+    hidden: int = 256,
+    features: int = 64,
+    num_classes: int = 10,
+) -> DigitsClassifier:
+    r"""Train a :class:`DigitsClassifier` with cross-entropy; all ``steps`` run in one ``lax.scan``.
+
+    The training set is held on device and minibatches are drawn inside the compiled program, so
+    there is no host traffic: on 2 CPU cores the default 1500 steps take a few seconds. The optimiser
+    is AdamW with a cosine-decayed learning rate. The defaults give ~99% accuracy on a held-out 20%
+    of scikit-learn's digits. With ``augment=True`` each training image is randomly translated by up
+    to one pixel (filled with the background value -1); this makes the classifier more robust to
+    small misalignments but costs the MLP ~1% of held-out accuracy on these centred digits.
+
+    Args:
+      train_images: ``(N, H, W, C)`` (or ``(N, H, W)``) images in ``[-1, 1]``.
+      train_labels: ``(N,)`` integer labels in ``[0, num_classes)``.
+      steps: optimiser steps.
+      batch_size: minibatch size (sampled with replacement).
+      learning_rate: peak learning rate of the cosine schedule.
+      weight_decay: AdamW weight decay.
+      seed: seed for initialisation, minibatches and augmentation.
+      augment: random one-pixel translations.
+      hidden, features, num_classes: architecture (see :class:`DigitsClassifier`).
+
+    Returns:
+      The trained classifier.
+    """
+    x, y = _check_data(train_images, train_labels)
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{y.min()}, {y.max()}].")
+    steps = int(steps)
+    key_init, key_train = jax.random.split(jax.random.key(seed))
+    model = DigitsClassifier(hidden=hidden, features=features, num_classes=num_classes,
+                             image_shape=x.shape[1:], rngs=nnx.Rngs(params=key_init))
+    graphdef, params = nnx.split(model)
+    params, _ = _fit(graphdef, params, jnp.asarray(x), jnp.asarray(y), key_train, steps=steps,
+                     batch_size=int(batch_size), learning_rate=float(learning_rate),
+                     weight_decay=float(weight_decay), augment=bool(augment))
+    return nnx.merge(graphdef, params)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "batch_size", "learning_rate",
+                                             "weight_decay", "augment"))
+def _fit(graphdef, params, xs, ys, key, *, steps, batch_size, learning_rate, weight_decay, augment):
+    """All training steps as one program (module-level, so repeated trainings reuse the compilation)."""
+    tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, max(steps, 1)), weight_decay=weight_decay)
+    n = xs.shape[0]
+
+    def loss_fn(p, xb, yb):
+        logits = nnx.merge(graphdef, p)(xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def step(carry, k):
+        p, opt_state = carry
+        k_idx, k_aug = jax.random.split(jax.random.fold_in(key, k))
+        idx = jax.random.randint(k_idx, (batch_size,), 0, n)
+        xb, yb = xs[idx], ys[idx]
+        if augment:
+            xb = _random_shift(k_aug, xb, 1)
+        value, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), value
+
+    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(steps))
+    return params, losses
+
+
+# ---------------------------------------------------------------------------
+# Caching
+# ---------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$JAXGEN_CACHE/digits_classifier`` if ``JAXGEN_CACHE`` is set, else ``~/.cache/jaxgen/digits_classifier``."""
+    root = os.environ.get("JAXGEN_CACHE")
+    root = Path(root).expanduser() if root else Path("~/.cache/jaxgen").expanduser()
+    return root / "digits_classifier"
+
+
+def _cache_key(x: np.ndarray, y: np.ndarray, hparams: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(CACHE_VERSION.encode())
+    h.update(json.dumps(hparams, sort_keys=True).encode())
+    for a in (np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64)):
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:32]
+
+
+def _state_leaves(model: nnx.Module) -> tuple[Any, list[Array]]:
+    leaves, treedef = jax.tree.flatten(nnx.state(model))
+    return treedef, leaves
+
+
+def _save_params(model: nnx.Module, path: Path, meta: dict[str, Any]) -> None:
+    _, leaves = _state_leaves(model)
+    arrays = {f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __meta__=np.asarray(json.dumps(meta)), **arrays)
+        os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_params(model: nnx.Module, path: Path, key: str) -> bool:
+    """Fill ``model`` from ``path``; False (model untouched) if the file is missing, corrupt or mismatched."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["__meta__"]))
+            if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
+                return False
+            treedef, leaves = _state_leaves(model)
+            loaded = [data[f"leaf_{i}"] for i in range(len(leaves))]
+    except Exception:  # noqa: BLE001 - any unreadable cache is simply retrained
+        return False
+    if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(loaded, leaves)):
+        return False
+    nnx.update(model, jax.tree.unflatten(treedef, [jnp.asarray(a) for a in loaded]))
+    return True
+
+
+def load_or_train_digits_classifier(
+    train_images: ArrayLike,
+    train_labels: ArrayLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    **train_kwargs: Any,
+) -> DigitsClassifier:
+    """:func:`train_digits_classifier`, with the trained parameters cached on disk.
+
+    The cache file is ``<cache_dir>/<key>.npz`` where ``key`` is a SHA-256 hash of the training images
+    and labels (values and shapes), of every training hyperparameter (defaults included) and of
+    :data:`CACHE_VERSION`; a change to any of them trains (and caches) a new classifier instead of
+    reusing a stale one. Files are written atomically; an unreadable or mismatched file is retrained.
+
+    Args:
+      train_images, train_labels: as for :func:`train_digits_classifier`.
+      cache_dir: directory of the cache; default :func:`default_cache_dir`
+        (``$JAXGEN_CACHE/digits_classifier`` or ``~/.cache/jaxgen/digits_classifier``).
+      **train_kwargs: passed to :func:`train_digits_classifier` (``steps``, ``seed``, ``augment``, ...).
+
+    Returns:
+      The classifier (loaded from the cache when possible).
+    """
+    import inspect
+
+    x, y = _check_data(train_images, train_labels)
+    sig = inspect.signature(train_digits_classifier)
+    known = {k: p.default for k, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = set(train_kwargs) - set(known)
+    if unknown:
+        raise TypeError(f"unknown training arguments {sorted(unknown)}; choose from {sorted(known)}.")
+    hparams = {**known, **train_kwargs}
+    hparams = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in hparams.items()}
+    key = _cache_key(x, y, hparams)
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = path / f"{key}.npz"
+
+    template = DigitsClassifier(hidden=hparams["hidden"], features=hparams["features"],
+                                num_classes=hparams["num_classes"], image_shape=x.shape[1:], rngs=nnx.Rngs(0))
+    if path.exists() and _load_params(template, path, key):
+        return template
+    model = train_digits_classifier(x, y, **train_kwargs)
+    meta = {"key": key, "version": CACHE_VERSION, "hparams": hparams, "num_train": int(x.shape[0])}
+    try:
+        _save_params(model, path, meta)
+    except OSError:  # a read-only cache location must not break evaluation
+        pass
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Batched feature extraction
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "method"))
+def _apply(graphdef, state, x, method):
+    return getattr(nnx.merge(graphdef, state), method)(x)
+
+
+def _jit_module_method(module: nnx.Module, method: str) -> Callable[[Array], Array]:
+    """A jitted pure function ``x -> module.method(x)`` (parameters passed as arguments, not constants)."""
+    graphdef, state = nnx.split(module)
+    return lambda x: _apply(graphdef, state, x, method)
+
+
+def _batched(fn: Callable[[Array], Array], images: ArrayLike, batch_size: int) -> np.ndarray:
+    """Apply ``fn`` in fixed-size batches (the last one padded, so ``fn`` compiles once)."""
+    images = np.asarray(images)
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("no images given.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    bs = min(batch_size, n)
+    outs = []
+    for start in range(0, n, bs):
+        chunk = images[start:start + bs]
+        m = chunk.shape[0]
+        if m < bs:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - m, axis=0)], axis=0)
+        outs.append(np.asarray(fn(jnp.asarray(chunk)))[:m])
+    return np.concatenate(outs, axis=0)
+
+
+def classifier_feature_fn(classifier: DigitsClassifier) -> Callable[[Array], Array]:
+    """The jitted feature extractor ``images -> classifier.features(images)`` for :func:`frechet_distance_from_features`."""
+    return _jit_module_method(classifier, "features")
+
+
+def classifier_predict(classifier: nnx.Module, images: ArrayLike, *, batch_size: int = 512) -> np.ndarray:
+    """Predicted classes ``argmax_c logits_c`` of shape ``(N,)`` (batched, jitted)."""
+    logits_fn = _jit_module_method(classifier, "__call__")
+    return _batched(lambda x: jnp.argmax(logits_fn(x), axis=-1), images, batch_size)
+
+
+def classifier_accuracy(classifier: nnx.Module, images: ArrayLike, labels: ArrayLike, *,
+                        batch_size: int = 512) -> float:
+    r"""Top-1 accuracy :math:`\frac{1}{N}\sum_i [\arg\max_c f_c(x_i) = y_i]`."""
+    labels = np.asarray(labels)
+    pred = classifier_predict(classifier, images, batch_size=batch_size)
+    if labels.shape != pred.shape:
+        raise ValueError(f"labels must have shape {pred.shape} to match the images, got {labels.shape}.")
+    return float(np.mean(pred == labels))
+
+
+# ---------------------------------------------------------------------------
+# Fréchet distance in any feature space
+# ---------------------------------------------------------------------------
+
+
+def _precision_context(float64: bool):
+    """``jax.enable_x64(True)`` (thread-local) when asked for and available, else a no-op context."""
+    enable = getattr(jax, "enable_x64", None)
+    return enable(True) if (float64 and enable is not None) else contextlib.nullcontext()
+
+
+def feature_moments(feature_fn: Callable[[Array], Array], images: ArrayLike, *, batch_size: int = 256,
+                    jit: bool = True, float64: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    r"""Mean and unbiased covariance :math:`(\mu, C)` of ``feature_fn(images)`` (batched).
+
+    Features are extracted in the network's precision; the moments are accumulated in float64 (unless
+    ``float64=False``). Precompute them once for a fixed reference set (e.g. the real test images) and
+    pass the tuple to :func:`frechet_distance_from_features` in place of the images.
+
+    Returns:
+      ``(mu, cov)`` as NumPy arrays of shapes ``(F,)`` and ``(F, F)``.
+    """
+    fn = jax.jit(feature_fn) if jit else feature_fn
+    feats = _batched(fn, images, batch_size)
+    feats = feats.reshape(feats.shape[0], -1).astype(np.float64 if float64 else np.float32)
+    with _precision_context(float64):
+        mu, cov = gaussian_moments(feats)
+        return np.asarray(mu), np.asarray(cov)
+
+
+def frechet_distance_from_features(
+    feature_fn: Callable[[Array], Array],
+    real: ArrayLike | tuple[ArrayLike, ArrayLike],
+    fake: ArrayLike | tuple[ArrayLike, ArrayLike],
+    batch_size: int = 256,
+    *,
+    jit: bool = True,
+    float64: bool = True,
+) -> float:
+    r"""Fréchet distance between two image sets in the feature space of ``feature_fn``.
+
+    .. math::
+
+        \mathrm{FD}_\phi = \|\mu_r - \mu_g\|^2
+            + \operatorname{tr}\!\left(C_r + C_g - 2\left(C_r^{1/2} C_g C_r^{1/2}\right)^{1/2}\right),
+
+    where :math:`(\mu, C)` are the mean and unbiased covariance of :math:`\phi(x)` over each set
+    (:func:`jaxgen.metrics.gaussian_moments`, :func:`jaxgen.metrics.frechet_distance`). With
+    Inception-v3 pool3 features this is the FID of Heusel et al. (NeurIPS 2017). No weights are
+    downloaded by jaxgen: pass your own Inception ``feature_fn`` where they are available; for
+    scikit-learn's digits use :func:`classifier_feature_fn` of a :class:`DigitsClassifier`.
+
+    The trace terms are large and nearly cancel, and the square roots amplify round-off in the small
+    eigenvalues of rank-deficient covariances, so in float32 the result can be off by ~1% of itself;
+    by default the moments and the distance are therefore computed in float64 (inside a thread-local
+    ``jax.enable_x64`` context; the feature network itself runs in its own precision).
+
+    The estimate is biased upwards for finite sample sizes (the bias grows with the feature dimension
+    and shrinks like ``1/N``), so only compare values computed with the same numbers of samples.
+
+    Args:
+      feature_fn: ``feature_fn(images) -> (B, F)`` (trailing dims are flattened); jitted unless
+        ``jit=False`` (e.g. for a non-JAX extractor), and called on batches of exactly ``batch_size``
+        images (the last batch is padded), so it compiles once.
+      real: images ``(N, ...)``, or precomputed moments ``(mu, cov)`` from :func:`feature_moments`.
+      fake: images ``(M, ...)``, or precomputed moments ``(mu, cov)``.
+      batch_size: images per call of ``feature_fn``.
+      jit: wrap ``feature_fn`` in :func:`jax.jit`.
+      float64: compute the moments and the distance in float64.
+
+    Returns:
+      The Fréchet distance as a Python float.
+    """
+    fn = jax.jit(feature_fn) if jit else feature_fn
+
+    def moments(a):
+        if isinstance(a, tuple):
+            if len(a) != 2:
+                raise ValueError("precomputed moments must be a (mu, cov) tuple.")
+            return tuple(np.asarray(m, np.float64 if float64 else np.float32) for m in a)
+        return feature_moments(fn, a, batch_size=batch_size, jit=False, float64=float64)
+
+    mu1, c1 = moments(real)
+    mu2, c2 = moments(fake)
+    with _precision_context(float64):
+        return float(frechet_distance(mu1, c1, mu2, c2))
+
+
+# ---------------------------------------------------------------------------
+# Conditional-generation metrics and a digits report
+# ---------------------------------------------------------------------------
+
+
+def guided_label_accuracy(classifier: nnx.Module, samples: ArrayLike, requested_labels: ArrayLike, *,
+                          batch_size: int = 512) -> float:
+    r"""Fraction of class-conditional samples that the classifier assigns to the requested class.
+
+    .. math:: \mathrm{acc} = \frac{1}{N}\sum_i [\arg\max_c f_c(\hat x_i) = y_i],
+              \qquad \hat x_i \sim p_\theta(x \mid y_i).
+
+    Measures how well conditioning / classifier-free guidance is obeyed; on real images with their true
+    labels it equals the classifier's accuracy (its ceiling), with random labels it is ~``1/num_classes``.
+    """
+    return classifier_accuracy(classifier, samples, requested_labels, batch_size=batch_size)
+
+
+def digits_report(
+    classifier: DigitsClassifier,
+    samples: ArrayLike,
+    labels: ArrayLike | None,
+    real_images: ArrayLike,
+    *,
+    train_images: ArrayLike | None = None,
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """Evaluate generated digits: label accuracy and Fréchet distance in classifier-feature space.
+
+    Args:
+      classifier: a trained :class:`DigitsClassifier`.
+      samples: generated images ``(M, 8, 8, 1)`` in ``[-1, 1]``.
+      labels: the requested classes ``(M,)`` of class-conditional samples, or ``None`` (unconditional).
+      real_images: the real reference images (the held-out test split).
+      train_images: real training images; if given, ``fd_floor`` is the FD between them and
+        ``real_images`` (what a perfect generator that memorised the training set would score).
+        Otherwise ``fd_floor`` is the FD between the two halves of ``real_images`` (a noisier floor,
+        computed with half as many samples).
+      batch_size: images per forward pass.
+
+    Returns:
+      A dict with ``accuracy`` (fraction classified as requested; ``None`` without labels),
+      ``per_class_accuracy`` (list over classes; NaN for classes never requested),
+      ``class_histogram`` (fraction of samples predicted as each class), ``fd`` (samples vs
+      ``real_images``), ``fd_floor``, ``fd_floor_source`` (``"train_vs_test"`` or ``"split_half"``),
+      ``num_samples`` and ``num_real``. FD values depend on the sample sizes: generate about as many
+      samples as there are real images for a fair comparison with the floor.
+    """
+    samples = np.asarray(samples, np.float32)
+    real_images = np.asarray(real_images, np.float32)
+    k = classifier.num_classes
+    pred = classifier_predict(classifier, samples, batch_size=batch_size)
+    report: dict[str, Any] = {"num_samples": int(samples.shape[0]), "num_real": int(real_images.shape[0])}
+    report["class_histogram"] = (np.bincount(pred, minlength=k)[:k] / pred.shape[0]).tolist()
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != pred.shape:
+            raise ValueError(f"labels must have shape {pred.shape} to match the samples, got {labels.shape}.")
+        hit = pred == labels
+        report["accuracy"] = float(np.mean(hit))
+        report["per_class_accuracy"] = [float(np.mean(hit[labels == c])) if np.any(labels == c) else float("nan")
+                                        for c in range(k)]
+    else:
+        report["accuracy"] = None
+        report["per_class_accuracy"] = None
+    feat = classifier_feature_fn(classifier)
+    real_moments = feature_moments(feat, real_images, batch_size=batch_size, jit=False)
+    report["fd"] = frechet_distance_from_features(feat, real_moments, samples, batch_size, jit=False)
+    if train_images is not None:
+        report["fd_floor"] = frechet_distance_from_features(feat, real_moments, np.asarray(train_images, np.float32),
+                                                            batch_size, jit=False)
+        report["fd_floor_source"] = "train_vs_test"
+    else:
+        half = real_images.shape[0] // 2
+        report["fd_floor"] = frechet_distance_from_features(feat, real_images[:half], real_images[half:],
+                                                            batch_size, jit=False)
+        report["fd_floor_source"] = "split_half"
+    return report
