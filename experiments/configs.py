@@ -52,8 +52,9 @@ CONFIGS: dict[str, ImageConfig] = {
     # The main job: class-conditional flow matching with guidance on scikit-learn's digits (8x8).
     "digits_cfm": ImageConfig(),
     # A quick smoke configuration of the same pipeline.
-    "digits_smoke": ImageConfig(name="digits_smoke", steps=60, batch_size=32, channels=16, checkpoint_every=30,
-                                sample_every=60, sample_steps=4, samples_per_class=8, warmup_steps=10),
+    "digits_smoke": ImageConfig(name="digits_smoke", steps=20, batch_size=32, channels=8, checkpoint_every=10,
+                                sample_every=20, sampler="euler", sample_steps=2, samples_per_class=4,
+                                guidance_scales=(0.0, 2.0), warmup_steps=5),
     # MIT 6.S184 lab 3 on MNIST: null label, label dropout 0.1, guidance 1/3/5, Euler with 100 steps.
     "mnist_cfm_lab": ImageConfig(name="mnist_cfm_lab", dataset="mnist", channels=32, channel_mult=(1, 2, 2),
                                  attention_resolutions=(7,), steps=20_000, batch_size=250, learning_rate=1e-3,

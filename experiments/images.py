@@ -181,7 +181,7 @@ def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
     shape = train_set.images.shape[1:]
     log_path = os.path.join(out, "metrics.jsonl")
     t_start = time.perf_counter()
-    labels_grid = np.repeat(np.arange(cfg.num_classes), 8)
+    labels_grid = np.repeat(np.arange(cfg.num_classes), min(8, cfg.samples_per_class))
 
     def on_chunk(st, chunk_losses):
         step = int(st.step)
@@ -228,7 +228,7 @@ def finalize(cfg: ImageConfig, out: str, trainer, state, shape) -> dict:
     save_grid(imgs[grid_idx], os.path.join(out, "samples_per_class.png"), nrow=per_row,
               row_labels=list(range(cfg.num_classes)),
               title=f"{cfg.sampler} {cfg.sample_steps} steps (NFE {nfe}), guidance w = {cfg.eval_guidance}")
-    sweep_labels = np.repeat(np.arange(cfg.num_classes), 6)
+    sweep_labels = np.repeat(np.arange(cfg.num_classes), min(8, n))  # the same shape as the periodic grids
     sweep = []
     for w in cfg.guidance_scales:
         s, _ = generate(model, cfg, sweep_labels, w, jax.random.key(cfg.seed + 11), shape=shape)
@@ -274,11 +274,11 @@ def evaluate_samples(cfg: ImageConfig, images, labels, *, brief: bool = False) -
         return out
     from jaxgen.evaluation import digits_report, guided_label_accuracy
 
-    clf, test = _digits_classifier()
+    clf, train_set, test_set = _digits_classifier()
     if brief:
         out["label_accuracy"] = float(guided_label_accuracy(clf, images, labels))
         return out
-    out.update(digits_report(clf, images, labels, test.images))
+    out.update(digits_report(clf, images, labels, test_set.images, train_images=train_set.images))
     return out
 
 
@@ -292,7 +292,7 @@ def _digits_classifier():
     acc = classifier_accuracy(clf, test_set.images, test_set.labels)
     if acc < 0.95:
         raise RuntimeError(f"the digits classifier scores {acc:.3f} < 0.95 on held-out digits; clear its cache.")
-    return clf, test_set
+    return clf, train_set, test_set
 
 
 def _write_markdown(report: dict, path: str):

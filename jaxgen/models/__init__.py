@@ -2,5 +2,6 @@
 
 from jaxgen.models.embeddings import sinusoidal_embedding
 from jaxgen.models.mlp import MLPField
+from jaxgen.models.unet import UNetField
 
-__all__ = ["MLPField", "sinusoidal_embedding"]
+__all__ = ["MLPField", "UNetField", "sinusoidal_embedding"]

@@ -1,0 +1,128 @@
+"""UNetField: shapes, size vs TorchCFM, conditioning, dropout modes, gradients, jit, errors."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgen.losses import flow_matching_loss
+from jaxgen.models.unet import GroupNorm, UNetField
+
+# TorchCFM 1.0.7's UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+# class_cond=True, num_classes=11, attention_resolutions="4", dropout=0.1), counted with
+# sum(p.numel() for p in model.parameters()) in the peers' venv (torch 2.x): 702,753 parameters.
+TORCHCFM_8X8_PARAMS = 702_753
+
+B = 4
+
+
+def _n_params(model) -> int:
+    return sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@nnx.jit
+def _apply(model, x, t, y):
+    return model(x, t, y=y)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A small class-conditional 8x8 field (two heads, scale-shift), built under jit with an RBG key
+    (both compile much faster on CPU than eager or threefry initialisation).
+
+    ``zero_init=False`` so that the untrained output depends on ``t`` and ``y``.
+    """
+    return nnx.jit(lambda: UNetField(
+        1, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_heads=2,
+        dropout=0.1, num_classes=10, image_size=8, num_groups=8, use_scale_shift_norm=True, zero_init=False,
+        rngs=nnx.Rngs(jax.random.key(0, impl="rbg")),
+    ))()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    x = jax.random.normal(jax.random.key(1), (B, 8, 8, 1))
+    return x, jnp.array([0.1, 0.4, 0.7, 0.9]), jnp.array([0, 3, 7, 10])  # 10 = the null class
+
+
+def test_parameter_count_matches_torchcfm():
+    abstract = nnx.eval_shape(lambda: UNetField(
+        1, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.1,
+        num_classes=10, image_size=8, rngs=nnx.Rngs(0),
+    ))
+    n = _n_params(abstract)
+    assert abs(n - TORCHCFM_8X8_PARAMS) <= 0.1 * TORCHCFM_8X8_PARAMS
+    assert n == TORCHCFM_8X8_PARAMS  # same layers as ADM/TorchCFM, so the count is exact
+
+
+def test_shape_jit_and_conditioning(model, batch):
+    x, t, y = batch
+    model.eval()
+    out = _apply(model, x, t, y)
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+    np.testing.assert_array_equal(_apply(model, x, t, y), out)  # eval mode is deterministic
+    assert not np.allclose(_apply(model, x, t[::-1], y), out, atol=1e-5)  # depends on t
+    assert not np.allclose(_apply(model, x, t, (y + 1) % 10), out, atol=1e-5)  # depends on y
+    null = _apply(model, x, t, None)  # y=None is the null class
+    np.testing.assert_allclose(null, _apply(model, x, t, jnp.full(B, 10)), atol=1e-6)
+
+
+@pytest.mark.parametrize("image_size, in_channels, channel_mult, attention", [
+    (32, 3, (1, 2), (16,)), (28, 1, (1, 2, 2), (7,)), (7, 3, (1, 2), (4,))])
+def test_output_shapes_of_other_configurations(image_size, in_channels, channel_mult, attention):
+    """Shapes only, traced abstractly (no compilation): 32x32 RGB, 28 -> 14 -> 7 and an odd size."""
+    m = nnx.eval_shape(lambda: UNetField(in_channels, channels=8, channel_mult=channel_mult, attention_resolutions=attention,
+                                         image_size=image_size, conv_resample=image_size != 28, rngs=nnx.Rngs(0)))
+    x = jax.ShapeDtypeStruct((2, image_size, image_size, in_channels), jnp.float32)
+    out = nnx.eval_shape(lambda m, x: m(x, jnp.zeros(2)), m, x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+
+
+def test_train_mode_dropout_and_finite_flow_matching_gradients(model, batch):
+    x, _, y = batch
+    loss = flow_matching_loss("linear")
+
+    @nnx.jit
+    def value_and_grad(m, key):
+        return nnx.value_and_grad(loss)(m, {"x": x, "y": y}, key)
+
+    model.train()
+    (v1, grads), (v2, _) = value_and_grad(model, jax.random.key(2)), value_and_grad(model, jax.random.key(2))
+    model.eval()
+    assert float(v1) != float(v2)  # same t and noise, new dropout masks: train mode is stochastic
+    leaves = jax.tree.leaves(grads)
+    assert np.isfinite(float(v1)) and len(leaves) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert sum(bool(jnp.any(g != 0)) for g in leaves) > 0.9 * len(leaves)
+
+
+def test_zero_init_and_group_norm():
+    k = nnx.jit(lambda: UNetField(1, channels=8, channel_mult=(1,), attention_resolutions=(), image_size=4,
+                                  rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))).conv_out.kernel[...])()
+    np.testing.assert_array_equal(k, 0.0)  # ADM: the untrained field is exactly zero
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 12)) * 3 + 1
+    ours, ref = GroupNorm(12, 4), nnx.GroupNorm(12, num_groups=4, epsilon=1e-5, rngs=nnx.Rngs(0))
+    a, b = nnx.jit(lambda o, r, x: (o(x), r(x)))(ours, ref, x)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert GroupNorm(48, 32).num_groups == 24  # clamped to divide the channels
+
+
+def test_errors(model, batch):
+    x, t, y = batch
+    with pytest.raises(ValueError, match=r"\(B, H, W, C\) = \(B, 8, 8, 1\)"):
+        model(jnp.zeros((B, 8, 8)), t, y=y)
+    with pytest.raises(ValueError, match="channels-first"):
+        model(jnp.zeros((B, 1, 8, 8)), t, y=y)
+    with pytest.raises(ValueError, match="t of shape"):
+        model(x, jnp.zeros(B + 1), y=y)
+    with pytest.raises(ValueError, match="labels y must have shape"):
+        model(x, t, y=jnp.zeros((B, 2), jnp.int32))
+    unconditional = nnx.eval_shape(lambda: UNetField(1, channels=8, image_size=8, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="unconditional"):
+        unconditional(x, t, y=y)
+    with pytest.raises(ValueError, match="not feature-map sizes"):
+        UNetField(1, channels=8, attention_resolutions=(16,), image_size=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="even channels"):
+        UNetField(1, channels=7, image_size=8, rngs=nnx.Rngs(0))
