@@ -11,7 +11,8 @@ from jaxgen.models.unet import GroupNorm, UNetField
 
 # TorchCFM 1.0.7's UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
 # class_cond=True, num_classes=11, attention_resolutions="4", dropout=0.1), counted with
-# sum(p.numel() for p in model.parameters()) in the peers' venv (torch 2.x): 702,753 parameters.
+# sum(p.numel() for p in model.parameters()) with torchcfm 1.0.7 / torch 2.14.1 (the peers' venv,
+# `from torchcfm.models.unet.unet import UNetModelWrapper`): 702,753 parameters.
 TORCHCFM_8X8_PARAMS = 702_753
 
 B = 4
@@ -72,8 +73,9 @@ def test_shape_jit_and_conditioning(model, batch):
     (32, 3, (1, 2), (16,)), (28, 1, (1, 2, 2), (7,)), (7, 3, (1, 2), (4,))])
 def test_output_shapes_of_other_configurations(image_size, in_channels, channel_mult, attention):
     """Shapes only, traced abstractly (no compilation): 32x32 RGB, 28 -> 14 -> 7 and an odd size."""
-    m = nnx.eval_shape(lambda: UNetField(in_channels, channels=8, channel_mult=channel_mult, attention_resolutions=attention,
-                                         image_size=image_size, conv_resample=image_size != 28, rngs=nnx.Rngs(0)))
+    m = nnx.eval_shape(lambda: UNetField(
+        in_channels, channels=8, channel_mult=channel_mult, attention_resolutions=attention, image_size=image_size,
+        conv_resample=image_size != 28, rngs=nnx.Rngs(0)))  # 28x28: average pooling and plain nearest upsampling
     x = jax.ShapeDtypeStruct((2, image_size, image_size, in_channels), jnp.float32)
     out = nnx.eval_shape(lambda m, x: m(x, jnp.zeros(2)), m, x)
     assert out.shape == x.shape and out.dtype == x.dtype

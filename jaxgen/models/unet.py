@@ -209,16 +209,25 @@ class UNetField(nnx.Module):
 
     **Dropout** uses ``nnx.Dropout`` with streams forked from ``rngs`` at construction. The module is
     built in training mode (dropout active, each call draws new masks and advances the RNG state held
-    in the module); call ``model.eval()`` before sampling or evaluating (samplers need a deterministic
-    field) and ``model.train()`` to switch back.
+    in the module, so a compiled training step must carry that state, as :class:`jaxgen.train.Trainer`
+    does); call ``model.eval()`` before sampling or evaluating (samplers need a deterministic field)
+    and ``model.train()`` to switch back. On CPU, ``rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))``
+    makes the dropout masks (and initialisation) cheaper than the default threefry keys.
+
+    Differences from TorchCFM's network, none of which changes the parameter count: the time is
+    embedded as ``sinusoidal_embedding(t)``, i.e. scaled by 1000 to DDPM's step range (TorchCFM embeds
+    ``t in [0, 1]`` unscaled); weights use Flax's default initialisers (LeCun normal) rather than
+    PyTorch's; label values are not range-checked (they may be traced), so keep them in ``[0, num_classes]``.
 
     Args:
       in_channels: channels ``C`` of the input images.
       channels: base width (``model_channels`` in ADM); the time embedding has ``4 * channels`` features.
-      channel_mult: width multiplier per resolution level; ``len(channel_mult) - 1`` downsamplings.
+      channel_mult: width multiplier per resolution level; ``len(channel_mult) - 1`` downsamplings
+        (each to ``ceil(size / 2)``).
       num_res_blocks: residual blocks per level on the down path (``num_res_blocks + 1`` on the up path).
-      attention_resolutions: feature-map sizes at which self-attention is used (``(4,)``: at 4x4). The
-        middle block always has attention.
+      attention_resolutions: feature-map sizes at which self-attention is used (``(4,)``: at 4x4), the
+        convention of TorchCFM's ``attention_resolutions="4"``; sizes that do not occur raise ValueError.
+        The middle block always has attention.
       num_heads: attention heads (must divide the channel count where attention is used).
       dropout: dropout rate inside the residual blocks.
       num_classes: number of classes for class conditioning, or None for an unconditional field.
@@ -305,8 +314,8 @@ class UNetField(nnx.Module):
                 skip_chs.append(ch)
                 sizes.append(size)
         self.down = nnx.List(down)
-        self.mid = _Stage(ResBlock(ch, ch, **block),
-                          AttentionBlock(ch, num_heads=num_heads, num_groups=num_groups, zero_init=zero_init, rngs=rngs))
+        mid_attn = AttentionBlock(ch, num_heads=num_heads, num_groups=num_groups, zero_init=zero_init, rngs=rngs)
+        self.mid = _Stage(ResBlock(ch, ch, **block), mid_attn)
         self.mid2 = ResBlock(ch, ch, **block)
         up = []
         for level, width in reversed(list(enumerate(widths))):
