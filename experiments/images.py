@@ -57,8 +57,12 @@ def build_trainer(cfg: ImageConfig, train_set):
     opt = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                              clip_norm=cfg.clip_norm or None)
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
+    import jax
+
+    # XLA:CPU runs convolutions inside a scanned loop body ~20x slower: dispatch single steps there.
+    fuse = jax.default_backend() != "cpu"
     return Trainer(model, loss, opt, data=device_sampler(train_set, cfg.batch_size),
-                   ema_decay=cfg.ema_decay or None, compute_dtype=dtype)
+                   ema_decay=cfg.ema_decay or None, compute_dtype=dtype, fuse_steps=fuse)
 
 
 @functools.lru_cache(maxsize=32)

@@ -71,6 +71,10 @@ class Trainer:
       compute_dtype: mixed precision, e.g. ``jnp.bfloat16``: the forward and backward passes run with
         parameters and floating-point inputs cast to this dtype, while the master weights, the
         optimizer state, the EMA and the loss stay in float32.
+      fuse_steps: run :meth:`steps` as one ``lax.scan`` program (default). With ``False`` it dispatches
+        the jitted single step ``num_steps`` times (asynchronously, without host syncs). Convolutional
+        networks want ``False`` on CPU: XLA:CPU runs convolutions inside a loop body through a much
+        slower path (measured 20x slower for the digits U-Net: 0.21 vs 4.3 steps/s).
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class Trainer:
         ema_decay: float | None = None,
         ema_warmup: bool = True,
         compute_dtype: Any = None,
+        fuse_steps: bool = True,
     ):
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
@@ -93,6 +98,7 @@ class Trainer:
         self.ema_decay = ema_decay
         self.ema_warmup = ema_warmup
         self.compute_dtype = compute_dtype
+        self.fuse_steps = fuse_steps
         self.step = jax.jit(self._step)
         self._steps = jax.jit(self._scan, static_argnums=1)
 
@@ -151,10 +157,17 @@ class Trainer:
         return jax.lax.scan(lambda s, _: self._step(s), state, None, length=num_steps)
 
     def steps(self, state: TrainState, num_steps: int) -> tuple[TrainState, Array]:
-        """``num_steps`` steps fused into one XLA program (``lax.scan``); returns the per-step losses."""
+        """``num_steps`` steps, fused into one XLA program (``lax.scan``) unless ``fuse_steps=False``; returns
+        the per-step losses. Both forms give the same result."""
         if self.data is None:
             raise ValueError("fused steps sample their batches inside the program: build Trainer(..., data=...).")
-        return self._steps(state, int(num_steps))
+        if self.fuse_steps:
+            return self._steps(state, int(num_steps))
+        losses = []
+        for _ in range(int(num_steps)):
+            state, value = self.step(state)
+            losses.append(value)
+        return state, jnp.stack(losses) if losses else jnp.zeros((0,), jnp.float32)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(

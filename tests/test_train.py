@@ -137,3 +137,12 @@ def test_stateful_dropout_module_trains_and_its_rng_state_advances():
                        if not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) and v.dtype.kind in "iu"]
     counts, counts0 = ints(s2), ints(s0)
     assert counts and any((a != b).any() for a, b in zip(counts, counts0))  # dropout masks change per step
+
+
+def test_unfused_steps_equal_fused_steps(trainer):
+    unfused = _trainer(fuse_steps=False)
+    a, la = trainer.steps(trainer.init(5), 4)
+    b, lb = unfused.steps(unfused.init(5), 4)
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

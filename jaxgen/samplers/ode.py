@@ -101,6 +101,7 @@ def sample_ode(
     cond: dict | None = None,
     save_trajectory: bool = False,
     final_euler: bool = False,
+    unroll: int | bool = 1,
     backend: str = "scan",
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -124,6 +125,7 @@ def sample_ode(
       final_euler: take the last step of ``midpoint``/``heun`` with Euler, so the field is never
         evaluated at ``t1`` (EDM's Algorithm 1; needed for data/eps predictions converted to a
         velocity when a path coefficient vanishes at ``t1``). Saves one NFE.
+      unroll: ``lax.scan``'s ``unroll`` for the fixed-step loop (``True``: a straight-line program).
       backend: ``"scan"`` (hand-written ``lax.scan``) or ``"diffrax"`` for the fixed-step methods.
       rtol, atol, max_steps: adaptive-step controls (diffrax ``PIDController`` / ``diffeqsolve``).
       adjoint: diffrax adjoint for gradients through adaptive solves (default
@@ -158,7 +160,7 @@ def sample_ode(
             return x_next, (x_next if save_trajectory else None)
 
         pairs = jnp.stack([grid[:-1], grid[1:]], axis=1)
-        x, traj = jax.lax.scan(body, x0, pairs[:-1] if last_euler else pairs)
+        x, traj = jax.lax.scan(body, x0, pairs[:-1] if last_euler else pairs, unroll=unroll)
         if last_euler:
             x = _fixed_step("euler", f, x, grid[-2], grid[-1])
             nfe -= FIXED_STEP_NFE[method] - 1
