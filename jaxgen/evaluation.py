@@ -337,8 +337,11 @@ def load_or_train_digits_classifier(
     meta = {"key": key, "version": CACHE_VERSION, "hparams": hparams, "num_train": int(x.shape[0])}
     try:
         _save_params(model, path, meta)
-    except OSError:  # a read-only cache location must not break evaluation
-        pass
+    except OSError as err:  # a read-only cache location must not break evaluation
+        import warnings
+
+        warnings.warn(f"could not cache the digits classifier in {path.parent} ({err}); it will be retrained "
+                      "next time. Set JAXGEN_CACHE to a writable folder.", stacklevel=2)
     return model
 
 

@@ -219,9 +219,9 @@ def _read_all(source: Any, chunk: int = 4096) -> list[Any]:
     if getitems is not None and n:
         try:
             out = list(getitems(list(range(min(chunk, n)))))
-        except Exception:  # e.g. mocked sources do not support batched reads.
-            pass
-        else:
+        except Exception:  # e.g. mocked sources do not support batched reads: read one record at a time
+            out = None
+        if out is not None:
             for start in range(len(out), n, chunk):
                 out.extend(getitems(list(range(start, min(start + chunk, n)))))
             return out
