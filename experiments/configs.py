@@ -46,6 +46,7 @@ class ImageConfig:
     sampler: str = "heun"
     sample_steps: int = 20
     samples_per_class: int = 100
+    sample_chunk: int = 0  # network batch while sampling: 0 = auto (64 on CPU, whole batch elsewhere), N = chunks of N
 
 
 CONFIGS: dict[str, ImageConfig] = {

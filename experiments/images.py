@@ -45,6 +45,11 @@ def build_model(cfg: ImageConfig, image_shape, seed: int):
                      dropout=cfg.dropout, num_classes=cfg.num_classes, image_size=h, rngs=nnx.Rngs(seed))
 
 
+# Fields that may change when a run is resumed: the step budget and everything about logging and sampling.
+NON_TRAINING_FIELDS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "guidance_scales",
+                                 "eval_guidance", "sampler", "sample_steps", "samples_per_class", "sample_chunk"})
+
+
 def build_trainer(cfg: ImageConfig, train_set):
     import jax.numpy as jnp
 
@@ -57,19 +62,17 @@ def build_trainer(cfg: ImageConfig, train_set):
     opt = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                              clip_norm=cfg.clip_norm or None)
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
-    import jax
-
-    # XLA:CPU runs convolutions inside a scanned loop body ~20x slower: dispatch single steps there.
-    fuse = jax.default_backend() != "cpu"
+    # The steps of a chunk run fused in one XLA program, batches sampled on the device inside it.
     return Trainer(model, loss, opt, data=device_sampler(train_set, cfg.batch_size),
-                   ema_decay=cfg.ema_decay or None, compute_dtype=dtype, fuse_steps=fuse)
+                   ema_decay=cfg.ema_decay or None, compute_dtype=dtype)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int, null_label: int, shape: tuple):
+def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int, null_label: int, shape: tuple,
+                        chunk: int = 0):
     import jax
 
-    from jaxgen.fields import as_field, guided_field
+    from jaxgen.fields import as_field, chunked_field, guided_field
     from jaxgen.paths import GaussianPath
     from jaxgen.samplers import sample_ode, sample_sde
 
@@ -78,7 +81,8 @@ def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int
     def generate(model, labels, guidance, key):
         k0, k1 = jax.random.split(key)
         x0 = path.sample_prior(k0, (labels.shape[0],) + shape)
-        field = guided_field(model, guidance, null_label=null_label)  # one network call on a doubled batch
+        net = chunked_field(model, chunk) if chunk else model  # cache-sized network batches (CPU)
+        field = guided_field(net, guidance, null_label=null_label)  # one network call on a doubled batch
         if sampler in SDE_SAMPLERS:
             t0 = 1e-3 if prediction in ("eps", "score") else 0.0
             res = sample_sde(field, x0, k1, path=path, sigma=lambda t: 1.0 - t, prediction=prediction,
@@ -99,8 +103,11 @@ def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=N
     sampler = (sampler or cfg.sampler).lower()
     if sampler not in ODE_SAMPLERS + SDE_SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(ODE_SAMPLERS + SDE_SAMPLERS)}.")
+    import jax
+
+    chunk = cfg.sample_chunk if cfg.sample_chunk > 0 else (64 if jax.default_backend() == "cpu" else 0)
     gen = _compiled_generator(cfg.schedule, cfg.prediction, sampler, int(steps or cfg.sample_steps),
-                              cfg.num_classes, tuple(shape))
+                              cfg.num_classes, tuple(shape), chunk)
     model.eval()
     x, nfe = gen(model, jnp.asarray(labels, jnp.int32), jnp.asarray(guidance, jnp.float32), key)
     return np.clip(np.asarray(x), -1.0, 1.0), int(nfe)
@@ -122,19 +129,23 @@ def save_grid(images, path: str, *, nrow: int, title: str | None = None, row_lab
     for i in range(n):
         r, q = divmod(i, ncol)
         canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
-    scale = max(1.0, 48.0 / h)
-    fig = plt.figure(figsize=(canvas.shape[1] * scale / 40, canvas.shape[0] * scale / 40 + (0.4 if title else 0)))
-    ax = fig.add_axes([0.06 if row_labels is not None else 0, 0, 0.94 if row_labels is not None else 1,
-                       0.92 if title else 1])
+    inch = max(0.9 / (h + pad), 0.025)  # inches per canvas pixel: about 0.9 in per image
+    img_w, img_h = canvas.shape[1] * inch, canvas.shape[0] * inch
+    left, top = (0.35 if row_labels is not None else 0.05), (0.4 if title else 0.05)
+    fig_w, fig_h = img_w + left + 0.05, img_h + top + 0.05
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    ax = fig.add_axes([left / fig_w, 0.05 / fig_h, img_w / fig_w, img_h / fig_h])
     ax.imshow(canvas[..., 0] if c == 1 else canvas, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([(h + pad) * r + pad + h / 2 for r in range(rows)] if row_labels is not None else [])
     if row_labels is not None:
         ax.set_yticklabels([str(l) for l in row_labels])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=80)
+        fig.text(0.5, 1 - 0.22 / fig_h, title, ha="center", va="center", fontsize=11)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -171,11 +182,12 @@ def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
     os.makedirs(out, exist_ok=True)
     cfg_path = os.path.join(out, "config.json")
     if os.path.exists(cfg_path):
-        saved = json.load(open(cfg_path))
-        if {k: v for k, v in saved.items() if k != "steps"} != {k: (list(v) if isinstance(v, tuple) else v) for k, v in
-                                                                dataclasses.asdict(cfg).items() if k != "steps"}:
-            raise ValueError(f"{out} holds a run with a different configuration ({cfg_path}); resume it with the "
-                             "same config or choose another --out directory.")
+        saved, new = json.load(open(cfg_path)), json.loads(json.dumps(dataclasses.asdict(cfg)))
+        defaults = json.loads(json.dumps(dataclasses.asdict(ImageConfig())))
+        changed = sorted(k for k in new if k not in NON_TRAINING_FIELDS and saved.get(k, defaults[k]) != new[k])
+        if changed:
+            raise ValueError(f"{out} holds a run with a different configuration ({cfg_path}; differs in "
+                             f"{', '.join(changed)}); resume it with the same config or choose another --out directory.")
     with open(cfg_path, "w") as fh:
         json.dump(dataclasses.asdict(cfg), fh, indent=2)
 
@@ -253,12 +265,19 @@ def _save_sweep(sweep, cfg, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(sweep), figsize=(3.2 * len(sweep), 3.6))
-    for ax, s, w in zip(np.atleast_1d(axes), sweep, cfg.guidance_scales):
-        n, h, wd, c = s.shape
-        per = n // cfg.num_classes
-        grid = ((s.reshape(cfg.num_classes, per, h, wd, c).transpose(0, 2, 1, 3, 4)
-                 .reshape(cfg.num_classes * h, per * wd, c)) + 1) / 2
+    n, h, wd, c = sweep[0].shape
+    per = n // cfg.num_classes
+    pad = max(1, h // 8)  # a white line between images
+    rows_px, cols_px = cfg.num_classes * (h + pad) + pad, per * (wd + pad) + pad
+    panel_w = 2.6
+    fig, axes = plt.subplots(1, len(sweep), figsize=(panel_w * len(sweep) + 0.2, panel_w * rows_px / cols_px + 0.8),
+                             squeeze=False)
+    for ax, s, w in zip(axes[0], sweep, cfg.guidance_scales):
+        grid = np.ones((rows_px, cols_px, c), np.float32)
+        imgs = (np.asarray(s).reshape(cfg.num_classes, per, h, wd, c) + 1) / 2
+        for r in range(cfg.num_classes):
+            for q in range(per):
+                grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (wd + pad):pad + q * (wd + pad) + wd] = imgs[r, q]
         ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
                   interpolation="nearest")
         ax.set_title(f"w = {w:g}")

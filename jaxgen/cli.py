@@ -71,8 +71,11 @@ def main(argv=None) -> int:
             return 2
         out = args.out or os.path.join("runs", args.experiment)
         report = images.train(cfg, out, progress=not args.no_progress)
-        print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=2))
-        print(f"[jaxgen] outputs in {os.path.abspath(out)}")
+        md = os.path.join(out, "report.md")
+        print(open(md).read() if os.path.exists(md) else json.dumps(report, indent=2))
+        print(f"[jaxgen] trained in {report.get('train_seconds_this_session', 0):.0f} s this session; outputs in "
+              f"{os.path.abspath(out)}: samples_per_class.png, guidance_sweep.png, loss.png, report.md/.json, "
+              f"samples.npy + labels.npy (w = {cfg.eval_guidance:g}), checkpoints/")
         return 0
 
     import jax

@@ -146,3 +146,24 @@ def test_unfused_steps_equal_fused_steps(trainer):
     np.testing.assert_allclose(la, lb, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_microbatches_accumulate_the_full_batch_gradient():
+    """With a loss whose randomness does not matter (a fixed target), k microbatches give the full-batch update."""
+    def loss(model, batch, key):
+        return jnp.mean(jnp.square(model(batch, jnp.full(batch.shape[0], 0.5)) - batch[:, ::-1]))
+
+    def run(k):
+        tr = Trainer(MLPField(2, width=8, hidden_layers=1, rngs=nnx.Rngs(0)), loss, optax.adam(1e-2),
+                     data=DATA, microbatches=k)
+        return tr.steps(tr.init(3), 2)
+
+    (a, la), (b, lb) = run(1), run(4)
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    odd = Trainer(MLPField(2, width=8, rngs=nnx.Rngs(0)), loss, optax.adam(1e-2), data=DATA, microbatches=3)
+    with pytest.raises(ValueError, match="divisible by 3"):  # batch 128
+        odd.step(odd.init(0))
+    with pytest.raises(ValueError, match="microbatches must be"):
+        Trainer(MLPField(2, width=8, rngs=nnx.Rngs(0)), loss, optax.adam(1e-2), microbatches=0)

@@ -1,4 +1,4 @@
-"""UNetField: shapes, size vs TorchCFM, conditioning, dropout modes, gradients, jit, errors."""
+"""UNetField: shapes, size vs TorchCFM, conditioning, dropout modes, gradients, jit, errors; Conv2d and Dropout."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.losses import flow_matching_loss
-from jaxgen.models.unet import GroupNorm, UNetField
+from jaxgen.models.unet import Conv2d, Dropout, GroupNorm, UNetField, _conv_matmul
 
 # TorchCFM 1.0.7's UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
 # class_cond=True, num_classes=11, attention_resolutions="4", dropout=0.1), counted with
@@ -128,3 +128,50 @@ def test_errors(model, batch):
         UNetField(1, channels=8, attention_resolutions=(16,), image_size=8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="even channels"):
         UNetField(1, channels=7, image_size=8, rngs=nnx.Rngs(0))
+
+
+def _lax_conv(x, k, stride):
+    p = (k.shape[0] - 1) // 2
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("size,cin,cout,ksize,stride", [
+    (8, 3, 5, 3, 1), (7, 4, 6, 3, 2), (8, 4, 6, 3, 2), (5, 2, 3, 1, 1), (9, 2, 3, 5, 1), (9, 2, 3, 5, 2)])
+def test_matmul_convolution_equals_xla_convolution_and_its_gradients(size, cin, cout, ksize, stride):
+    """The matrix-product convolution is the same function as lax.conv ('same' padding), values and both gradients."""
+    x = jax.random.normal(jax.random.key(size), (2, size, size, cin))
+    k = jax.random.normal(jax.random.key(1), (ksize, ksize, cin, cout))
+    ours, ref = _conv_matmul(x, k, stride), _lax_conv(x, k, stride)
+    assert ours.shape == ref.shape == (2, -(-size // stride), -(-size // stride), cout)
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+    f = lambda conv: jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, stride))), (0, 1))(x, k)
+    for a, b in zip(f(_conv_matmul), f(_lax_conv)):
+        np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def test_conv2d_impls_agree_and_match_nnx_conv_initialisation():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    convs = {impl: Conv2d(3, 4, 3, stride=2, impl=impl, rngs=nnx.Rngs(7)) for impl in ("auto", "xla", "matmul")}
+    ref = nnx.Conv(3, 4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(7))
+    np.testing.assert_array_equal(convs["xla"].kernel[...], ref.kernel[...])  # same initialiser and keys
+    outs = {impl: c(x) for impl, c in convs.items()}
+    for out in outs.values():
+        np.testing.assert_allclose(out, ref(x), atol=2e-5)
+    with pytest.raises(ValueError, match="odd kernel"):
+        Conv2d(3, 4, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="impl"):
+        Conv2d(3, 4, 3, impl="cudnn", rngs=nnx.Rngs(0))
+
+
+def test_dropout_masks_have_the_rate_are_unbiased_and_switch_off_in_eval():
+    drop = Dropout(0.1, rngs=nnx.Rngs(0))
+    x = jnp.ones((64, 8, 8, 33))  # odd element count: the last 32-bit word is half used
+    a, b = drop(x), drop(x)
+    kept = float(jnp.mean(a != 0))
+    assert abs(kept - 0.9) < 4 * np.sqrt(0.09 / x.size)  # binomial standard errors
+    q = round(65536 * 0.9) / 65536
+    np.testing.assert_allclose(np.unique(np.asarray(a)), [0.0, 1 / q], rtol=1e-6)
+    assert abs(float(jnp.mean(a)) - 1.0) < 4 * np.sqrt((1 / q - 1) / x.size)  # E[mask / q] = 1
+    assert float(jnp.mean(a != b)) > 0.1  # the RNG stream advances between calls
+    drop.eval()
+    np.testing.assert_array_equal(drop(x), x)

@@ -61,13 +61,110 @@ class GroupNorm(nnx.Module):
         return (xf * inv[:, None].astype(x.dtype) + shift[:, None].astype(x.dtype)).reshape(x.shape)
 
 
+class Dropout(nnx.Dropout):
+    r"""``nnx.Dropout`` with cheaper masks: each 32-bit random word gives two 16-bit uniforms.
+
+    The same module (rate, ``deterministic``, ``model.eval()``/``model.train()``, the ``"dropout"`` RNG
+    stream), but a sample is kept when a 16-bit uniform ``u < q = round(65536 (1 - rate)) / 65536`` and
+    scaled by ``1 / q``, so ``E[mask / q] = 1`` exactly; ``q`` differs from ``1 - rate`` by at most
+    ``7.6e-6``. Drawing half as many threefry words makes the dropout of the digits U-Net's training
+    step about 1.5x cheaper on CPU. Falls back to ``nnx.Dropout`` for broadcast dims or explicit ``rngs``.
+    """
+
+    def __call__(self, inputs: Array, *, deterministic: bool | None = None, rngs=None) -> Array:
+        det = self.deterministic if deterministic is None else deterministic
+        if det or self.rate == 0.0 or self.rate == 1.0 or rngs is not None or self.broadcast_dims or self.rngs is None:
+            return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
+        threshold = int(round(65536 * (1.0 - self.rate)))
+        if threshold <= 0:
+            return jnp.zeros_like(inputs)
+        n = inputs.size
+        words = jax.random.bits(self.rngs(), ((n + 1) // 2,), jnp.uint32)
+        u16 = jnp.concatenate([words & 0xFFFF, words >> 16])[:n].reshape(inputs.shape)
+        keep = threshold / 65536.0
+        return jnp.where(u16 < threshold, inputs / jnp.asarray(keep, inputs.dtype), jnp.zeros_like(inputs))
+
+
 def _norm(channels: int, num_groups: int, rngs: nnx.Rngs) -> GroupNorm:
     return GroupNorm(channels, num_groups, epsilon=1e-5, rngs=rngs)
 
 
-def _conv3x3(cin: int, cout: int, rngs: nnx.Rngs, *, stride: int = 1, zero: bool = False) -> nnx.Conv:
-    kw = {"kernel_init": _zeros} if zero else {}
-    return nnx.Conv(cin, cout, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), rngs=rngs, **kw)
+def _conv_matmul(x: Array, kernel: Array, stride: int) -> Array:
+    r"""A 2-D cross-correlation with zero "same" padding, ``y[b,i,j] = sum_{p,q} x_pad[b, s i + p, s j + q] @ K[p, q]``,
+    written as matrix products, the form XLA's CPU backend runs fastest (its native convolution is slower in
+    the backward pass, and inside ``lax.scan`` / ``while`` bodies far slower).
+
+    Stride 1: the ``kw`` horizontal shifts are concatenated on the channel axis and multiplied by all ``kh``
+    kernel rows at once, ``(B H W, kw C) @ (kw C, kh O)``; the ``kh`` partial results are then summed with
+    vertical shifts. Other strides: the ``kh kw`` strided shifts are concatenated (im2col) and multiplied by
+    the ``(kh kw C, O)`` kernel. Output size ``ceil(H / s)`` for odd kernels.
+    """
+    kh, kw, c, o = kernel.shape
+    b, h, w, _ = x.shape
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    if kh == kw == 1 and stride == 1:
+        return (x.reshape(-1, c) @ kernel.reshape(c, o)).reshape(b, h, w, o)
+    if stride == 1:
+        xp = jnp.pad(x, ((0, 0), (0, 0), (pw, kw - 1 - pw), (0, 0)))
+        cols = jnp.concatenate([xp[:, :, q : q + w] for q in range(kw)], axis=-1) if kw > 1 else xp
+        k = kernel.transpose(1, 2, 0, 3).reshape(kw * c, kh * o)  # rows (q, c), columns (p, o)
+        y = (cols.reshape(-1, kw * c) @ k).reshape(b, h, w, kh, o)
+        if kh == 1:
+            return y[..., 0, :]
+        yp = jnp.pad(y, ((0, 0), (ph, kh - 1 - ph), (0, 0), (0, 0), (0, 0)))
+        out = yp[:, 0:h, :, 0]
+        for p in range(1, kh):
+            out = out + yp[:, p : p + h, :, p]
+        return out
+    ho, wo = (h + 2 * ph - kh) // stride + 1, (w + 2 * pw - kw) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    cols = jnp.concatenate([xp[:, p : p + stride * (ho - 1) + 1 : stride, q : q + stride * (wo - 1) + 1 : stride]
+                            for p in range(kh) for q in range(kw)], axis=-1)
+    return (cols.reshape(-1, kh * kw * c) @ kernel.reshape(kh * kw * c, o)).reshape(b, ho, wo, o)
+
+
+class Conv2d(nnx.Module):
+    r"""A 2-D convolution of channels-last images with odd ``k x k`` kernels, zero "same" padding and a stride.
+
+    ``y = x (*) K + b`` with the parameters of ``nnx.Conv`` (``kernel`` of shape ``(k, k, C_in, C_out)``,
+    ``bias`` of shape ``(C_out,)``; the same initialisers and random keys, so a model built from the same
+    ``rngs`` starts from the same weights). ``impl`` picks the computation:
+
+    * ``"xla"``: ``lax.conv_general_dilated`` (cuDNN on GPU, the MXU on TPU);
+    * ``"matmul"``: the same convolution as matrix products (:func:`_conv_matmul`); on XLA:CPU it trains
+      about 2x faster per convolution, and does not suffer the 20-50x slowdown of native convolutions
+      inside ``lax.scan`` (fused training steps, sampler loops);
+    * ``"auto"`` (default): ``"matmul"`` when the default backend is the CPU, else ``"xla"``.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3, *, stride: int = 1, zero: bool = False,
+                 impl: str = "auto", rngs: nnx.Rngs):
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"Conv2d supports odd kernel sizes ('same' padding), got {kernel_size}.")
+        if impl not in ("auto", "xla", "matmul"):
+            raise ValueError(f"Conv2d impl must be 'auto', 'xla' or 'matmul', got {impl!r}.")
+        init = _zeros if zero else nnx.initializers.lecun_normal()
+        kernel_key, _bias_key = rngs.params(), rngs.params()  # the key order of nnx.Conv
+        self.kernel = nnx.Param(init(kernel_key, (kernel_size, kernel_size, cin, cout), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32))
+        self.stride = stride
+        self.impl = impl
+
+    def __call__(self, x: Array) -> Array:
+        dtype = jnp.result_type(x.dtype, self.kernel.dtype)
+        x, k, bias = x.astype(dtype), self.kernel[...].astype(dtype), self.bias[...].astype(dtype)
+        impl = self.impl if self.impl != "auto" else ("matmul" if jax.default_backend() == "cpu" else "xla")
+        if impl == "matmul":
+            y = _conv_matmul(x, k, self.stride)
+        else:
+            pad = (k.shape[0] - 1) // 2
+            y = jax.lax.conv_general_dilated(x, k, (self.stride, self.stride), ((pad, pad), (pad, pad)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+
+def _conv3x3(cin: int, cout: int, rngs: nnx.Rngs, *, stride: int = 1, zero: bool = False, impl: str = "auto") -> Conv2d:
+    return Conv2d(cin, cout, 3, stride=stride, zero=zero, impl=impl, rngs=rngs)
 
 
 class ResBlock(nnx.Module):
@@ -81,14 +178,14 @@ class ResBlock(nnx.Module):
     """
 
     def __init__(self, cin: int, cout: int, emb_dim: int, *, dropout: float, num_groups: int,
-                 scale_shift: bool, zero_init: bool, rngs: nnx.Rngs):
+                 scale_shift: bool, zero_init: bool, conv_impl: str = "auto", rngs: nnx.Rngs):
         self.scale_shift = scale_shift
         self.norm1 = _norm(cin, num_groups, rngs)
-        self.conv1 = _conv3x3(cin, cout, rngs)
+        self.conv1 = _conv3x3(cin, cout, rngs, impl=conv_impl)
         self.emb = nnx.Linear(emb_dim, 2 * cout if scale_shift else cout, rngs=rngs)
         self.norm2 = _norm(cout, num_groups, rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.conv2 = _conv3x3(cout, cout, rngs, zero=zero_init)
+        self.dropout = Dropout(dropout, rngs=rngs)
+        self.conv2 = _conv3x3(cout, cout, rngs, zero=zero_init, impl=conv_impl)
         self.skip = nnx.Linear(cin, cout, rngs=rngs) if cin != cout else None
 
     def __call__(self, x: Array, emb: Array) -> Array:
@@ -136,8 +233,8 @@ class AttentionBlock(nnx.Module):
 class Downsample(nnx.Module):
     """Halve the resolution (``ceil(H / 2)``): a stride-2 3x3 convolution, or a 2x2 average pool."""
 
-    def __init__(self, channels: int, *, use_conv: bool, rngs: nnx.Rngs):
-        self.conv = _conv3x3(channels, channels, rngs, stride=2) if use_conv else None
+    def __init__(self, channels: int, *, use_conv: bool, conv_impl: str = "auto", rngs: nnx.Rngs):
+        self.conv = _conv3x3(channels, channels, rngs, stride=2, impl=conv_impl) if use_conv else None
 
     def __call__(self, x: Array, emb: Array | None = None) -> Array:
         if self.conv is not None:
@@ -148,9 +245,9 @@ class Downsample(nnx.Module):
 class Upsample(nnx.Module):
     """Nearest-neighbour 2x upsampling (cropped to ``size`` for odd sizes), then an optional 3x3 convolution."""
 
-    def __init__(self, channels: int, size: int, *, use_conv: bool, rngs: nnx.Rngs):
+    def __init__(self, channels: int, size: int, *, use_conv: bool, conv_impl: str = "auto", rngs: nnx.Rngs):
         self.size = size
-        self.conv = _conv3x3(channels, channels, rngs) if use_conv else None
+        self.conv = _conv3x3(channels, channels, rngs, impl=conv_impl) if use_conv else None
 
     def __call__(self, x: Array, emb: Array | None = None) -> Array:
         b, h, w, c = x.shape
@@ -237,6 +334,8 @@ class UNetField(nnx.Module):
       conv_resample: downsample with a strided 3x3 convolution and convolve after upsampling (True,
         ADM's default), or use 2x2 average pooling / plain nearest upsampling (False).
       use_scale_shift_norm: condition the residual blocks by scale-shift (FiLM) instead of addition.
+      conv_impl: how the convolutions compute (:class:`Conv2d`): ``"auto"`` (matrix products on the CPU
+        backend, ``lax.conv_general_dilated`` elsewhere), ``"matmul"`` or ``"xla"``; all give the same function.
       zero_init: zero-initialise the last convolution of each residual block, the attention output
         projections and the output convolution (ADM); the untrained field is then exactly zero.
       rngs: ``nnx.Rngs`` for parameters and dropout.
@@ -259,6 +358,7 @@ class UNetField(nnx.Module):
         conv_resample: bool = True,
         use_scale_shift_norm: bool = False,
         zero_init: bool = True,
+        conv_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         if not isinstance(image_size, int) or image_size < 1:
@@ -288,7 +388,7 @@ class UNetField(nnx.Module):
         widths = [int(m * channels) for m in channel_mult]
         emb_dim = 4 * channels
         block = dict(emb_dim=emb_dim, dropout=dropout, num_groups=num_groups,
-                     scale_shift=use_scale_shift_norm, zero_init=zero_init, rngs=rngs)
+                     scale_shift=use_scale_shift_norm, zero_init=zero_init, conv_impl=conv_impl, rngs=rngs)
 
         def attn(ch: int, size: int):
             if size not in attention_resolutions:
@@ -300,7 +400,7 @@ class UNetField(nnx.Module):
         self.label_embed = nnx.Embed(num_classes + 1, emb_dim, rngs=rngs) if num_classes is not None else None
 
         ch = widths[0]
-        self.conv_in = _conv3x3(in_channels, ch, rngs)
+        self.conv_in = _conv3x3(in_channels, ch, rngs, impl=conv_impl)
         size, sizes, skip_chs, down = image_size, [image_size], [ch], []
         for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
@@ -309,7 +409,7 @@ class UNetField(nnx.Module):
                 skip_chs.append(ch)
                 sizes.append(size)
             if level != len(widths) - 1:
-                down.append(_Stage(None, None, Downsample(ch, use_conv=conv_resample, rngs=rngs)))
+                down.append(_Stage(None, None, Downsample(ch, use_conv=conv_resample, conv_impl=conv_impl, rngs=rngs)))
                 size = -(-size // 2)
                 skip_chs.append(ch)
                 sizes.append(size)
@@ -325,13 +425,13 @@ class UNetField(nnx.Module):
                 ch = width
                 resample = None
                 if level and i == num_res_blocks:
-                    resample = Upsample(ch, sizes[-1], use_conv=conv_resample, rngs=rngs)
+                    resample = Upsample(ch, sizes[-1], use_conv=conv_resample, conv_impl=conv_impl, rngs=rngs)
                 up.append(_Stage(res, attn(ch, size), resample))
                 if resample is not None:
                     size = sizes[-1]
         self.up = nnx.List(up)
         self.norm_out = _norm(ch, num_groups, rngs)
-        self.conv_out = _conv3x3(ch, self.out_channels, rngs, zero=zero_init)
+        self.conv_out = _conv3x3(ch, self.out_channels, rngs, zero=zero_init, impl=conv_impl)
 
     def _check_inputs(self, x: Array, t, y) -> tuple[Array, Array | None]:
         """Validate shapes (before any computation) and return ``t`` and ``y`` of shape ``(B,)``."""
