@@ -199,11 +199,13 @@ def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     labels_grid = np.repeat(np.arange(cfg.num_classes), min(8, cfg.samples_per_class))
 
+    from jaxgen.metric_writers import MetricWriter
+
+    writer = MetricWriter(out)  # metrics.jsonl, plus tensorboard/ when tensorboardX is installed
+
     def on_chunk(st, chunk_losses):
         step = int(st.step)
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps({"step": step, "loss": float(np.mean(chunk_losses)),
-                                 "seconds": round(time.perf_counter() - t_start, 2)}) + "\n")
+        writer.write(step, loss=float(np.mean(chunk_losses)), seconds=round(time.perf_counter() - t_start, 2))
         if cfg.sample_every and step % cfg.sample_every == 0:
             imgs, _ = generate(trainer.model(st, ema=trainer.ema_decay is not None), cfg, labels_grid,
                                cfg.eval_guidance, jax.random.key(1), shape=shape)
@@ -213,8 +215,11 @@ def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
     from jaxgen.checkpoint import train_with_checkpoints
 
     with Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.keep_checkpoints) as ckpt:
-        state, losses = train_with_checkpoints(trainer, state, cfg.steps, ckpt, every=cfg.checkpoint_every,
-                                               progress=progress, callback=on_chunk)
+        try:
+            state, losses = train_with_checkpoints(trainer, state, cfg.steps, ckpt, every=cfg.checkpoint_every,
+                                                   progress=progress, callback=on_chunk)
+        finally:
+            writer.close()
     train_seconds = time.perf_counter() - t_start
     all_losses = [json.loads(l)["loss"] for l in open(log_path)] if os.path.exists(log_path) else []
     if len(losses):
