@@ -21,6 +21,8 @@ def test_readme_tour_and_oracle_snippets_run():
     assert ns["score"].shape == (2048, 2)
     exec(compile(blocks[1], "README oracle", "exec"), ns)
     assert ns["x1"].shape == (2048, 2)
+    exec(compile(blocks[2], "README diffusion samplers", "exec"), ns)
+    assert ns["pp"].nfe == 8 and ns["edm"].nfe == 35 and ns["ll"].log_prob.shape == (256,)
 
 
 def test_ci_runs_the_readme_test_command():

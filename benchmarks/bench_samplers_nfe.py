@@ -1,0 +1,210 @@
+"""Sample quality against the number of network evaluations (NFE), for every sampler, on trained models.
+
+2-D: an MLP velocity field trained by CondOT flow matching from N(0, I) to moons; quality is the sliced
+W2 distance (and energy distance) of 2,048 samples to fresh data. A consistency model distilled from that
+field (Heun teacher) is compared at 1 and 2 NFE.
+Digits (``--digits RUN_DIR``, e.g. the output of ``./run.sh``): the trained U-Net, guided at w = 2, and the
+digits classifier's Fréchet distance of 500 samples (``--per-class 50``) to the held-out digits.
+
+Every sampler gets the NFE budgets {1, 2, 4, 8, 16, 32, 100}; a sampler that cannot spend a budget exactly
+takes the most steps within it (a budget that adds no step is skipped), and the NFE it reports is printed. Writes
+``nfe_table.csv`` / ``.json`` and ``nfe_quality.png`` into ``--out``.
+
+Usage: python benchmarks/bench_samplers_nfe.py [--out runs/bench_nfe] [--steps 20000] [--digits runs/digits_cfm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BUDGETS = (1, 2, 4, 8, 16, 32, 100)
+
+
+def samplers(path, prediction="velocity"):
+    """name -> (nfe(steps), run(field, x0, steps, key, cond)); ``nfe`` is each sampler's documented count."""
+    from jaxgen.samplers import sample_ode
+    from jaxgen.samplers.diffusion import ddim, dpm_solver, dpm_solver_pp, edm_sampler
+
+    kw = dict(path=path, prediction=prediction)
+    ode = lambda method: lambda f, x0, n, key, cond: sample_ode(f, x0, method=method, steps=n, cond=cond)
+    # single-step DPM-Solver-k: the first and last steps are first order (lambda = -inf at t = 0, beta = 0 at 1)
+    dpm_nfe = lambda k: lambda n: n if n <= 2 else k * (n - 2) + 2
+    return {
+        "euler": (lambda n: n, ode("euler")),
+        "heun": (lambda n: 2 * n, ode("heun")),
+        "ddim": (lambda n: n, lambda f, x0, n, key, cond: ddim(f, x0, steps=n, cond=cond, **kw)),
+        "dpm_solver_2": (dpm_nfe(2), lambda f, x0, n, key, cond: dpm_solver(f, x0, steps=n, order=2, cond=cond, **kw)),
+        "dpm_solver_3": (dpm_nfe(3), lambda f, x0, n, key, cond: dpm_solver(f, x0, steps=n, order=3, cond=cond, **kw)),
+        "dpm_solver++_2m": (lambda n: n, lambda f, x0, n, key, cond: dpm_solver_pp(f, x0, steps=n, cond=cond, **kw)),
+        "edm_heun": (lambda n: 2 * n - 1, lambda f, x0, n, key, cond: edm_sampler(f, x0, steps=n, cond=cond, **kw)),
+    }
+
+
+def steps_within(nfe_of, budget):
+    """The most steps whose NFE fits the budget (None if even one step does not)."""
+    fits = [n for n in range(1, budget + 1) if nfe_of(n) <= budget]
+    return max(fits) if fits else None
+
+
+def run_table(name, field, x0, quality, path, cond=None):
+    import jax
+
+    rows = []
+    for sname, (nfe_of, run) in samplers(path).items():
+        seen = set()
+        for budget in BUDGETS:
+            n = steps_within(nfe_of, budget)
+            if not n or n in seen:
+                continue
+            seen.add(n)
+            fn = jax.jit(lambda f_x0, key, n=n, run=run: run(field, f_x0, n, key, cond))
+            t0 = time.perf_counter()
+            try:
+                res = fn(x0, jax.random.key(0))
+                x = np.asarray(jax.block_until_ready(res.x))
+            except Exception as err:  # report, don't hide: a sampler that fails at a budget is a finding
+                print(f"[{name}] {sname} steps={n}: failed: {type(err).__name__}: {str(err)[:200]}")
+                continue
+            if int(res.nfe) != nfe_of(n):
+                print(f"[{name}] {sname} steps={n}: reported NFE {int(res.nfe)} != documented {nfe_of(n)}")
+            q = quality(x)
+            rows.append({"model": name, "sampler": sname, "budget": budget, "steps": n, "nfe": int(res.nfe),
+                         **q, "seconds": round(time.perf_counter() - t0, 2)})
+            print(f"[{name}] {sname:16s} budget {budget:3d} steps {n:3d} NFE {int(res.nfe):3d}  " +
+                  "  ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
+    return rows
+
+
+def bench_2d(args):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from jaxgen import metrics
+    from jaxgen.consistency import ConsistencyFunction, ConsistencyTrainer, consistency_distillation_loss, \
+        consistency_sample
+    from jaxgen.data.toy2d import moons
+    from jaxgen.losses import flow_matching_loss
+    from jaxgen.models import MLPField
+    from jaxgen.paths import GaussianPath
+    from jaxgen.samplers import sample_ode
+    from jaxgen.train import Trainer
+
+    path = GaussianPath.from_name("linear")
+    tr = Trainer(MLPField(2, width=128, rngs=nnx.Rngs(0)), flow_matching_loss(path), optax.adam(1e-3),
+                 data=lambda key: moons(key, 256), ema_decay=0.999)
+    state, _ = tr.fit(tr.init(0), args.steps, progress=False)
+    field = tr.model(state, ema=True)
+    field.eval()
+    x0 = path.sample_prior(jax.random.key(1), (2048, 2))
+    target = moons(jax.random.key(2), 2048)
+
+    def quality(x):
+        return {"sliced_w2": float(metrics.sliced_wasserstein(jnp.asarray(x), target, jax.random.key(3))),
+                "energy_distance": float(metrics.energy_distance(jnp.asarray(x), target))}
+
+    floor = quality(np.asarray(moons(jax.random.key(4), 2048)))
+    print(f"[2d] data-vs-data floor: {floor}")
+    rows = run_table("2d", field, x0, quality, path)
+
+    # consistency distillation from the trained field (Heun teacher), 1 and 2 NFE
+    sigma_data = float(jnp.std(moons(jax.random.key(7), 4096)))
+    cm = ConsistencyFunction(MLPField(2, width=128, rngs=nnx.Rngs(5)), path, sigma_data=sigma_data)
+    ctr = ConsistencyTrainer(cm, consistency_distillation_loss(path, field, num_scales=18, solver="heun"),
+                             optax.adam(1e-3), data=lambda key: moons(key, 256), target_decay=0.95)
+    cstate, _ = ctr.fit(ctr.init(0), args.cm_steps, progress=False)
+    f = ctr.model(cstate)
+    for ts, budget in (((0.0,), 1), ((0.0, 0.5), 2)):
+        res = consistency_sample(f, x0, path=path, ts=ts, key=jax.random.key(6))
+        q = quality(np.asarray(res.x))
+        rows.append({"model": "2d", "sampler": "consistency (distilled)", "budget": budget, "steps": len(ts),
+                     "nfe": int(res.nfe), **q, "seconds": 0.0})
+        print(f"[2d] consistency      budget {budget:3d} NFE {int(res.nfe)}  " +
+              "  ".join(f"{k} {v:.4f}" for k, v in q.items()))
+    return rows, floor
+
+
+def bench_digits(args):
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import images
+    from jaxgen.evaluation import digits_report
+    from jaxgen.fields import chunked_field, guided_field
+    from jaxgen.paths import GaussianPath
+
+    cfg, trainer, state, shape = images.load_run(args.digits)
+    model = trainer.model(state, ema=trainer.ema_decay is not None)
+    model.eval()
+    path = GaussianPath.from_name(cfg.schedule)
+    labels = jnp.asarray(np.repeat(np.arange(cfg.num_classes), args.per_class), jnp.int32)
+    field = guided_field(chunked_field(model, 64), 2.0, null_label=cfg.num_classes)
+    x0 = path.sample_prior(jax.random.key(1), (labels.shape[0],) + tuple(shape))
+    clf, train_set, test_set = images._digits_classifier()
+
+    def quality(x):
+        r = digits_report(clf, np.clip(x, -1, 1), np.asarray(labels), test_set.images)
+        return {"fd": float(r["fd"]), "accuracy": float(r["accuracy"])}
+
+    return run_table("digits", field, x0, quality, path, cond={"y": labels})
+
+
+def plot(rows, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        metric = "sliced_w2" if m == "2d" else "fd"
+        for s in dict.fromkeys(r["sampler"] for r in rows if r["model"] == m):
+            pts = sorted((r["nfe"], r[metric]) for r in rows if r["model"] == m and r["sampler"] == s)
+            ax.plot(*zip(*pts), "o-" if "consistency" not in s else "s", label=s)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{m}: quality vs network evaluations")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "nfe_quality.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/bench_nfe")
+    p.add_argument("--steps", type=int, default=20_000, help="2-D flow-matching training steps")
+    p.add_argument("--cm-steps", type=int, default=3000, help="consistency-distillation steps")
+    p.add_argument("--per-class", type=int, default=50, help="digits samples per class")
+    p.add_argument("--digits", default=None, help="a digits run directory (from ./run.sh) to benchmark too")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    rows, floor = bench_2d(a)
+    if a.digits:
+        rows += bench_digits(a)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(os.path.join(a.out, "nfe_table.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(a.out, "nfe_table.json"), "w") as fh:
+        json.dump({"rows": rows, "floor_2d": floor}, fh, indent=2)
+    plot(rows, a.out)
+    print(f"wrote {a.out}/nfe_table.csv, nfe_table.json, nfe_quality.png")
+
+
+if __name__ == "__main__":
+    main()
