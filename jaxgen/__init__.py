@@ -5,7 +5,7 @@ imports neither Flax nor data loading; networks live in ``jaxgen.models`` and tr
 ``jaxgen.train``.
 """
 
-from jaxgen import fields, likelihood, losses, metrics, oracle, paths, rectified, samplers
+from jaxgen import ddpm, fields, likelihood, losses, metrics, oracle, paths, rectified, samplers, score_sde
 from jaxgen.likelihood import log_likelihood
 from jaxgen.paths import GaussianPath, get_schedule
 from jaxgen.oracle import GaussianMixture
@@ -13,5 +13,5 @@ from jaxgen.samplers import SampleResult, sample_ode, sample_sde
 
 __version__ = "0.1.0"
 
-__all__ = ["fields", "likelihood", "log_likelihood", "losses", "metrics", "oracle", "paths", "rectified", "samplers", "GaussianPath", "get_schedule",
+__all__ = ["ddpm", "score_sde", "fields", "likelihood", "log_likelihood", "losses", "metrics", "oracle", "paths", "rectified", "samplers", "GaussianPath", "get_schedule",
            "GaussianMixture", "SampleResult", "sample_ode", "sample_sde", "__version__"]

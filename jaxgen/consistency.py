@@ -415,13 +415,7 @@ class ConsistencyTrainer(Trainer):
                          ema_warmup=False, fuse_steps=fuse_steps)
 
     def _step(self, state: TrainState, batch: Any = None) -> tuple[TrainState, Array]:
-        key = jax.random.fold_in(state.key, state.step)
-        k_data, k_loss = jax.random.split(key)
-        if batch is None:
-            if self.data is None:
-                raise ValueError("no batch given and the trainer has no data sampler: pass step(state, batch) "
-                                 "or build ConsistencyTrainer(..., data=lambda key: ...).")
-            batch = self.data(k_data)
+        batch, k_loss = self._batch_and_loss_key(state, batch)
         target = nnx.merge(self.graphdef, jax.lax.stop_gradient(state.ema_params), state.rest)
 
         def loss(params, rest):

@@ -141,14 +141,19 @@ class Trainer:
         return value, new_rest
 
     # -- compiled steps ----------------------------------------------------------------------
-    def _step(self, state: TrainState, batch: Any = None) -> tuple[TrainState, Array]:
+    def _batch_and_loss_key(self, state: TrainState, batch: Any) -> tuple[Any, Array]:
+        """The step's batch (sampled with ``data`` when not given) and the loss's key, from ``fold_in(key, step)``."""
         key = jax.random.fold_in(state.key, state.step)
         k_data, k_loss = jax.random.split(key)
         if batch is None:
             if self.data is None:
                 raise ValueError("no batch given and the trainer has no data sampler: pass step(state, batch) "
-                                 "or build Trainer(..., data=lambda key: ...).")
+                                 f"or build {type(self).__name__}(..., data=lambda key: ...).")
             batch = self.data(k_data)
+        return batch, k_loss
+
+    def _step(self, state: TrainState, batch: Any = None) -> tuple[TrainState, Array]:
+        batch, k_loss = self._batch_and_loss_key(state, batch)
         # Differentiate with respect to (params, rest) and keep the params' gradient: stateful modules
         # (dropout RNG counters) must be traced at the level where they are mutated, which a closed-over
         # `rest` is not. Integer/key leaves get float0 gradients (allow_int), which XLA drops.

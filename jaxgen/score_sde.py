@@ -1,0 +1,541 @@
+r"""Score SDEs (Song et al. 2021, "Score-Based Generative Modeling through SDEs") in jaxgen time.
+
+The diffusion literature runs time ``tau`` from data (``tau = 0``) to noise (``tau = T = 1``) with a
+forward (noising) SDE
+
+.. math:: dx = f(x, \tau)\, d\tau + g(\tau)\, dW_\tau \qquad (\text{Song et al. eq. 5}),
+
+and samples with the reverse-time SDE (Anderson 1982; Song et al. eq. 6) or the probability-flow ODE
+(eq. 13)
+
+.. math::
+
+   dx = [f - g^2 \nabla \log p_\tau(x)]\, d\tau + g\, d\bar W_\tau, \qquad
+   \frac{dx}{d\tau} = f - \tfrac12 g^2 \nabla \log p_\tau(x),
+
+integrated from ``tau = 1`` down to ``tau = 0``. jaxgen's time is ``t = 1 - tau`` (``t = 0`` noise, ``t = 1``
+data), so ``dt = -d tau`` and the same processes run *forward* in ``t``:
+
+.. math::
+
+   dx = -[f(x, 1-t) - g(1-t)^2 s_t(x)]\, dt + g(1-t)\, dW_t, \qquad
+   \frac{dx}{dt} = -[f(x, 1-t) - \tfrac12 g(1-t)^2 s_t(x)] ,
+
+with ``s_t`` the score of jaxgen's marginal ``p_t = p_{tau = 1 - t}`` (:func:`reverse_drift`,
+:func:`reverse_diffusion`, :func:`probability_flow_velocity`). The reverse SDE is the SDE extension of
+the marginal flow with ``sigma_t = g(1 - t)`` (notes eq. 3.3.2: ``u + sigma^2/2 s = -(f - g^2 s)``), and the
+probability-flow velocity is the marginal vector field of the matching :class:`~jaxgen.paths.GaussianPath`
+(``"vp"``, ``"sub_vp"``, ``"ve"``; :attr:`SDE.path`).
+
+The three SDEs reproduce score_sde's ``sde_lib.py`` (``VPSDE``, ``subVPSDE``, ``VESDE``): the same
+parameters, ``marginal_prob``, ``prior_sampling``, ``prior_logp`` and ``discretize`` (DDPM for VP,
+SMLD for VE, Euler-Maruyama otherwise). Every method that takes a time takes score_sde's ``tau``,
+shape ``(B,)`` or scalar.
+
+:func:`pc_sample` is score_sde's predictor-corrector sampler (Song et al. 2021, Algorithms 1-3 of
+Appendix G; ``sampling.get_pc_sampler``) as one ``lax.scan``, with an exact NFE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from jaxgen._checks import expand_like, is_concrete
+from jaxgen.fields import as_field, canonical_prediction
+from jaxgen.paths.gaussian import GaussianPath
+from jaxgen.samplers.ode import SampleResult, _bind
+
+Array = jax.Array
+
+PREDICTORS = ("reverse_diffusion", "euler_maruyama", "none")
+CORRECTORS = ("langevin", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# time conventions
+# ---------------------------------------------------------------------------------------------
+
+def to_jaxgen_time(tau: Array) -> Array:
+    """``t = 1 - tau``: diffusion time (``tau = 0`` data) to jaxgen time (``t = 1`` data)."""
+    return 1.0 - jnp.asarray(tau)
+
+
+def to_diffusion_time(t: Array) -> Array:
+    """``tau = 1 - t``: jaxgen time to score_sde's diffusion time."""
+    return 1.0 - jnp.asarray(t)
+
+
+def _check_tau(tau, name: str = "tau") -> None:
+    if not is_concrete(tau):
+        return
+    arr = np.asarray(tau)
+    if arr.size == 0:
+        return
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf; diffusion time must be finite in [0, 1].")
+    if arr.min() < 0.0 or arr.max() > 1.0:
+        raise ValueError(
+            f"{name} must lie in [0, 1] (score_sde's diffusion time: tau=0 is data, tau=1 is noise), got values in "
+            f"[{arr.min():.6g}, {arr.max():.6g}]. If you hold jaxgen times t (t=1 is data), pass tau = 1 - t."
+        )
+
+
+def _batch_tau(tau, x: Array) -> Array:
+    """``tau`` as an array of shape ``(B,)`` for a batch ``x`` of shape ``(B, ...)``."""
+    _check_tau(tau)
+    if x.ndim == 0:
+        raise ValueError("x must have a leading batch axis, got a scalar; reshape it to (1, ...).")
+    tau = jnp.asarray(tau, x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+    if tau.ndim == 0:
+        return jnp.broadcast_to(tau, (x.shape[0],))
+    if tau.ndim != 1 or tau.shape[0] != x.shape[0]:
+        raise ValueError(f"tau must be a scalar or have shape (B,) = ({x.shape[0]},) to match x of shape "
+                         f"{tuple(x.shape)}; got tau.shape = {tuple(tau.shape)}.")
+    return tau
+
+
+def _sq_norm(x: Array) -> Array:
+    return jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the SDEs
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SDE:
+    r"""A forward SDE ``dx = f(x, tau) d tau + g(tau) dW`` with a linear drift ``f = c(tau) x``.
+
+    Subclasses define :meth:`drift_coeff` (``c``), :meth:`diffusion` (``g``), :meth:`marginal_coeffs`
+    (mean coefficient and std of ``p(x_tau | x_0) = N(m(tau) x_0, std(tau)^2 I)``), the prior and
+    :attr:`path`. ``N`` is the number of discretisation steps of :meth:`discretize` and of the samplers.
+    """
+
+    T = 1.0  # end time, as score_sde
+
+    def __post_init__(self):
+        if not isinstance(self.N, (int, np.integer)) or self.N < 1:
+            raise ValueError(f"N (number of discretisation steps) must be a positive int, got {self.N!r}.")
+
+    # -- to be defined by subclasses ------------------------------------------------------------
+    def drift_coeff(self, tau: Array) -> Array:
+        """``c(tau)`` of the linear drift ``f(x, tau) = c(tau) x``."""
+        raise NotImplementedError
+
+    def diffusion(self, tau: Array) -> Array:
+        """Diffusion coefficient ``g(tau)``."""
+        raise NotImplementedError
+
+    def marginal_coeffs(self, tau: Array) -> tuple[Array, Array]:
+        """``(m(tau), std(tau))`` of the perturbation kernel ``p(x_tau | x_0) = N(m x_0, std^2 I)``."""
+        raise NotImplementedError
+
+    @property
+    def path(self) -> GaussianPath:
+        """The jaxgen :class:`GaussianPath` with the same marginals: ``alpha_t = m(1 - t)``, ``beta_t = std(1 - t)``."""
+        raise NotImplementedError
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+    # -- score_sde's interface -----------------------------------------------------------------
+    def sde(self, x: Array, tau: Array) -> tuple[Array, Array]:
+        """Drift ``f(x, tau)`` (shape of ``x``) and diffusion ``g(tau)`` (shape ``(B,)``) of the forward SDE."""
+        tau = _batch_tau(tau, x)
+        return expand_like(self.drift_coeff(tau), x) * x, self.diffusion(tau)
+
+    def marginal_prob(self, x0: Array, tau: Array) -> tuple[Array, Array]:
+        """Mean ``m(tau) x0`` (shape of ``x0``) and std (shape ``(B,)``) of ``p(x_tau | x_0)``."""
+        tau = _batch_tau(tau, x0)
+        m, std = self.marginal_coeffs(tau)
+        return expand_like(m, x0) * x0, std
+
+    def prior_sampling(self, key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+        """A draw from the prior ``N(0, prior_std^2 I)`` (``prior_std = 1``, or ``sigma_max`` for VE)."""
+        return self.prior_std * jax.random.normal(key, shape, dtype)
+
+    def prior_logp(self, z: Array) -> Array:
+        """``log N(z; 0, prior_std^2 I)`` per sample, shape ``(B,)``."""
+        d = math.prod(z.shape[1:])
+        s2 = self.prior_std**2
+        return -0.5 * d * jnp.log(2 * jnp.pi * s2) - 0.5 * _sq_norm(z) / s2
+
+    def timestep_index(self, tau: Array) -> Array:
+        """score_sde's discrete index of a time: ``int(tau (N - 1) / T)`` (truncation, as ``sde_lib``)."""
+        return (jnp.asarray(tau) * (self.N - 1) / self.T).astype(jnp.int32)
+
+    def discretize(self, x: Array, tau: Array) -> tuple[Array, Array]:
+        r"""``x_{i+1} = x_i + f_i + G_i z_i``: Euler-Maruyama by default,
+        ``f = f(x, tau) / N``, ``G = g(tau) / sqrt(N)``."""
+        drift, g = self.sde(x, tau)
+        dt = self.T / self.N
+        return drift * dt, g * math.sqrt(dt)
+
+    def langevin_alpha(self, tau: Array) -> Array:
+        """The factor ``alpha_i`` of score_sde's Langevin step size (1 except for VP-type SDEs)."""
+        return jnp.ones_like(jnp.asarray(tau))
+
+    # -- jaxgen time ---------------------------------------------------------------------------
+    def sde_at(self, x: Array, t: Array) -> tuple[Array, Array]:
+        """``(f(x, 1 - t), g(1 - t))``: the forward coefficients at jaxgen time ``t``."""
+        return self.sde(x, to_diffusion_time(t))
+
+
+def _vp_beta(tau, beta_min, beta_max):
+    return beta_min + tau * (beta_max - beta_min)
+
+
+def _vp_log_mean_coeff(tau, beta_min, beta_max):
+    r"""``log m(tau) = -1/4 tau^2 (beta_max - beta_min) - 1/2 tau beta_min`` (Song et al. eq. 29)."""
+    return -0.25 * tau**2 * (beta_max - beta_min) - 0.5 * tau * beta_min
+
+
+@dataclasses.dataclass(frozen=True)
+class VPSDE(SDE):
+    r"""Variance-preserving SDE ``dx = -1/2 beta(tau) x d tau + sqrt(beta(tau)) dW`` (Song et al. eq. 11).
+
+    ``beta(tau) = beta_min + tau (beta_max - beta_min)``; the kernel is ``N(m x_0, (1 - m^2) I)`` with
+    ``log m = -1/4 tau^2 (beta_max - beta_min) - 1/2 tau beta_min`` (eq. 29). Its DDPM discretisation has
+    ``beta_i = linspace(beta_min / N, beta_max / N, N)``, i.e. Ho et al.'s ``1e-4 .. 0.02`` for the defaults.
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    N: int = 1000
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.beta_min < self.beta_max:
+            raise ValueError(f"VPSDE needs 0 <= beta_min < beta_max, got ({self.beta_min}, {self.beta_max}).")
+
+    def drift_coeff(self, tau):
+        return -0.5 * _vp_beta(tau, self.beta_min, self.beta_max)
+
+    def diffusion(self, tau):
+        return jnp.sqrt(_vp_beta(tau, self.beta_min, self.beta_max))
+
+    def marginal_coeffs(self, tau):
+        lm = _vp_log_mean_coeff(tau, self.beta_min, self.beta_max)
+        return jnp.exp(lm), jnp.sqrt(-jnp.expm1(2.0 * lm))
+
+    @property
+    def path(self):
+        return GaussianPath.from_name("vp", beta_min=self.beta_min, beta_max=self.beta_max)
+
+    @property
+    def discrete_betas(self) -> np.ndarray:
+        """DDPM betas ``linspace(beta_min / N, beta_max / N, N)`` (float64), index ``i = 0 .. N-1``."""
+        return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
+
+    def discretize(self, x, tau):
+        r"""DDPM discretisation (Song et al. eq. 8/10): ``x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z``,
+        i.e. ``f = (sqrt(1 - beta_i) - 1) x``, ``G = sqrt(beta_i)``, ``i = int(tau (N - 1))``."""
+        tau = _batch_tau(tau, x)
+        beta = jnp.asarray(self.discrete_betas, x.dtype)[self.timestep_index(tau)]
+        return expand_like(jnp.sqrt(1.0 - beta) - 1.0, x) * x, jnp.sqrt(beta)
+
+    def langevin_alpha(self, tau):
+        """``alpha_i = 1 - beta_i`` at ``i = int(tau (N - 1))`` (score_sde's ``sde.alphas[timestep]``)."""
+        return 1.0 - jnp.asarray(self.discrete_betas, jnp.float32)[self.timestep_index(tau)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SubVPSDE(SDE):
+    r"""Sub-VP SDE (Song et al. eq. 12): drift as VP, ``g(tau)^2 = beta(tau) (1 - exp(-2 int_0^tau beta))``.
+
+    The kernel is ``N(m x_0, (1 - m^2)^2 I)`` with ``m`` as VP (eq. 30): score_sde's ``marginal_prob``
+    returns ``std = 1 - m^2``. Its ``discretize`` is Euler-Maruyama (score_sde defines none).
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    N: int = 1000
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.beta_min < self.beta_max:
+            raise ValueError(f"SubVPSDE needs 0 <= beta_min < beta_max, got ({self.beta_min}, {self.beta_max}).")
+
+    def drift_coeff(self, tau):
+        return -0.5 * _vp_beta(tau, self.beta_min, self.beta_max)
+
+    def diffusion(self, tau):
+        discount = -jnp.expm1(-2.0 * self.beta_min * tau - (self.beta_max - self.beta_min) * tau**2)
+        return jnp.sqrt(_vp_beta(tau, self.beta_min, self.beta_max) * discount)
+
+    def marginal_coeffs(self, tau):
+        lm = _vp_log_mean_coeff(tau, self.beta_min, self.beta_max)
+        return jnp.exp(lm), -jnp.expm1(2.0 * lm)
+
+    @property
+    def path(self):
+        return GaussianPath.from_name("sub_vp", beta_min=self.beta_min, beta_max=self.beta_max)
+
+    @property
+    def discrete_betas(self) -> np.ndarray:
+        """The VP betas of the same ``beta(tau)`` (used only for the Langevin factor ``alpha_i``)."""
+        return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
+
+    def langevin_alpha(self, tau):
+        """``1 - beta_i`` as for VP. (score_sde's corrector reads ``sde.alphas``, which its ``subVPSDE``
+        lacks, so Langevin correction of sub-VP raises there; we use the VP factor of the same ``beta(tau)``.)"""
+        return 1.0 - jnp.asarray(self.discrete_betas, jnp.float32)[self.timestep_index(tau)]
+
+
+@dataclasses.dataclass(frozen=True)
+class VESDE(SDE):
+    r"""Variance-exploding SDE (Song et al. eq. 9): ``dx = sigma(tau) sqrt(2 log(sigma_max/sigma_min)) dW``.
+
+    ``sigma(tau) = sigma_min (sigma_max / sigma_min)^tau``, kernel ``N(x_0, sigma(tau)^2 I)`` (eq. 31; score_sde
+    neglects ``sigma_min`` in the kernel's variance, ``sigma(tau)^2 - sigma(0)^2``, as we do). Prior
+    ``N(0, sigma_max^2 I)``; SMLD discretisation with the geometric grid of ``N`` noise levels.
+    """
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    N: int = 1000
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"VESDE needs 0 < sigma_min < sigma_max, got ({self.sigma_min}, {self.sigma_max}).")
+
+    def sigma(self, tau):
+        """``sigma(tau) = sigma_min (sigma_max / sigma_min)^tau``."""
+        return self.sigma_min * jnp.exp(tau * math.log(self.sigma_max / self.sigma_min))
+
+    def drift_coeff(self, tau):
+        return jnp.zeros_like(tau)
+
+    def diffusion(self, tau):
+        return self.sigma(tau) * math.sqrt(2.0 * math.log(self.sigma_max / self.sigma_min))
+
+    def marginal_coeffs(self, tau):
+        return jnp.ones_like(tau), self.sigma(tau)
+
+    @property
+    def path(self):
+        return GaussianPath.from_name("ve", sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+
+    @property
+    def prior_std(self) -> float:
+        return float(self.sigma_max)
+
+    @property
+    def discrete_sigmas(self) -> np.ndarray:
+        """``exp(linspace(log sigma_min, log sigma_max, N))`` (float64)."""
+        return np.exp(np.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.N))
+
+    def discretize(self, x, tau):
+        r"""SMLD discretisation (Song et al. eq. 7/10): ``x_{i+1} = x_i + sqrt(sigma_i^2 - sigma_{i-1}^2) z``
+        (``sigma_{-1} = 0``), ``i = int(tau (N - 1))``."""
+        tau = _batch_tau(tau, x)
+        i = self.timestep_index(tau)
+        sig = jnp.asarray(self.discrete_sigmas, x.dtype)
+        adjacent = jnp.where(i == 0, 0.0, sig[jnp.maximum(i - 1, 0)])
+        return jnp.zeros_like(x), jnp.sqrt(sig[i] ** 2 - adjacent**2)
+
+
+subVPSDE = SubVPSDE  # score_sde's spelling
+
+
+# ---------------------------------------------------------------------------------------------
+# reverse SDE and probability-flow ODE in jaxgen time
+# ---------------------------------------------------------------------------------------------
+
+def _score_fn(sde: SDE, field: Callable, prediction: str) -> Callable:
+    return as_field(sde.path, field, source=canonical_prediction(prediction), target="score")
+
+
+def reverse_drift(sde: SDE, score_field: Callable, *, probability_flow: bool = False,
+                  prediction: str = "score") -> Callable:
+    r"""Drift in jaxgen time of the reverse SDE, ``x, t -> -[f(x, tau) - g(tau)^2 s_t(x)]`` with ``tau = 1 - t``.
+
+    Song et al. eq. 6 reads ``dx = [f - g^2 s] d tau + g d W_bar`` for decreasing ``tau``; with ``dt = -d tau``
+    the drift per unit of ``t`` changes sign. ``probability_flow=True`` gives the PF-ODE velocity
+    ``-[f - 1/2 g^2 s]`` (eq. 13). ``score_field`` predicts ``prediction`` on :attr:`SDE.path` (score by
+    default; other parameterisations are converted exactly, one evaluation per call).
+    """
+    score = _score_fn(sde, score_field, prediction)
+    c = 0.5 if probability_flow else 1.0
+
+    def drift(x, t, **cond):
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
+        f, g = sde.sde(x, to_diffusion_time(t))
+        s = score(x, t, **cond)
+        return -(f - c * expand_like(g**2, x) * s)
+
+    return drift
+
+
+def reverse_diffusion(sde: SDE, *, probability_flow: bool = False) -> Callable:
+    """Diffusion coefficient in jaxgen time, ``t -> g(1 - t)`` (zero for the probability-flow ODE)."""
+
+    def g(t):
+        tau = to_diffusion_time(t)
+        return jnp.zeros_like(tau) if probability_flow else sde.diffusion(tau)
+
+    return g
+
+
+def probability_flow_velocity(sde: SDE, score_field: Callable, *, prediction: str = "score") -> Callable:
+    r"""The PF-ODE velocity ``x, t -> -[f(x, 1-t) - 1/2 g(1-t)^2 s_t(x)]`` (Song et al. eq. 13, in jaxgen time).
+
+    It equals the marginal vector field of :attr:`SDE.path`,
+    ``fields.convert(sde.path, s, x, t, source="score", target="velocity")``: integrate it with
+    :func:`jaxgen.samplers.sample_ode` from ``t = 0`` (up to ``t = 1 - eps``).
+    """
+    return reverse_drift(sde, score_field, probability_flow=True, prediction=prediction)
+
+
+# ---------------------------------------------------------------------------------------------
+# predictor-corrector sampling
+# ---------------------------------------------------------------------------------------------
+
+def pc_nfe(steps: int, predictor: str, corrector: str, corrector_steps: int) -> int:
+    """Exact NFE of :func:`pc_sample`: ``steps * ([predictor != none] + corrector_steps [corrector != none])``.
+
+    score_sde's ``pc_sampler`` reports ``N (n_steps + 1)`` whatever the predictor and corrector: e.g. 2000 for a
+    1000-step ``euler_maruyama`` + ``none`` sampler, which evaluates the model 1000 times. The final denoising
+    step costs nothing: it is the last predictor update without its noise.
+    """
+    return int(steps) * (int(predictor != "none") + int(corrector_steps) * int(corrector != "none"))
+
+
+def pc_sample(
+    score_field: Callable,
+    x_init: Array,
+    key: Array,
+    *,
+    sde: SDE,
+    steps: int | None = None,
+    predictor: str = "reverse_diffusion",
+    corrector: str = "langevin",
+    snr: float = 0.16,
+    corrector_steps: int = 1,
+    denoise: bool = True,
+    t_eps: float = 1e-3,
+    probability_flow: bool = False,
+    prediction: str = "score",
+    cond: dict | None = None,
+    save_trajectory: bool = False,
+) -> SampleResult:
+    r"""Predictor-corrector sampling (Song et al. 2021, Alg. 1-3 of App. G; score_sde ``get_pc_sampler``).
+
+    On the diffusion-time grid ``tau_i = linspace(1, t_eps, N)`` (``N = steps``, default ``sde.N``; the field
+    is evaluated at jaxgen time ``t_i = 1 - tau_i``), each step runs first the corrector, then the predictor:
+
+    * corrector ``"langevin"`` (Alg. 4/5), ``corrector_steps`` times:
+      ``x <- x + e s(x) + sqrt(2 e) z`` with ``e = 2 alpha_i (snr ||z|| / ||s(x)||)^2``, the norms being batch
+      means of per-sample norms (as score_sde's pmean'd norms) and ``alpha_i = 1 - beta_i`` for VP/sub-VP,
+      ``1`` for VE;
+    * predictor ``"reverse_diffusion"`` (eq. 46): with ``(f, G) = sde.discretize(x, tau_i)``,
+      ``x <- x - f + G^2 s(x) + G z``; or ``"euler_maruyama"``: ``x <- x - [f - g^2 s] / N + g z / sqrt(N)``
+      (score_sde's step ``1/N``, not the grid spacing ``(1 - t_eps)/(N - 1)``; equal when ``t_eps = 1/N``).
+      ``probability_flow=True`` uses ``g^2/2`` and no noise.
+
+    ``denoise=True`` returns the last predictor update without its noise (score_sde's ``x_mean``; with
+    ``predictor="none"`` there is none, and the last state is returned). Everything is one ``lax.scan``
+    (the ``corrector_steps`` unrolled in its body); noise comes from ``fold_in(key, step)``.
+
+    Args:
+      score_field: ``field(x, t, **cond)`` predicting ``prediction`` (default the score) on ``sde.path``.
+      x_init: start, usually ``sde.prior_sampling(key, shape)``.
+      key: PRNG key.
+
+    Returns:
+      ``SampleResult`` with the exact ``nfe`` (:func:`pc_nfe`), ``ts = 1 - [tau_0, ..., tau_{N-1}, 0]`` in
+      jaxgen time, and, with ``save_trajectory``, the ``N + 1`` states (start and after each step).
+    """
+    if not isinstance(sde, SDE):
+        raise ValueError(f"sde must be a jaxgen.score_sde.SDE (VPSDE, SubVPSDE, VESDE), got {type(sde).__name__}.")
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {predictor!r}; use one of {PREDICTORS}.")
+    if corrector not in CORRECTORS:
+        raise ValueError(f"unknown corrector {corrector!r}; use one of {CORRECTORS}.")
+    if predictor == "none" and corrector == "none":
+        raise ValueError("predictor='none' and corrector='none' would leave x_init unchanged; choose a predictor "
+                         "(e.g. 'reverse_diffusion') or a corrector ('langevin').")
+    steps = sde.N if steps is None else steps
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}.")
+    if not isinstance(corrector_steps, (int, np.integer)) or corrector_steps < 1:
+        raise ValueError(f"corrector_steps must be a positive int, got {corrector_steps!r} "
+                         "(use corrector='none' for no correction).")
+    if not 0.0 < float(t_eps) < 1.0:
+        raise ValueError(f"t_eps must lie in (0, 1) (score_sde samples down to tau = eps = 1e-3), got {t_eps}.")
+    if not float(snr) > 0:
+        raise ValueError(f"snr must be positive (score_sde uses 0.16 for CIFAR-10), got {snr}.")
+    if probability_flow and predictor == "none":
+        raise ValueError("probability_flow=True changes the predictor; it needs predictor != 'none'.")
+    if x_init.ndim < 1:
+        raise ValueError("x_init must have a leading batch axis (B, ...).")
+
+    sde = dataclasses.replace(sde, N=int(steps))
+    score = _bind(_score_fn(sde, score_field, prediction), cond)
+    c = 0.5 if probability_flow else 1.0
+    taus = jnp.linspace(sde.T, t_eps, sde.N, dtype=jnp.float32)
+    dtype = x_init.dtype
+
+    def flat_norm_mean(a):
+        return jnp.mean(jnp.sqrt(_sq_norm(a)))
+
+    def langevin_step(x, inp):
+        k, tau = inp
+        tau_b = jnp.broadcast_to(tau, (x.shape[0],))
+        s = score(x, 1.0 - tau)
+        z = jax.random.normal(k, x.shape, dtype)
+        alpha = sde.langevin_alpha(tau_b).astype(dtype)
+        e = 2.0 * alpha * (snr * flat_norm_mean(z) / jnp.maximum(flat_norm_mean(s), 1e-30)) ** 2
+        x_mean = x + expand_like(e, x) * s
+        return x_mean + expand_like(jnp.sqrt(2.0 * e), x) * z, x_mean
+
+    def predictor_step(k, x, tau):
+        tau_b = jnp.broadcast_to(tau, (x.shape[0],))
+        s = score(x, 1.0 - tau)
+        z = jax.random.normal(k, x.shape, dtype)
+        if predictor == "reverse_diffusion":
+            f, G = sde.discretize(x, tau_b)
+            x_mean = x - (f - c * expand_like(G**2, x) * s)
+            noise_scale = G
+        else:  # euler_maruyama, dt = -1/N as score_sde
+            f, g = sde.sde(x, tau_b)
+            dt = sde.T / sde.N
+            x_mean = x - (f - c * expand_like(g**2, x) * s) * dt
+            noise_scale = g * math.sqrt(dt)
+        if probability_flow:
+            return x_mean, x_mean
+        return x_mean + expand_like(noise_scale.astype(dtype), x) * z, x_mean
+
+    def body(carry, inp):
+        x, x_mean = carry
+        i, tau = inp
+        k = jax.random.fold_in(key, i)
+        if corrector == "langevin":  # unrolled: corrector_steps is small (1 in score_sde's configs)
+            for j in range(1, corrector_steps + 1):
+                x, _ = langevin_step(x, (jax.random.fold_in(k, j), tau))
+        if predictor != "none":
+            x, x_mean = predictor_step(jax.random.fold_in(k, 0), x, tau)
+        else:
+            x_mean = x
+        return (x, x_mean), (x if save_trajectory else None)
+
+    (x, x_mean), traj = jax.lax.scan(body, (x_init, x_init), (jnp.arange(sde.N), taus))
+    out = x_mean if denoise else x
+    if save_trajectory:
+        traj = jnp.concatenate([x_init[None], traj[:-1], out[None]], axis=0)
+    ts = 1.0 - jnp.concatenate([taus, jnp.zeros((1,), jnp.float32)])
+    return SampleResult(out, pc_nfe(sde.N, predictor, corrector, corrector_steps), ts, traj)
+
+
+__all__ = [
+    "SDE", "VPSDE", "SubVPSDE", "subVPSDE", "VESDE", "to_jaxgen_time", "to_diffusion_time", "reverse_drift",
+    "reverse_diffusion", "probability_flow_velocity", "pc_sample", "pc_nfe", "PREDICTORS", "CORRECTORS",
+]
