@@ -38,6 +38,7 @@ Appendix G; ``sampling.get_pc_sampler``) as one ``lax.scan``, with an exact NFE.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Callable
@@ -109,7 +110,7 @@ def _sq_norm(x: Array) -> Array:
 # ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class SDE:
+class SDE(abc.ABC):
     r"""A forward SDE ``dx = f(x, tau) d tau + g(tau) dW`` with a linear drift ``f = c(tau) x``.
 
     Subclasses define :meth:`drift_coeff` (``c``), :meth:`diffusion` (``g``), :meth:`marginal_coeffs`
@@ -124,22 +125,26 @@ class SDE:
             raise ValueError(f"N (number of discretisation steps) must be a positive int, got {self.N!r}.")
 
     # -- to be defined by subclasses ------------------------------------------------------------
+    @abc.abstractmethod
     def drift_coeff(self, tau: Array) -> Array:
         """``c(tau)`` of the linear drift ``f(x, tau) = c(tau) x``."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def diffusion(self, tau: Array) -> Array:
         """Diffusion coefficient ``g(tau)``."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def marginal_coeffs(self, tau: Array) -> tuple[Array, Array]:
         """``(m(tau), std(tau))`` of the perturbation kernel ``p(x_tau | x_0) = N(m x_0, std^2 I)``."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def path(self) -> GaussianPath:
         """The jaxgen :class:`GaussianPath` with the same marginals: ``alpha_t = m(1 - t)``, ``beta_t = std(1 - t)``."""
-        raise NotImplementedError
+        ...
 
     @property
     def prior_std(self) -> float:
