@@ -101,7 +101,8 @@ def test_drift_and_diffusion_generate_the_marginals(name):
     (m, s), (dm, ds) = jax.jvp(sde.marginal_coeffs, (tau,), (jnp.ones_like(tau),))
     c, g = sde.drift_coeff(tau), sde.diffusion(tau)
     np.testing.assert_allclose(dm, c * m, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(2 * s * ds, 2 * c * s**2 + g**2, rtol=1e-4, atol=1e-6)
+    # float32: sub-VP's variance derivative cancels terms (measured 3.7e-6 off at tau=0.85 on jax 0.12)
+    np.testing.assert_allclose(2 * s * ds, 2 * c * s**2 + g**2, rtol=1e-4, atol=1e-5)
     # sde() returns f = c x and g
     x = normal(1, (10, 2))
     f, gg = sde.sde(x, tau)
