@@ -16,6 +16,8 @@ from jaxgen.ddpm import (DDPMSchedule, cosine_betas, ddpm_ancestral_sample, ddpm
 from jaxgen.fields import to_data_and_noise
 from jaxgen.oracle import GaussianMixture
 
+from _fast_oracle import fast_score  # tests/ is on sys.path under pytest
+
 
 # jitted once: eagerly, its blockwise lax.map recompiles at every call
 energy_distance = jax.jit(metrics.energy_distance)
@@ -53,18 +55,12 @@ def gauss_eps(path):
 
 
 def mixture_eps(gm, path):
-    """The oracle noise prediction of an isotropic mixture, E[eps | x] = beta sum_k w_k (x - alpha mu_k) / c_k with
-    c_k = alpha^2 s_k^2 + beta^2 (no per-sample factorisation; checked equal to GaussianMixture.marginal_eps)."""
-    var_k = gm.covs[:, 0, 0]
+    """The oracle noise prediction of an isotropic mixture, E[eps | x] = -beta * score (checked equal to
+    GaussianMixture.marginal_eps), from the cheap score shared with tests/test_score_sde.py."""
+    score = fast_score(gm, path)
 
     def eps(x, t, **_):
-        c = path.coefficients(t)
-        a, b = c.alpha[:, None], c.beta[:, None]
-        var = a**2 * var_k[None] + b**2                                   # (B, K)
-        r = x[:, None, :] - a[:, :, None] * gm.means[None]                # (B, K, d)
-        logits = jnp.log(gm.weights)[None] - 0.5 * jnp.sum(r**2, -1) / var - 0.5 * x.shape[1] * jnp.log(var)
-        w = jax.nn.softmax(logits, -1)
-        return b * jnp.einsum("bk,bkd->bd", w / var, r)
+        return -path.coefficients(t).beta[:, None] * score(x, t)
 
     return eps
 
