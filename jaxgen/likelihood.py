@@ -415,7 +415,11 @@ def dequantize(key: Array, images: Array, *, data_range: tuple[float, float] = (
     else:
         raise ValueError(f"images must be integer (uint8) or float, got dtype {images.dtype}.")
     u = jax.random.uniform(key, images.shape, dtype)
-    return lo + (hi - lo) * (k + u) / num_bins
+    x = lo + (hi - lo) * (k + u) / num_bins
+    # Rounding (of k + u for k >= 128 in float32, and of the affine map) can put a u close to 1 on the upper edge
+    # of the bin, i.e. in bin k + 1 (x = hi for k = num_bins - 1): keep every point strictly inside its own bin.
+    upper = lo + (hi - lo) * (k + 1) / num_bins
+    return jnp.minimum(x, jnp.nextafter(upper, jnp.asarray(lo, upper.dtype)))
 
 
 class ImageLikelihood(NamedTuple):

@@ -353,3 +353,18 @@ def test_bad_input_raises_clear_errors():
         edm_sampler(f, X, path="ve", sigma_max=80.0)
     with pytest.raises(ValueError, match="0 < sigma_min < sigma_max"):
         karras_sigmas(5, sigma_min=1.0, sigma_max=0.5)
+
+
+def test_edm_rejects_infinite_noise_levels():
+    """x / alpha and sigma = beta / alpha are infinite where alpha = 0 (t = 0 of the linear path), and a Karras grid
+    needs finite levels: both raise a clear error instead of returning NaN (or samples of size ~1e9)."""
+    f = GAUSS.field(LINEAR, "velocity")
+    with pytest.raises(ValueError, match=r"ts\[0\]=0 .*alpha = 0"):
+        edm_sampler(f, X, path=LINEAR, ts=jnp.linspace(0.0, 1.0, 6))
+    with pytest.raises(ValueError, match="finite"):
+        edm_sampler(f, X, path=LINEAR, sigma_max=float("inf"))
+    with pytest.raises(ValueError, match="finite"):
+        karras_sigmas(4, sigma_max=float("inf"))
+    with pytest.raises(ValueError, match="positive integer number of levels"):
+        karras_sigmas(True)
+

@@ -223,6 +223,19 @@ def test_dequantize_float_images_like_uint8():
     np.testing.assert_allclose(c, (a + 1) / 2, atol=1e-6)
 
 
+def test_dequantized_points_stay_inside_their_bins():
+    """A uniform u close to 1 must not round x onto the upper edge of its bin (in float32, k + u rounds up to k + 1
+    for ~2^-17 of the entries with k >= 128, and the affine map can round up for any k; for k = 255 that is
+    x = hi): every point lies in [lo + (hi - lo) k / 256, lo + (hi - lo) (k + 1) / 256)."""
+    k = jnp.tile(jnp.array([0, 1, 127, 128, 200, 255], jnp.uint8), (1, 2**17))
+    for lo, hi in ((-1.0, 1.0), (0.0, 1.0)):
+        x = dequantize(jax.random.key(0), k, data_range=(lo, hi))
+        assert x.dtype == jnp.float32
+        x = np.asarray(x, np.float64)
+        np.testing.assert_array_equal(np.floor((x - lo) / (hi - lo) * 256), k)
+        assert x.min() >= lo and x.max() < hi
+
+
 def test_image_bits_per_dim_on_gaussian_data_field():
     """Images 8x8x1; the field is the exact linear-path velocity of data N(0, s^2 I),
     u_t(x) = (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2) x, so log p_1 = log N(x; 0, s^2 I)."""
