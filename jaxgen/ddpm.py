@@ -219,6 +219,22 @@ class DDPMSchedule:
         T0 = float(self.num_original_steps)
         return (T0 - orig) / T0  # = 1 - n/T, rounded once (near t = 0 a float32 t is then exact to 1e-10)
 
+    def step_of_time(self, t) -> Array:
+        """The original step ``n = round(T_orig (1 - t))`` (int32) at jaxgen time ``t``, the inverse of
+        :meth:`time_of_step` on the kept steps (``t = 1`` gives 0, ``t = 0`` gives ``T_orig``).
+
+        Ho et al.'s and improved-diffusion's code number the steps from 0: a network trained there takes
+        ``n - 1``, e.g. ``field = lambda x, t: eps_net(x, schedule.step_of_time(t) - 1)``.
+        """
+        t = jnp.asarray(t)
+        if is_concrete(t) and t.size:
+            arr = np.asarray(t)
+            if not np.all(np.isfinite(arr)) or arr.min() < 0.0 or arr.max() > 1.0:
+                raise ValueError(f"jaxgen times must lie in [0, 1] (t = 0 noise, t = 1 data), got values in "
+                                 f"[{arr.min():.6g}, {arr.max():.6g}]; a diffusion time tau = n / T is t = 1 - tau.")
+        T0 = float(self.num_original_steps)
+        return jnp.round(T0 - T0 * t).astype(jnp.int32)
+
     def path(self) -> GaussianPath:
         r"""The :class:`GaussianPath` through every step: ``alpha_{t_n} = sqrt(abar_n)``,
         ``beta_{t_n} = sqrt(1 - abar_n)``.
@@ -254,14 +270,28 @@ class DDPMSchedule:
         return path
 
     def respace(self, steps: int) -> "DDPMSchedule":
-        r"""Keep ``steps`` evenly spaced steps (Nichol & Dhariwal 2021, sec. 4): ``S = {1 + round(i (T-1)/(K-1))}``,
-        always including steps 1 and ``T``, with betas recomputed so that ``abar`` is unchanged on ``S``:
-        ``beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}}`` (``abar_{s_0} = 1``)."""
+        r"""Keep ``steps`` evenly spaced steps (Nichol & Dhariwal 2021, sec. 4): ``S = {1 + round(c_i)}``,
+        ``c_i = i (T-1)/(K-1)``, always including steps 1 and ``T``, with betas recomputed so that ``abar`` is
+        unchanged on ``S``: ``beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}}`` (``abar_{s_0} = 1``).
+
+        ``c_i`` is accumulated as improved-diffusion's ``space_timesteps(T, [K])`` does (a running float sum of the
+        stride, Python's half-to-even ``round``), so the kept steps are exactly theirs: the sum can fall just below
+        a half-integer, e.g. ``T = 1000, K = 21`` keeps step 500 (their index 499) where the exact ``c_10 = 499.5``
+        rounds to index 500 (step 501).
+        ``K = 1`` keeps step ``T`` (improved-diffusion keeps step 1, from which ancestral sampling cannot start).
+        """
         if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= self.T:
             raise ValueError(f"steps must be an int in [1, T={self.T}] to respace this schedule, got {steps!r}.")
         if steps == self.T:
             return self
-        idx = np.array([self.T - 1]) if steps == 1 else np.round(np.arange(steps) * (self.T - 1) / (steps - 1))
+        if steps == 1:
+            idx = np.array([self.T - 1])
+        else:
+            stride, c, kept = (self.T - 1) / (int(steps) - 1), 0.0, []
+            for _ in range(int(steps)):
+                kept.append(round(c))
+                c += stride
+            idx = np.asarray(kept)
         idx = np.unique(idx.astype(np.int64))
         abar = self.alphas_cumprod[idx]
         new_betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
@@ -409,10 +439,20 @@ def gaussian_kl(mean1: Array, var1: Array, mean2: Array, var2: Array) -> Array:
     return 0.5 * (d * (jnp.log(var2) - jnp.log(var1) + var1 / var2 - 1.0) + sq / var2)
 
 
+def _check_kl_step(schedule: DDPMSchedule, n) -> None:
+    """``L_{n-1}`` is a KL term only for ``n >= 2`` (``beta_tilde_1 = 0``: it would be infinite at ``n = 1``)."""
+    n = jnp.asarray(n)
+    if is_concrete(n) and n.size and jnp.issubdtype(n.dtype, jnp.integer) and np.asarray(n).min() < 2:
+        raise ValueError(f"the KL term L_(n-1) needs steps n >= 2, got n = {np.asarray(n).min()}: at n = 1 the posterior "
+                         "variance beta_tilde_1 is 0, and that step is the decoder L_0 = -log p(x_0 | x_1) "
+                         "(ddpm_elbo's `decoder` term).")
+
+
 def diffusion_kl_term(schedule: DDPMSchedule, x0: Array, x_n: Array, x0_hat: Array, n, *,
                       variance: str = "beta") -> Array:
     r"""``L_{n-1} = KL(q(x_{n-1} | x_n, x_0) || p(x_{n-1} | x_n))`` for ``n >= 2`` in closed form (Ho et al. eq. 5),
     with the model mean ``mu_tilde_n(x_n, x0_hat)`` and variance ``sigma_n^2``. Shape ``(B,)``, nats."""
+    _check_kl_step(schedule, n)
     mean_q, var_q = schedule.q_posterior(x0, x_n, n)
     mean_p, _ = schedule.q_posterior(x0_hat, x_n, n)
     var_p = jnp.reshape(schedule._at(schedule.model_variance(variance), n, x0), (-1,))
@@ -439,6 +479,7 @@ def eps_kl_weight(schedule: DDPMSchedule, n, x: Array, *, variance: str = "beta"
 def snr_kl_weight(schedule: DDPMSchedule, n, x: Array, *, variance: str = "beta") -> Array:
     r"""``(beta_tilde_n / sigma_n^2) (SNR(n-1) - SNR(n)) / 2``, the weight of ``||x_0 - x0_hat||^2`` in ``L_{n-1}``
     (Kingma et al. 2021, eq. 13 in discrete time, for ``sigma_n^2 = beta_tilde_n``). Shape ``(B,)``; ``n >= 2``."""
+    _check_kl_step(schedule, n)
     snr = schedule.snr
     snr_prev = np.concatenate([[np.inf], snr[:-1]])
     with np.errstate(invalid="ignore"):
@@ -448,17 +489,19 @@ def snr_kl_weight(schedule: DDPMSchedule, n, x: Array, *, variance: str = "beta"
 
 
 def diffusion_kl_term_eps(schedule: DDPMSchedule, eps: Array, eps_hat: Array, n, *, variance: str = "beta") -> Array:
-    r"""``L_{n-1}`` in noise form (Ho et al. eq. 12):
+    r"""``L_{n-1}`` in noise form (Ho et al. eq. 12), ``n >= 2``:
     ``C_n + beta_n^2 / (2 sigma_n^2 alpha_n (1 - abar_n)) ||eps - eps_hat||^2``, ``C_n`` the variance mismatch. Equals :func:`diffusion_kl_term` when ``x0_hat`` is decoded from ``eps_hat``."""
+    _check_kl_step(schedule, n)
     sq = jnp.sum(jnp.reshape(eps - eps_hat, (eps.shape[0], -1)) ** 2, -1)
     return _variance_mismatch(schedule, n, eps, variance) + eps_kl_weight(schedule, n, eps, variance=variance) * sq
 
 
 def diffusion_kl_term_snr(schedule: DDPMSchedule, x0: Array, x0_hat: Array, n, *, variance: str = "beta") -> Array:
-    r"""``L_{n-1}`` in data (SNR) form: ``C_n + (beta_tilde_n/sigma_n^2) (SNR(n-1) - SNR(n))/2 ||x_0 - x0_hat||^2``.
+    r"""``L_{n-1}`` in data (SNR) form, ``n >= 2``: ``C_n + (beta_tilde_n/sigma_n^2) (SNR(n-1) - SNR(n))/2 ||x_0 - x0_hat||^2``.
 
     Since ``x_0 - x0_hat = (eps_hat - eps) / sqrt(SNR(n))``, the eps weight of eq. 12 is this weight over ``SNR(n)``.
     """
+    _check_kl_step(schedule, n)
     sq = jnp.sum(jnp.reshape(x0 - x0_hat, (x0.shape[0], -1)) ** 2, -1)
     return _variance_mismatch(schedule, n, x0, variance) + snr_kl_weight(schedule, n, x0, variance=variance) * sq
 
@@ -474,7 +517,8 @@ def discretized_gaussian_log_likelihood(x: Array, mean: Array, std: Array, *, nu
 
     Each value owns the interval ``[x - 1/(num_bins - 1), x + 1/(num_bins - 1)]``, the outer two extended to
     ``-inf`` and ``+inf``; the probability is the Gaussian mass of that interval, computed from ``log Phi``
-    on the tail where it is accurate.
+    on the tail where it is accurate. (Ho et al.'s and improved-diffusion's code use a tanh approximation of
+    ``Phi`` and clamp probabilities at ``1e-12``; on 8-bit data that moves a mean by a few ``1e-5`` bits/dim.)
     """
     half = 1.0 / (num_bins - 1)
     lo = (x - mean - half) / std
@@ -507,6 +551,21 @@ class DDPMBound(NamedTuple):
     decoder: Array
 
 
+def _decoder_variance(sched: DDPMSchedule, variance: str, decoder_variance) -> float:
+    """``sigma_1^2`` of the decoder ``p(x_0 | x_1)`` (see :func:`ddpm_elbo`)."""
+    if decoder_variance is None:
+        return float(sched.model_variance(variance)[0])
+    if isinstance(decoder_variance, str):
+        if decoder_variance != "clipped":
+            raise ValueError(f"unknown decoder_variance {decoder_variance!r}; use None (sigma_1^2 of `variance`), "
+                             "'clipped' (beta_tilde_2, as Ho et al.'s and improved-diffusion's code) or a positive float.")
+        return float(sched.model_variance("posterior")[0])
+    v = float(decoder_variance)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"decoder_variance must be a positive finite float (or None / 'clipped'), got {decoder_variance!r}.")
+    return v
+
+
 def ddpm_elbo(
     field: Callable,
     x0: Array,
@@ -523,6 +582,7 @@ def ddpm_elbo(
     path_time: Callable | None = None,
     clip_denoised: float | None = None,
     cond: dict | None = None,
+    decoder_variance: str | float | None = None,
 ) -> DDPMBound:
     r"""Negative variational bound of a DDPM per sample (Ho et al. 2020, eq. 5):
 
@@ -537,6 +597,13 @@ def ddpm_elbo(
     (:meth:`DDPMSchedule.model_variance`): ``"gaussian"`` is the continuous density (then the bound is on a
     density of ``x_0`` and is comparable with a continuous NLL); ``"discretized"`` is eq. 13 for data on
     ``num_bins`` levels in ``[-1, 1]`` (a probability: the bound is on a discrete NLL).
+
+    ``decoder_variance`` replaces the decoder's ``sigma_1^2``: ``None`` keeps ``model_variance(variance)[0]``
+    (``beta_1`` for ``"beta"``, as eq. 13 with ``sigma_t^2 = beta_t``), ``"clipped"`` uses ``beta_tilde_2``, which
+    Ho et al.'s ``diffusion_utils_2.py`` and improved-diffusion use at the first step for *both* fixed variances
+    (their ``fixedlarge`` log-variance is ``log(append(beta_tilde_2, betas[1:]))``), a float uses that variance.
+    Their bits/dim are ``variance="beta"`` or ``"posterior"``, ``decoder="discretized"``,
+    ``decoder_variance="clipped"``, ``clip_denoised=1.0`` (their ``calc_bpd_loop`` default).
 
     Returns:
       :class:`DDPMBound` (nats; ``bits_per_dim`` divides by ``D log 2``, ``D`` the data dimension).
@@ -556,6 +623,7 @@ def ddpm_elbo(
                              f"got values in [{arr.min():.4g}, {arr.max():.4g}].")
     if num_terms is not None and (not isinstance(num_terms, (int, np.integer)) or num_terms < 1):
         raise ValueError(f"num_terms must be a positive int (or None for all T - 1 terms), got {num_terms!r}.")
+    var1 = _decoder_variance(sched, variance, decoder_variance)
     K, B = sched.T, x0.shape[0]
     d = math.prod(x0.shape[1:])
     dtype = x0.dtype
@@ -591,7 +659,6 @@ def ddpm_elbo(
     one = jnp.ones((B,), jnp.int32)
     x1 = sched.q_sample(x0, one, jax.random.normal(jax.random.fold_in(key, 1), x0.shape, dtype))
     mean = x0_hat_at(x1, one)  # mu_tilde_1(x1, x0_hat) = x0_hat: coef1 = 1, coef2 = 0 at n = 1
-    var1 = float(sched.model_variance(variance)[0])
     if decoder == "gaussian":
         sq = jnp.sum(jnp.reshape((x0 - mean) ** 2, (B, -1)), -1)
         dec = 0.5 * sq / var1 + 0.5 * d * math.log(2.0 * math.pi * var1)

@@ -197,6 +197,18 @@ def _vp_beta(tau, beta_min, beta_max):
     return beta_min + tau * (beta_max - beta_min)
 
 
+def _vp_discrete_betas(sde) -> np.ndarray:
+    """score_sde's ``linspace(beta_min / N, beta_max / N, N)``, i.e. DDPM's ``beta_i = beta_min / N + i (beta_max -
+    beta_min) / (N (N - 1))``, ``i = 0..N-1`` (Song et al. 2021's DDPM betas), checked to be a valid chain (every ``beta_i < 1``)."""
+    if sde.beta_max / sde.N >= 1.0:
+        raise ValueError(
+            f"{type(sde).__name__}'s discrete betas linspace(beta_min/N, beta_max/N, N) reach beta_max/N = "
+            f"{sde.beta_max}/{sde.N} >= 1, so sqrt(1 - beta_i) and the Langevin factor 1 - beta_i are invalid (NaN "
+            f"samples). Use N (pc_sample's steps) > beta_max, e.g. >= {math.floor(sde.beta_max) + 1}, or the "
+            "'euler_maruyama' predictor with corrector='none', which do not use the discrete betas.")
+    return np.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N)
+
+
 def _vp_log_mean_coeff(tau, beta_min, beta_max):
     r"""``log m(tau) = -1/4 tau^2 (beta_max - beta_min) - 1/2 tau beta_min`` (Song et al. eq. 29)."""
     return -0.25 * tau**2 * (beta_max - beta_min) - 0.5 * tau * beta_min
@@ -236,11 +248,23 @@ class VPSDE(SDE):
 
     @property
     def discrete_betas(self) -> np.ndarray:
-        """DDPM betas ``linspace(beta_min / N, beta_max / N, N)`` (float64), index ``i = 0 .. N-1``."""
-        return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
+        """DDPM betas ``linspace(beta_min / N, beta_max / N, N)`` (float64), index ``i = 0 .. N-1``
+        (ValueError if ``beta_max / N >= 1``)."""
+        return _vp_discrete_betas(self)
+
+    @property
+    def alphas(self) -> np.ndarray:
+        """score_sde's ``alphas = 1 - discrete_betas`` (float64)."""
+        return 1.0 - self.discrete_betas
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        """score_sde's ``alphas_cumprod`` (float64): ``abar_i``; ``sqrt(1 - abar_i)`` at ``i = timestep_index(tau)`` is
+        the std by which score_sde scales a discretely trained VP model (``sqrt_1m_alphas_cumprod``)."""
+        return np.cumprod(self.alphas)
 
     def discretize(self, x, tau):
-        r"""DDPM discretisation (Song et al. eq. 8/10): ``x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z``,
+        r"""DDPM discretisation (Song et al. eq. 10): ``x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z``,
         i.e. ``f = (sqrt(1 - beta_i) - 1) x``, ``G = sqrt(beta_i)``, ``i = int(tau (N - 1))``."""
         tau = _batch_tau(tau, x)
         beta = jnp.asarray(self.discrete_betas, x.dtype)[self.timestep_index(tau)]
@@ -286,7 +310,7 @@ class SubVPSDE(SDE):
     @property
     def discrete_betas(self) -> np.ndarray:
         """The VP betas of the same ``beta(tau)`` (used only for the Langevin factor ``alpha_i``)."""
-        return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
+        return _vp_discrete_betas(self)
 
     def langevin_alpha(self, tau):
         """``1 - beta_i`` as for VP. (score_sde's corrector reads ``sde.alphas``, which its ``subVPSDE``
@@ -339,7 +363,7 @@ class VESDE(SDE):
         return np.exp(np.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.N))
 
     def discretize(self, x, tau):
-        r"""SMLD discretisation (Song et al. eq. 7/10): ``x_{i+1} = x_i + sqrt(sigma_i^2 - sigma_{i-1}^2) z``
+        r"""SMLD discretisation (Song et al. eq. 8): ``x_{i+1} = x_i + sqrt(sigma_i^2 - sigma_{i-1}^2) z``
         (``sigma_{-1} = 0``), ``i = int(tau (N - 1))``."""
         tau = _batch_tau(tau, x)
         i = self.timestep_index(tau)

@@ -93,7 +93,8 @@ def test_linear_schedule_values():
     np.testing.assert_allclose(LINEAR.alphas_cumprod[-1], 4.0358e-5, rtol=1e-4)  # the known abar_T of Ho et al.
     np.testing.assert_allclose(LINEAR.alphas_cumprod[0], 0.9999, rtol=1e-12)
     # improved DDPM's rescaling = score_sde's VP discretisation beta_i = beta_min/N + i (beta_max - beta_min)/(N(N-1))
-    np.testing.assert_allclose(LINEAR100.betas, np.linspace(0.1 / 100, 20 / 100, 100), rtol=1e-12)
+    i = np.arange(100)
+    np.testing.assert_allclose(LINEAR100.betas, 0.1 / 100 + i * (20 - 0.1) / (100 * 99), rtol=1e-12)
     np.testing.assert_allclose(linear_betas(1000, rescale=True), betas, rtol=1e-12)
 
 
@@ -104,6 +105,7 @@ def test_cosine_schedule_formula():
     # below the clipping (beta <= 0.999, active only at n = T) abar_n = f(n) / f(0) (Nichol & Dhariwal eq. 17)
     np.testing.assert_allclose(COSINE.alphas_cumprod[:-1], f(n) / f(0), rtol=1e-9)
     np.testing.assert_allclose(COSINE.betas[-1], 0.999)
+    np.testing.assert_allclose(COSINE.alphas_cumprod[-1], f(T - 1) / f(0) * (1 - 0.999), rtol=1e-9)  # the clipped step
     assert np.all(cosine_betas(T) <= 0.999) and np.all(np.diff(COSINE.betas) > 0)
 
 
@@ -153,6 +155,41 @@ def test_respacing_keeps_alphas_cumprod():
     np.testing.assert_allclose(r.alphas_cumprod, LINEAR.alphas_cumprod[r.timesteps - 1], rtol=1e-10)
     np.testing.assert_allclose(r.betas[0], LINEAR.betas[0])
     assert LINEAR.respace(1000) is LINEAR
+
+
+def _space_timesteps(T, K):
+    """improved-diffusion's respace.space_timesteps(T, [K]) for one section, written out: 0-based indices."""
+    stride, cur, taken = (T - 1) / (K - 1), 0.0, []
+    for _ in range(K):
+        taken.append(round(cur))
+        cur += stride
+    return np.array(taken)
+
+
+@pytest.mark.parametrize("sched", [LINEAR, COSINE], ids=["linear", "cosine"])
+def test_respacing_reproduces_improved_diffusion(sched):
+    """The kept steps are improved-diffusion's (its running float sum keeps index 499, not round(499.5) = 500, for
+    K = 21), and the new betas are 1 - abar_t / abar_t' over consecutive kept steps (Nichol & Dhariwal sec. 4)."""
+    assert 500 in LINEAR.respace(21).timesteps
+    abar = np.cumprod(1 - sched.betas)
+    for K in (21, 37, 50, 250):
+        r = sched.respace(K)
+        idx = _space_timesteps(1000, K)
+        np.testing.assert_array_equal(r.timesteps, idx + 1)
+        prev = np.concatenate([[1.0], abar[idx][:-1]])
+        np.testing.assert_allclose(r.betas, 1 - abar[idx] / prev, rtol=1e-10)
+    assert list(LINEAR.respace(1).timesteps) == [1000]  # one step starts from noise
+
+
+def test_step_of_time_gives_the_original_steps():
+    """t_n = 1 - n/T and back; DDPM's code index is n - 1."""
+    for sched in (LINEAR, LINEAR.respace(37)):
+        k = jnp.arange(0, sched.T + 1)
+        n = np.asarray(jax.jit(lambda k: sched.step_of_time(sched.time_of_step(k)))(k))
+        np.testing.assert_array_equal(n, np.concatenate([[0], sched.timesteps]))
+    np.testing.assert_array_equal(LINEAR.step_of_time(jnp.array([0.0, 0.5, 0.999, 1.0])), [1000, 500, 1, 0])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        LINEAR.step_of_time(1.5)
 
 
 # -- the reverse step and the KL terms ---------------------------------------------------------
@@ -276,6 +313,35 @@ def test_ancestral_nfe_path_time_and_clipping():
 
 # -- the variational bound ---------------------------------------------------------------------
 
+def test_elbo_prior_and_decoder_terms_by_hand():
+    """L_T = KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)) and the discretised decoder of eq. 13 around a constant
+    x0-prediction, computed with float64 normal CDFs; decoder_variance='clipped' uses beta_tilde_2 at n = 1 as Ho et
+    al.'s diffusion_utils_2.py and improved-diffusion do (their 'fixedlarge' first log-variance)."""
+    sched = LINEAR100
+    x0 = np.array([[-1.0, -0.2], [0.0, 0.5], [1.0, 64 * 2 / 255 - 1]])
+    c = np.array([-0.98, -0.19, 0.03, 0.47, 0.97, -0.47])
+    field = lambda x, t: jnp.broadcast_to(jnp.asarray(c.reshape(3, 2), x.dtype), x.shape)  # noqa: E731
+    b = np.linspace(1e-3, 0.2, 100)
+    ab = np.cumprod(1 - b)
+    beta_tilde_2 = (1 - ab[0]) / (1 - ab[1]) * b[1]
+    prior = 0.5 * np.sum((1 - ab[-1]) + ab[-1] * x0**2 - 1 - np.log(1 - ab[-1]), -1)
+
+    def decoder(var):
+        sd, h = math.sqrt(var), 1 / 255
+        x, m = x0.reshape(-1), c
+        hi = np.where(x > 1 - h, np.inf, (x + h - m) / sd)
+        lo = np.where(x < -1 + h, -np.inf, (x - h - m) / sd)
+        return -np.log(stats.norm.cdf(hi) - stats.norm.cdf(lo)).reshape(3, 2).sum(-1)
+
+    cases = ((None, b[0]), ("clipped", beta_tilde_2), (2e-3, 2e-3))
+    run = jax.jit(lambda x0, key: [ddpm_elbo(field, x0, key, schedule=sched, prediction="data", num_terms=1,
+                                             decoder="discretized", decoder_variance=dv) for dv, _ in cases])
+    for bound, (_, var) in zip(run(jnp.asarray(x0, jnp.float32), jax.random.key(0)), cases):
+        np.testing.assert_allclose(bound.prior, prior, rtol=1e-4)
+        np.testing.assert_allclose(bound.decoder, decoder(var), rtol=1e-4)
+    with pytest.raises(ValueError, match="decoder_variance"):
+        ddpm_elbo(field, jnp.asarray(x0, jnp.float32), jax.random.key(0), schedule=sched, decoder_variance="large")
+
 @pytest.fixture(scope="module")
 def gauss_data():
     x0 = GAUSS.sample(jax.random.key(20), 4000)
@@ -394,3 +460,9 @@ def test_bad_arguments_raise():
         ddpm_ancestral_sample(f, x, key, schedule="linear")
     with pytest.raises(ValueError, match="num_terms"):
         ddpm_elbo(f, x, key, schedule=LINEAR100, num_terms=0)
+    # L_0 is the decoder: the KL forms would be infinite at n = 1 (beta_tilde_1 = 0)
+    one = jnp.ones((4,), jnp.int32)
+    for kl in (lambda: diffusion_kl_term(LINEAR100, x, x, x, one), lambda: diffusion_kl_term_eps(LINEAR100, x, x, one),
+               lambda: diffusion_kl_term_snr(LINEAR100, x, x, one)):
+        with pytest.raises(ValueError, match="n >= 2"):
+            kl()

@@ -101,6 +101,13 @@ def test_vp_discretisation_is_ddpm():
     sde = VPSDE()
     np.testing.assert_allclose(sde.discrete_betas, DDPMSchedule.linear(1000).betas, rtol=1e-12)
     np.testing.assert_allclose(sde.discrete_betas, np.linspace(1e-4, 0.02, 1000), rtol=1e-12)
+    # Song et al.'s DDPM betas beta_i = beta_min/N + i (beta_max - beta_min)/(N(N-1)), i = 0..N-1, and score_sde's
+    # alphas_cumprod (its discretely trained models' std is sqrt(1 - alphas_cumprod[int(tau (N - 1))]))
+    for n_steps in (1000, 50):
+        i = np.arange(n_steps)
+        betas = 0.1 / n_steps + i * (20 - 0.1) / (n_steps * (n_steps - 1))
+        np.testing.assert_allclose(VPSDE(N=n_steps).discrete_betas, betas, rtol=1e-12)
+        np.testing.assert_allclose(VPSDE(N=n_steps).alphas_cumprod, np.cumprod(1 - betas), rtol=1e-12)
     x = normal(2, (4, 3))
     tau = jnp.array([0.0, 0.25, 0.5, 1.0])
     f, G = sde.discretize(x, tau)
@@ -199,6 +206,55 @@ def test_reverse_sde_euler_maruyama_reproduces_mixture(reference):
 
 # -- predictor-corrector sampling -----------------------------------------------------------------
 
+def _score_sde_update(name, predictor, corrector, x, z, tau, n_steps, snr):
+    """One step of score_sde's sampling.py, written out in float64 for the score s(x) = -1.7 x: the Langevin corrector
+    (step 2 alpha_i (snr mean||z|| / mean||s||)^2, alpha_i = 1 - beta_i for VP / sub-VP, i = int(tau (N - 1))), or
+    the reverse-diffusion predictor (x - f + G^2 s + G z from the DDPM / SMLD discretisation), or Euler-Maruyama."""
+    s = -1.7 * x
+    i = int(np.float32(tau) * np.float32(n_steps - 1))
+    beta_i = 0.1 / n_steps + i * (20 - 0.1) / (n_steps * (n_steps - 1))
+    if corrector == "langevin":
+        alpha = 1.0 if name == "ve" else 1.0 - beta_i
+        e = 2 * alpha * (snr * np.linalg.norm(z, axis=1).mean() / np.linalg.norm(s, axis=1).mean()) ** 2
+        return x + e * s + np.sqrt(2 * e) * z
+    if predictor == "reverse_diffusion" and name == "vp":
+        f, G = (np.sqrt(1 - beta_i) - 1) * x, np.sqrt(beta_i)
+    elif predictor == "reverse_diffusion" and name == "ve":
+        sig = np.exp(np.linspace(np.log(0.01), np.log(50.0), n_steps))
+        f, G = 0 * x, np.sqrt(sig[i] ** 2 - (sig[i - 1] ** 2 if i > 0 else 0.0))
+    else:  # Euler-Maruyama with dt = 1/N (sub-VP: discount 1 - exp(-2 int_0^tau beta))
+        tau = float(np.float32(tau))
+        if name == "ve":
+            c, g = 0.0, 0.01 * (50 / 0.01) ** tau * np.sqrt(2 * np.log(50 / 0.01))
+        else:
+            b = 0.1 + tau * (20 - 0.1)
+            c, g = -0.5 * b, np.sqrt(b * (1 - np.exp(-2 * 0.1 * tau - (20 - 0.1) * tau**2)))
+        f, G = c * x / n_steps, g / np.sqrt(n_steps)
+    return x - f + G**2 * s + G * z
+
+
+@pytest.mark.parametrize("name,predictor,corrector", [("vp", "reverse_diffusion", "none"), ("ve", "reverse_diffusion", "none"),
+                                                      ("vp", "none", "langevin"), ("sub_vp", "none", "langevin"),
+                                                      ("ve", "none", "langevin"), ("sub_vp", "euler_maruyama", "none")])
+def test_pc_steps_are_score_sde_updates(name, predictor, corrector):
+    """Every transition of a 25-step pc_sample equals score_sde's update at tau_i = linspace(1, 1e-3, 25)[i], with the
+    documented noise fold_in(fold_in(key, i), 1) (corrector) / fold_in(fold_in(key, i), 0) (predictor)."""
+    sde, n_steps, snr = SDES[name], 25, 0.16
+    key = jax.random.key(42)
+    x0 = 2.0 * normal(9, (6, 3))
+    res = pc_sample(lambda x, t: -1.7 * x, x0, key, sde=sde, steps=n_steps, predictor=predictor, corrector=corrector,
+                    snr=snr, denoise=False, save_trajectory=True)
+    traj = np.asarray(res.trajectory, np.float64)
+    assert np.all(np.isfinite(traj)) and res.nfe == n_steps
+    taus = np.linspace(1.0, 1e-3, n_steps)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), int(corrector == "langevin")))(
+        jnp.arange(n_steps))
+    zs = np.asarray(jax.vmap(lambda k: jax.random.normal(k, x0.shape, jnp.float32))(keys), np.float64)
+    for i in range(n_steps):
+        ref = _score_sde_update(name, predictor, corrector, traj[i], zs[i], taus[i], n_steps, snr)
+        np.testing.assert_allclose(traj[i + 1], ref, rtol=2e-5, atol=2e-5 * (1 + np.abs(ref).max()))
+
+
 PC_CASES = [
     ("vp", "reverse_diffusion", "langevin", 1, False),
     ("vp", "euler_maruyama", "none", 1, False),
@@ -243,14 +299,15 @@ def _counting(field):
     return f, count
 
 
-@pytest.mark.parametrize("predictor,corrector,k", [("euler_maruyama", "none", 1), ("none", "langevin", 2)])
-def test_pc_nfe_equals_counted_evaluations(predictor, corrector, k):
-    sde = SDES["vp"]
+@pytest.mark.parametrize("name,predictor,corrector,k", [("vp", "euler_maruyama", "none", 1), ("ve", "none", "langevin", 2)])
+def test_pc_nfe_equals_counted_evaluations(name, predictor, corrector, k):
+    sde = SDES[name]
     f, count = _counting(fast_score(GM, sde.path))
     res = pc_sample(f, jnp.ones((4, 2)), jax.random.key(0), sde=sde, steps=7, predictor=predictor, corrector=corrector,
                     corrector_steps=k, save_trajectory=True)
     jax.block_until_ready(res.x)
     jax.effects_barrier()
+    assert bool(jnp.all(jnp.isfinite(res.trajectory)))
     assert res.nfe == count[0] == pc_nfe(7, predictor, corrector, k) > 0
     assert res.trajectory.shape == (8, 4, 2) and res.ts.shape == (8,)
     np.testing.assert_allclose(np.asarray(res.ts)[[0, -1]], [0.0, 1.0])
@@ -295,4 +352,9 @@ def test_bad_arguments_raise():
         VPSDE(beta_min=1.0, beta_max=0.5)
     with pytest.raises(ValueError, match="positive int"):
         VPSDE(N=0)
+    # 7 DDPM steps of beta(tau) up to 20 would need beta_i = 20/7 > 1: NaN samples, so a clear error instead
+    for sde, kw in ((SDES["vp"], dict(predictor="reverse_diffusion", corrector="none")),
+                    (SDES["sub_vp"], dict(predictor="none", corrector="langevin"))):
+        with pytest.raises(ValueError, match="beta_max/N"):
+            pc_sample(f, x, key, sde=sde, steps=7, **kw)
     assert isinstance(SDES["vp"], SDE)
