@@ -28,7 +28,9 @@ formulas without any division by ``alpha_t`` (zero at t = 0), with
 exactly (also enforced with a ``where`` for schedules whose coefficients are clamped). For the
 linear path (``alpha = t``, ``beta = 1 - t``, ``t_end = 1``) this is
 ``c_skip = t sd^2 / (t^2 sd^2 + (1-t)^2)``, ``c_out = (1-t) sd / sqrt(t^2 sd^2 + (1-t)^2)``: at t = 0
-the output is ``sd * F`` (pure network), at t = 1 it is ``x``.
+the output is ``sd * F`` (pure network), at t = 1 it is ``x``. ``parameterization="denoiser"`` instead
+decodes a trained prediction field (``f = alpha_e z_hat + beta_e eps_hat``; see :class:`ConsistencyFunction`),
+so a flow-matching teacher's network is a sensible initial student.
 
 Training (the paper's Algorithms 2 and 3) compares the online network at the *noisier* of two
 neighbouring times ``tau_n < tau_{n+1}`` with a target network (an EMA ``theta^-`` of the online
@@ -60,7 +62,7 @@ import optax
 from flax import nnx
 
 from jaxgen._checks import batch_time, expand_like, safe_divide
-from jaxgen.fields import as_field, canonical_prediction
+from jaxgen.fields import as_field, canonical_prediction, to_data_and_noise
 from jaxgen.losses import split_batch
 from jaxgen.paths.gaussian import GaussianPath, as_path
 from jaxgen.samplers.ode import SampleResult
@@ -70,6 +72,7 @@ Array = jax.Array
 
 SOLVERS = ("euler", "heun")
 DISTANCES = ("l2", "l1", "pseudo_huber")
+PARAMETERIZATIONS = ("edm", "denoiser")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,14 +130,25 @@ class ConsistencyFunction(nnx.Module):
       path: the Gaussian path (or schedule name) whose probability-flow ODE the model is consistent with.
       sigma_data: standard deviation of the data per coordinate (EDM's ``sigma_d``; 0.5 for images in [-1, 1]).
       t_end: the data end, where ``f(x, t_end) = x`` exactly; default the schedule's ``t_max``.
-      scale_input: feed ``c_in(t) x`` (unit variance at every ``t``) to the network instead of ``x``.
+      scale_input: feed ``c_in(t) x`` (unit variance at every ``t``) to the network instead of ``x``
+        (``"edm"`` parameterisation only).
+      parameterization: ``"edm"`` (default): the skip parameterisation above. ``"denoiser"``: the network
+        is a ``prediction``-type field of the path (e.g. a trained flow-matching teacher) fed the raw ``x``,
+        decoded into ``(z_hat, eps_hat)`` with ``x = alpha_t z_hat + beta_t eps_hat``
+        (:func:`jaxgen.fields.to_data_and_noise`) and re-encoded at the data end,
+        ``f(x, t) = alpha_e z_hat + beta_e eps_hat`` (``= z_hat``, the posterior-mean estimate, when
+        ``beta_e = 0``; on the linear path with a velocity network ``f = x + (1 - t) u(x, t)``, the
+        network's one-step Euler jump). ``f(x, t_end) = x`` is enforced exactly with a ``where``.
+      prediction: what the network predicts in the ``"denoiser"`` parameterisation (``velocity``, ``data``,
+        ``eps``, ``score`` or ``v``); ignored by ``"edm"``.
 
     Call it as ``f(x, t, **cond)`` with ``t`` of shape ``(B,)`` (or a scalar). The parameters are the
     network's, so :class:`ConsistencyTrainer` and :class:`jaxgen.train.Trainer` can train it.
     """
 
     def __init__(self, network: Callable, path: GaussianPath | str, *, sigma_data: float = 0.5,
-                 t_end: float | None = None, scale_input: bool = True):
+                 t_end: float | None = None, scale_input: bool = True, parameterization: str = "edm",
+                 prediction: str = "velocity"):
         self.network = network
         self.path = as_path(path)
         if not sigma_data > 0:
@@ -143,6 +157,15 @@ class ConsistencyFunction(nnx.Module):
         self.t_end = _end_time(self.path, t_end)
         self.t_min = float(self.path.schedule.t_min)
         self.scale_input = bool(scale_input)
+        parameterization = str(parameterization).lower()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS} "
+                             "('edm': Song et al.'s skip parameterisation, 'denoiser': decode a prediction field).")
+        self.parameterization = parameterization
+        self.prediction = canonical_prediction(prediction)
+        if parameterization == "denoiser" and self.prediction in ("eps", "score"):
+            _check_data_recoverable(self.path, self.t_min, self.prediction, "the denoiser parameterization",
+                                    "use a 'velocity', 'data' or 'v' network, or the 'edm' parameterization")
 
     def coefficients(self, t: Array) -> tuple[Array, Array, Array]:
         """``(c_skip, c_out, c_in)`` at ``t`` (see :func:`consistency_coefficients`)."""
@@ -150,12 +173,31 @@ class ConsistencyFunction(nnx.Module):
 
     def __call__(self, x: Array, t: Array, **cond) -> Array:
         t = batch_time(t, x)
+        if self.parameterization == "denoiser":
+            out = self._network(x, t, cond)
+            z_hat, eps_hat = to_data_and_noise(self.path, out, x, t, self.prediction)
+            end = self.path.coefficients(jnp.asarray(self.t_end, t.dtype))
+            f = end.alpha.astype(x.dtype) * z_hat + end.beta.astype(x.dtype) * eps_hat
+            return jnp.where(expand_like(t >= self.t_end, x), x, f)
         c_skip, c_out, c_in = (expand_like(c.astype(x.dtype), x) for c in self.coefficients(t))
-        out = self.network(c_in * x if self.scale_input else x, t, **cond)
+        out = self._network(c_in * x if self.scale_input else x, t, cond)
+        return c_skip * x + c_out * out
+
+    def _network(self, x: Array, t: Array, cond: dict) -> Array:
+        out = self.network(x, t, **cond)
         if getattr(out, "shape", None) != x.shape:
             raise ValueError(f"the network returned shape {getattr(out, 'shape', None)} for x of shape "
                              f"{tuple(x.shape)}; a consistency network must return an array like x.")
-        return c_skip * x + c_out * out
+        return out
+
+
+def _check_data_recoverable(path: GaussianPath, t_min: float, prediction: str, what: str, fix: str) -> None:
+    """Refuse ``alpha(t_min) = 0`` for an ``eps``/``score`` prediction (``z = (x - beta_t eps) / alpha_t``)."""
+    with jax.ensure_compile_time_eval():
+        a0 = float(path.coefficients(jnp.asarray(t_min, jnp.float32)).alpha)
+    if not a0 > 0:
+        raise ValueError(f"{what} decodes an {prediction!r} prediction through (x - beta_t eps) / alpha_t, but "
+                         f"alpha = 0 at t_min={t_min:g} on the '{path.name}' path (a division by zero): {fix}.")
 
 
 def consistency_fn(network: Callable, path: GaussianPath | str, **kwargs) -> ConsistencyFunction:
@@ -281,6 +323,7 @@ def _consistency_loss(path, make_pair, *, num_scales, distance, huber_c, rho, t_
             per = weighting(t_n, t_next) * per
         return jnp.mean(per)
 
+    loss.step_dependent = callable(num_scales)  # read by online_target
     return loss
 
 
@@ -302,8 +345,15 @@ def consistency_distillation_loss(
 
     Draw ``n ~ U{0..N-2}``, ``x_{tau_n} = alpha z + beta eps`` from data ``z``, and one teacher step of the
     probability-flow ODE ``dx/dt = u(x, t)`` from ``tau_n`` to ``tau_{n+1}`` (towards the data):
-    Euler ``hat x = x + h u(x, tau_n)`` or Heun (explicit trapezoid, the paper's choice). The loss is
+    Euler ``hat x = x + h u(x, tau_n)`` or Heun (explicit trapezoid ``hat x = x + h/2 (u(x, tau_n) +
+    u(x + h u(x, tau_n), tau_{n+1}))``, the paper's choice). The loss is
     ``lambda(tau_n, tau_{n+1}) d(f_theta(x_{tau_n}, tau_n), stopgrad f_target(hat x_{tau_{n+1}}, tau_{n+1}))``.
+
+    A ``data``-prediction teacher has no velocity at ``beta = 0`` (``u = d_alpha z + d_beta (x - alpha z) / beta``),
+    so where ``beta(t_end) = 0`` (linear, cosine) the last interval ``tau_{n+1} = t_end`` takes the Euler
+    step, as EDM's sampler (Karras et al. 2022, Algorithm 1) does when ``sigma_{i+1} = 0``; on the linear
+    path that step is the denoiser's output ``D(x, tau_n)``. ``eps``/``score`` teachers need
+    ``alpha(t_min) > 0`` (``z = (x - beta eps) / alpha``): pass ``t_min > 0`` on paths that start at ``alpha = 0``.
 
     Args:
       path: the Gaussian path of the teacher.
@@ -326,7 +376,15 @@ def consistency_distillation_loss(
         raise ValueError(f"unknown solver {solver!r}; use one of {SOLVERS}.")
     if not callable(teacher_field):
         raise ValueError("teacher_field must be a field teacher(x, t, **cond) (e.g. gm.velocity_field(path)).")
-    teacher = as_field(path, teacher_field, source=canonical_prediction(teacher_prediction), target="velocity")
+    teacher_prediction = canonical_prediction(teacher_prediction)
+    teacher = as_field(path, teacher_field, source=teacher_prediction, target="velocity")
+    lo, hi = _time_range(path, t_min, t_end)
+    if teacher_prediction in ("eps", "score"):
+        _check_data_recoverable(path, lo, teacher_prediction, "the teacher",
+                                "pass t_min > 0 (e.g. t_min=1e-3), or a 'velocity', 'data' or 'v' teacher")
+    with jax.ensure_compile_time_eval():
+        beta_end = float(path.coefficients(jnp.asarray(hi, jnp.float32)).beta)
+    final_euler = teacher_prediction == "data" and not beta_end > 0
 
     def make_pair(z, eps, t_n, t_next, cond):
         x_n = path.sample(z, eps, t_n)
@@ -335,7 +393,10 @@ def consistency_distillation_loss(
         x_euler = x_n + h * k1
         if solver == "euler":
             return x_n, x_euler
-        return x_n, x_n + 0.5 * h * (k1 + teacher(x_euler, t_next, **cond))
+        x_heun = x_n + 0.5 * h * (k1 + teacher(x_euler, t_next, **cond))
+        if final_euler:  # the teacher's velocity is singular at t_end (beta = 0): Euler on the last interval
+            x_heun = jnp.where(expand_like(t_next >= hi, z), x_euler, x_heun)
+        return x_n, x_heun
 
     return _consistency_loss(path, make_pair, num_scales=num_scales, distance=distance, huber_c=huber_c,
                              rho=rho, t_min=t_min, t_end=t_end, weighting=weighting)
@@ -375,8 +436,13 @@ def consistency_training_loss(
 def online_target(loss: Callable) -> Callable[[Any, Any, Array], Array]:
     """``loss(model, batch, key)`` with the target ``stopgrad(model)`` (``mu = 0``), for :class:`jaxgen.train.Trainer`.
 
-    A fixed ``num_scales`` is required: the plain trainer does not pass the step.
+    A fixed ``num_scales`` is required: the plain trainer does not pass the step (a schedule such as
+    ``ct_schedule(K)[0]`` would stay at ``N(0)``; use :class:`ConsistencyTrainer` with ``target_decay=0.0``).
     """
+    if getattr(loss, "step_dependent", False):
+        raise ValueError("online_target needs a loss with a fixed num_scales: the plain Trainer does not pass the "
+                         "training step, so a schedule num_scales=f(step) would stay at f(0). Train it with "
+                         "ConsistencyTrainer(model, loss, optimizer, target_decay=0.0) instead.")
     return lambda model, batch, key: loss(model, None, batch, key)
 
 
@@ -402,24 +468,35 @@ class ConsistencyTrainer(Trainer):
       target_decay: ``mu``, a float in ``[0, 1)`` or a function ``step -> mu`` (e.g. from :func:`ct_schedule`).
         ``mu = 0`` makes the target the current online weights.
       fuse_steps: as for :class:`~jaxgen.train.Trainer`.
+      target_eval: run the target in evaluation mode (``target.eval()``: no dropout). By default a network
+        in training mode applies dropout in the target too, with the same masks as the online call (both
+        start from the step's RNG state, as Song et al.'s reference code, openai/consistency_models, does
+        by restoring the RNG state before the target call).
     """
 
     def __init__(self, model: nnx.Module, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                  data: Callable[[Array], Any] | None = None,
-                 target_decay: float | Callable[[Array], Array] = 0.95, fuse_steps: bool = True):
+                 target_decay: float | Callable[[Array], Array] = 0.95, fuse_steps: bool = True,
+                 target_eval: bool = False):
         if not callable(target_decay) and not 0.0 <= float(target_decay) < 1.0:
             raise ValueError(f"target_decay must be in [0, 1) or a function step -> decay, got {target_decay}.")
         self.target_decay = target_decay
+        self.target_eval = bool(target_eval)
         super().__init__(model, loss_fn, optimizer, data=data,
                          ema_decay=0.0 if callable(target_decay) else float(target_decay),
                          ema_warmup=False, fuse_steps=fuse_steps)
 
     def _step(self, state: TrainState, batch: Any = None) -> tuple[TrainState, Array]:
         batch, k_loss = self._batch_and_loss_key(state, batch)
-        target = nnx.merge(self.graphdef, jax.lax.stop_gradient(state.ema_params), state.rest)
+        ema_params = jax.lax.stop_gradient(state.ema_params)
 
         def loss(params, rest):
             model = nnx.merge(self.graphdef, params, rest)
+            # Built at this trace level (not outside the grad): a stateful network (dropout RNG counters)
+            # may only be mutated where it was traced. Its own copy of `rest`: the online call's masks.
+            target = nnx.merge(self.graphdef, ema_params, jax.tree.map(lambda v: v, rest))
+            if self.target_eval:
+                target.eval()
             value = self.loss_fn(model, target, batch, k_loss, step=state.step).astype(jnp.float32)
             return value, nnx.split(model, nnx.Param, ...)[2]
 

@@ -135,6 +135,9 @@ def reflow_coupling(field: Callable, *, method: str = "heun", steps: int = 20
     ``coupling(key, x0, z) -> (x0, ODE_{0 -> 1}(x0))`` ignores the data minibatch ``z``: the loss then
     trains on the flow's own coupling, drawn afresh each step (online reflow; costs one ODE solve of
     ``steps`` steps per training step). For a fixed set of pairs use :func:`reflow_loss`.
+
+    The hook receives no conditioning (``regression_loss`` calls it as ``coupling(key, x_source, z)``), so
+    ``field`` is integrated unconditionally: for a class-conditional flow use :func:`reflow_couplings` with ``cond=``.
     """
 
     def coupling(key, x0, z):

@@ -115,6 +115,48 @@ def test_reflow_couplings_loss_and_coupling_hook_agree():
     np.testing.assert_allclose(data["x1"] - data["x0"], jnp.broadcast_to(c, (32, 2)), rtol=1e-6)
 
 
+def test_labels_reach_the_field_and_the_pair_is_noise_at_t0_data_at_t1():
+    """Conditioning is passed to the flow in reflow_couplings, reflow_loss, distillation_loss and straightness, and
+    kept with its pairs by pair_sampler; reflow_loss regresses v(t x1 + (1 - t) x0, t) onto x1 - x0."""
+    x0 = np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32)
+    y = (np.arange(64) % 4).astype(np.float32)
+    key = jax.random.key(1)
+
+    def field(x, t, y):  # a label-dependent flow (no default label: a missing y raises)
+        return _swirl(x, t) + 0.5 * y[:, None]
+
+    def run(x0, y):
+        pairs = reflow_couplings(field, None, None, x0, steps=8, cond={"y": y})
+        direct = sample_ode(lambda x, t: field(x, t, y=y), x0, method="heun", steps=8).x
+        unlabelled = {"x0": pairs["x0"], "x1": pairs["x1"]}
+        bound = lambda x, t: field(x, t, y=y)
+        losses = (reflow_loss()(field, pairs, key), reflow_loss()(bound, unlabelled, key),
+                  distillation_loss()(field, pairs, key), distillation_loss()(bound, unlabelled, key))
+        r = sample_ode(bound, x0, method="heun", steps=8, save_trajectory=True)
+        s = (straightness(r.trajectory, r.ts, field, cond={"y": y}), straightness(r.trajectory, r.ts, bound))
+        seen = {}
+
+        def recorder(x, t, y):
+            seen["x"], seen["t"], seen["y"] = x, t, y
+            return x
+
+        reflow_loss()(recorder, pairs, key)
+        return pairs, direct, losses, s, seen, pair_sampler(pairs, 16)(jax.random.key(2))
+
+    pairs, direct, losses, s, seen, batch = jax.tree.map(np.asarray, jax.jit(run)(x0, y))
+    np.testing.assert_array_equal(pairs["y"], y)
+    np.testing.assert_allclose(pairs["x1"], direct, rtol=1e-6)
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    np.testing.assert_allclose(losses[2], losses[3], rtol=1e-6)
+    np.testing.assert_allclose(s[0], s[1], rtol=1e-6)
+    np.testing.assert_array_equal(seen["y"], y)
+    t = seen["t"][:, None]
+    np.testing.assert_allclose(seen["x"], t * pairs["x1"] + (1 - t) * pairs["x0"], rtol=1e-5, atol=1e-6)
+    i = np.argmin(np.sum((batch["x0"][:, None] - x0[None]) ** 2, -1), -1)  # which pair each row is
+    np.testing.assert_array_equal(batch["y"], y[i])
+    np.testing.assert_array_equal(batch["x1"], pairs["x1"][i])
+
+
 # -- 2-rectified flow and distillation on the oracle's couplings ------------------------------------
 
 def test_reflow_on_oracle_couplings_straightens_and_improves_one_step_samples():
