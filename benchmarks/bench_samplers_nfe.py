@@ -4,7 +4,8 @@
 W2 distance (and energy distance) of 2,048 samples to fresh data. A consistency model distilled from that
 field (Heun teacher) is compared at 1 and 2 NFE.
 Digits (``--digits RUN_DIR``, e.g. the output of ``./run.sh``): the trained U-Net, guided at w = 2, and the
-digits classifier's Fréchet distance of 500 samples (``--per-class 50``) to the held-out digits.
+digits classifier's Fréchet distance of 500 samples (``--per-class 50``) to the held-out digits. A consistency
+model of that guided field (``jaxgen distill``, ``--cd-steps``) is compared at 1 and 2 NFE.
 
 Every sampler gets the NFE budgets {1, 2, 4, 8, 16, 32, 100}; a sampler that cannot spend a budget exactly
 takes the most steps within it (a budget that adds no step is skipped), and the NFE it reports is printed. Writes
@@ -33,6 +34,7 @@ def samplers(path, prediction="velocity"):
     """name -> (nfe(steps), run(field, x0, steps, key, cond)); ``nfe`` is each sampler's documented count."""
     from jaxgen.samplers import sample_ode
     from jaxgen.samplers.diffusion import ddim, dpm_solver, dpm_solver_pp, edm_sampler
+    from jaxgen.samplers.unipc import unipc
 
     kw = dict(path=path, prediction=prediction)
     ode = lambda method: lambda f, x0, n, key, cond: sample_ode(f, x0, method=method, steps=n, cond=cond)
@@ -45,6 +47,7 @@ def samplers(path, prediction="velocity"):
         "dpm_solver_2": (dpm_nfe(2), lambda f, x0, n, key, cond: dpm_solver(f, x0, steps=n, order=2, cond=cond, **kw)),
         "dpm_solver_3": (dpm_nfe(3), lambda f, x0, n, key, cond: dpm_solver(f, x0, steps=n, order=3, cond=cond, **kw)),
         "dpm_solver++_2m": (lambda n: n, lambda f, x0, n, key, cond: dpm_solver_pp(f, x0, steps=n, cond=cond, **kw)),
+        "unipc_2": (lambda n: n, lambda f, x0, n, key, cond: unipc(f, x0, steps=n, order=2, cond=cond, **kw)),
         "edm_heun": (lambda n: 2 * n - 1, lambda f, x0, n, key, cond: edm_sampler(f, x0, steps=n, cond=cond, **kw)),
     }
 
@@ -156,10 +159,34 @@ def bench_digits(args):
         r = digits_report(clf, np.clip(x, -1, 1), np.asarray(labels), test_set.images)
         return {"fd": float(r["fd"]), "accuracy": float(r["accuracy"])}
 
-    return run_table("digits", field, x0, quality, path, cond={"y": labels})
+    # the same number of real training digits, scored the same way: what a perfect sampler would get
+    pick = np.random.default_rng(0).choice(len(train_set.images), labels.shape[0], replace=False)
+    floor = float(digits_report(clf, train_set.images[pick], None, test_set.images)["fd"])
+    print(f"[digits] {labels.shape[0]} real training digits vs test digits: FD {floor:.2f}")
+
+    rows = run_table("digits", field, x0, quality, path, cond={"y": labels})
+
+    # consistency distillation of the same guided field (experiments/distill.py; resumes if already run)
+    from experiments import configs, distill
+    from jaxgen.consistency import consistency_sample
+
+    cd_out = args.cd_out or os.path.join(args.out, "digits_cd")
+    cd_cfg = configs.get_distill_config("consistency", [f"steps={args.cd_steps}", "guidance=2.0"])
+    distill.distill(cd_cfg, args.digits, cd_out, progress=False)
+    f, _, _, _ = distill.load_run(cd_out)
+    for ts in ((0.0,), (0.0, 0.5)):
+        res = jax.jit(lambda x, y, ts=ts: consistency_sample(f, x, path=path, ts=ts, key=jax.random.key(6),
+                                                             cond={"y": y}))(x0, labels)
+        q = quality(np.asarray(res.x))
+        rows.append({"model": "digits", "sampler": "consistency (distilled)", "budget": len(ts), "steps": len(ts),
+                     "nfe": int(res.nfe), **q, "seconds": 0.0})
+        print(f"[digits] consistency      budget {len(ts):3d} NFE {int(res.nfe)}  " +
+              "  ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
+    return rows, floor
 
 
-def plot(rows, out):
+def plot(rows, out, floors=None):
+    """Quality against NFE per model (log-log); ``floors`` maps a model to its data-vs-data value (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,6 +199,8 @@ def plot(rows, out):
         for s in dict.fromkeys(r["sampler"] for r in rows if r["model"] == m):
             pts = sorted((r["nfe"], r[metric]) for r in rows if r["model"] == m and r["sampler"] == s)
             ax.plot(*zip(*pts), "o-" if "consistency" not in s else "s", label=s)
+        if floors and m in floors:
+            ax.axhline(floors[m], color="gray", ls="--", lw=1, label="data vs data (floor)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
@@ -190,19 +219,24 @@ def main(argv=None):
     p.add_argument("--cm-steps", type=int, default=3000, help="consistency-distillation steps")
     p.add_argument("--per-class", type=int, default=50, help="digits samples per class")
     p.add_argument("--digits", default=None, help="a digits run directory (from ./run.sh) to benchmark too")
+    p.add_argument("--cd-steps", type=int, default=2000, help="digits consistency-distillation steps")
+    p.add_argument("--cd-out", default=None, help="digits distillation run directory (default: OUT/digits_cd; "
+                                                  "an existing run there is resumed, not redone)")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     rows, floor = bench_2d(a)
+    digits_floor = None
     if a.digits:
-        rows += bench_digits(a)
+        digits_rows, digits_floor = bench_digits(a)
+        rows += digits_rows
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(os.path.join(a.out, "nfe_table.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(a.out, "nfe_table.json"), "w") as fh:
-        json.dump({"rows": rows, "floor_2d": floor}, fh, indent=2)
-    plot(rows, a.out)
+        json.dump({"rows": rows, "floor_2d": floor, "floor_digits_fd": digits_floor}, fh, indent=2)
+    plot(rows, a.out, {"2d": floor["sliced_w2"], **({"digits": digits_floor} if a.digits else {})})
     print(f"wrote {a.out}/nfe_table.csv, nfe_table.json, nfe_quality.png")
 
 

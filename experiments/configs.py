@@ -72,16 +72,58 @@ CONFIGS: dict[str, ImageConfig] = {
 }
 
 
-def parse_override(cfg: ImageConfig, item: str) -> ImageConfig:
-    """Apply one ``name=value`` override, parsing the value with the field's type."""
+@dataclasses.dataclass
+class DistillConfig:
+    """Consistency distillation of a trained image run (``jaxgen distill``; :mod:`experiments.distill`)."""
+
+    name: str = "consistency"
+    guidance: float | None = None  # w of the teacher's guided field; None: the teacher run's eval_guidance
+    # the student: the teacher's U-Net, initialised from its weights, f = z_hat(x, t) ("denoiser") or the
+    # paper's skip parameterisation ("edm")
+    init_from_teacher: bool = True
+    parameterization: str = "denoiser"
+    sigma_data: float = 0.5
+    # consistency distillation (Song et al. 2023, Algorithm 2)
+    num_scales: int = 18  # N: the teacher takes one ODE step between neighbouring times
+    solver: str = "heun"
+    distance: str = "l2"
+    rho: float = 1.0  # time grid exponent (1: uniform in t)
+    target_decay: float = 0.95  # mu of the EMA target
+    # optimisation
+    steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    clip_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    # sampling and evaluation: one schedule of times per row (noise at t = 0)
+    samples_per_class: int = 50
+    sample_ts: tuple = ((0.0,), (0.0, 0.5))
+
+
+DISTILL_CONFIGS = {
+    "consistency": DistillConfig(),
+    # A quick smoke configuration of the same pipeline (for a digits_smoke teacher).
+    "consistency_smoke": DistillConfig(name="consistency_smoke", steps=10, batch_size=16, checkpoint_every=5,
+                                       num_scales=4, solver="euler", samples_per_class=4),
+}
+
+
+def parse_override(cfg, item: str):
+    """Apply one ``name=value`` override to a config dataclass, parsing the value with the field's type."""
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like name=value (e.g. steps=1000).")
     key, value = item.split("=", 1)
-    fields = {f.name: f for f in dataclasses.fields(ImageConfig)}
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
     if key not in fields:
         raise ValueError(f"unknown config field {key!r}; fields: {', '.join(fields)}.")
     current = getattr(cfg, key)
-    if isinstance(current, tuple):
+    if current is None:  # an optional number, e.g. guidance
+        new = None if value.lower() in ("none", "") else float(value)
+    elif isinstance(current, tuple) and current and isinstance(current[0], tuple):  # e.g. sample_ts=0|0,0.5
+        new = tuple(tuple(float(p) for p in group.replace("(", "").replace(")", "").split(",") if p.strip())
+                    for group in value.split("|"))
+    elif isinstance(current, tuple):
         parts = [p for p in value.replace("(", "").replace(")", "").split(",") if p.strip()]
         cast = type(current[0]) if current else float
         new = tuple(cast(p) for p in parts)
@@ -90,6 +132,15 @@ def parse_override(cfg: ImageConfig, item: str) -> ImageConfig:
     else:
         new = type(current)(value)
     return dataclasses.replace(cfg, **{key: new})
+
+
+def get_distill_config(name: str, overrides=()) -> DistillConfig:
+    if name not in DISTILL_CONFIGS:
+        raise ValueError(f"unknown distillation config {name!r}; choose from {', '.join(DISTILL_CONFIGS)}.")
+    cfg = DISTILL_CONFIGS[name]
+    for item in overrides:
+        cfg = parse_override(cfg, item)
+    return cfg
 
 
 def get_config(name: str, overrides=()) -> ImageConfig:

@@ -1,4 +1,4 @@
-"""The ``jaxgen`` command line: ``train``, ``sample``, ``evaluate`` and ``list``.
+"""The ``jaxgen`` command line: ``train``, ``sample``, ``evaluate``, ``distill`` and ``list``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     jaxgen train digits_cfm --out runs/quick --set steps=500 --set channels=16
     jaxgen sample --checkpoint runs/digits --label 3 --guidance 2 --sampler heun --steps 20 --out grid.png
     jaxgen evaluate --checkpoint runs/digits
+    jaxgen distill --teacher runs/digits --out runs/digits_cd       # a one-step consistency model of it
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--step", type=int, default=None)
     e.add_argument("--out", default=None, help="folder for the report (default: the run directory)")
+
+    d = sub.add_parser("distill", help="consistency-distil a trained run into a one/few-step sampler "
+                                       "(resumes from the latest checkpoint in --out)")
+    d.add_argument("config", nargs="?", default="consistency", help="distillation config (default: consistency)")
+    d.add_argument("--teacher", required=True, help="run directory of `jaxgen train` to distil")
+    d.add_argument("--out", default=None, help="run directory (default: <teacher>_cd)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a config field, e.g. --set steps=500 or --set sample_ts='0|0,0.5' (repeatable)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -59,6 +69,25 @@ def main(argv=None) -> int:
             d = dataclasses.asdict(cfg)
             print(f"{name:20s} dataset={d['dataset']} steps={d['steps']} batch={d['batch_size']} "
                   f"channels={d['channels']} mult={d['channel_mult']} sampler={d['sampler']}-{d['sample_steps']}")
+        for name, cfg in configs.DISTILL_CONFIGS.items():
+            print(f"{name:20s} (jaxgen distill --teacher RUN {name}) steps={cfg.steps} batch={cfg.batch_size} "
+                  f"N={cfg.num_scales} solver={cfg.solver} parameterization={cfg.parameterization}")
+        return 0
+
+    if args.command == "distill":
+        from experiments import distill
+
+        try:
+            cfg = configs.get_distill_config(args.config, args.overrides)
+        except ValueError as err:
+            print(f"jaxgen distill: {err}", file=sys.stderr)
+            return 2
+        out = args.out or args.teacher.rstrip("/") + "_cd"
+        report = distill.distill(cfg, args.teacher, out, progress=not args.no_progress)
+        print(open(os.path.join(out, "report.md")).read())
+        print(f"[jaxgen] distilled in {report.get('train_seconds_this_session', 0):.0f} s this session; outputs in "
+              f"{os.path.abspath(out)}: samples_<NFE>step.png, loss.png, report.md/.json, samples.npy + labels.npy "
+              "(one step), checkpoints/")
         return 0
 
     from experiments import images

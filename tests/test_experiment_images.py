@@ -53,3 +53,43 @@ def test_cli_errors(capsys):
     assert "unknown experiment" in capsys.readouterr().err
     assert cli.main(["list"]) == 0
     assert "digits_cfm" in capsys.readouterr().out
+
+
+# -- consistency distillation of the trained run (`jaxgen distill`) -------------------------------------------
+
+
+def test_distill_at_step_zero_is_the_teachers_euler_jump(run_dir, tmp_path):
+    """Initialised from the teacher in the denoiser parameterisation, f(x, 0) = x + u(x, 0): one consistency
+    step is exactly the teacher's one Euler step (at w = 1, the conditional field the student network computes)."""
+    out = tmp_path / "cd0"
+    assert cli.main(["distill", "consistency_smoke", "--teacher", str(run_dir), "--out", str(out), "--no-progress",
+                     "--set", "steps=0", "--set", "guidance=1", "--set", "sample_ts=0"]) == 0
+    row = json.loads((out / "report.json").read_text())["rows"][0]
+    assert row["nfe"] == 1
+    np.testing.assert_allclose(row["fd"], row["teacher_euler_same_nfe"]["fd"], rtol=1e-3)
+
+
+def test_distill_trains_resumes_and_refuses_other_settings(run_dir, tmp_path):
+    out = tmp_path / "cd"
+    assert cli.main(["distill", "consistency_smoke", "--teacher", str(run_dir), "--out", str(out), "--no-progress"]) == 0
+    for f in ("config.json", "metrics.jsonl", "loss.png", "report.json", "report.md", "samples.npy", "labels.npy",
+              "samples_1step.png", "samples_2step.png"):
+        assert (out / f).stat().st_size > 0, f
+    report = json.loads((out / "report.json").read_text())
+    assert report["step"] == 10 and [r["nfe"] for r in report["rows"]] == [1, 2]
+    assert all(np.isfinite(r["fd"]) and 0.0 <= r["accuracy"] <= 1.0 for r in report["rows"])
+    assert np.load(out / "samples.npy").shape == (40, 8, 8, 1)
+    assert cli.main(["distill", "consistency_smoke", "--teacher", str(run_dir), "--out", str(out), "--no-progress",
+                     "--set", "steps=15", "--set", "sample_ts=0"]) == 0  # sampling settings may change
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15]  # resumed from the step-10 checkpoint, no step trained twice
+    with pytest.raises(ValueError, match="different settings"):
+        cli.main(["distill", "consistency_smoke", "--teacher", str(run_dir), "--out", str(out), "--no-progress",
+                  "--set", "num_scales=6"])
+
+
+def test_distill_cli_errors(capsys, tmp_path):
+    assert cli.main(["distill", "nope", "--teacher", str(tmp_path)]) == 2
+    assert "unknown distillation config" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="not a jaxgen run directory"):
+        cli.main(["distill", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"])
