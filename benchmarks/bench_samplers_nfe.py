@@ -12,6 +12,7 @@ takes the most steps within it (a budget that adds no step is skipped), and the 
 ``nfe_table.csv`` / ``.json`` and ``nfe_quality.png`` into ``--out``.
 
 Usage: python benchmarks/bench_samplers_nfe.py [--out runs/bench_nfe] [--steps 20000] [--digits runs/digits_cfm]
+       [--samplers dpm_solver_2,dpm_solver_3]   # re-run some samplers; their rows replace those in OUT
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def samplers(path, prediction="velocity"):
     }
 
 
+SELECTED: set | None = None  # --samplers: the samplers to run (None: all)
+
+
+def _selected(name: str) -> bool:
+    return SELECTED is None or name in SELECTED
+
+
 def steps_within(nfe_of, budget):
     """The most steps whose NFE fits the budget (None if even one step does not)."""
     fits = [n for n in range(1, budget + 1) if nfe_of(n) <= budget]
@@ -63,6 +71,8 @@ def run_table(name, field, x0, quality, path, cond=None):
 
     rows = []
     for sname, (nfe_of, run) in samplers(path).items():
+        if not _selected(sname):
+            continue
         seen = set()
         for budget in BUDGETS:
             n = steps_within(nfe_of, budget)
@@ -120,6 +130,8 @@ def bench_2d(args):
     print(f"[2d] data-vs-data floor: {floor}")
     rows = run_table("2d", field, x0, quality, path)
 
+    if not _selected("consistency"):
+        return rows, floor
     # consistency distillation from the trained field (Heun teacher), 1 and 2 NFE
     sigma_data = float(jnp.std(moons(jax.random.key(7), 4096)))
     cm = ConsistencyFunction(MLPField(2, width=128, rngs=nnx.Rngs(5)), path, sigma_data=sigma_data)
@@ -166,6 +178,8 @@ def bench_digits(args):
 
     rows = run_table("digits", field, x0, quality, path, cond={"y": labels})
 
+    if not _selected("consistency"):
+        return rows, floor
     # consistency distillation of the same guided field (experiments/distill.py; resumes if already run)
     from experiments import configs, distill
     from jaxgen.consistency import consistency_sample
@@ -222,13 +236,26 @@ def main(argv=None):
     p.add_argument("--cd-steps", type=int, default=2000, help="digits consistency-distillation steps")
     p.add_argument("--cd-out", default=None, help="digits distillation run directory (default: OUT/digits_cd; "
                                                   "an existing run there is resumed, not redone)")
+    p.add_argument("--samplers", default=None,
+                   help="comma-separated samplers to run (e.g. dpm_solver_2,consistency); their rows replace those "
+                        "of an existing OUT/nfe_table.json, the other rows are kept")
     a = p.parse_args(argv)
+    global SELECTED
+    SELECTED = None if a.samplers is None else {n.strip() for n in a.samplers.split(",") if n.strip()}
+    if SELECTED is not None:
+        known = set(samplers("linear")) | {"consistency"}
+        if SELECTED - known:
+            p.error(f"unknown samplers {sorted(SELECTED - known)}; choose from {sorted(known)}")
     os.makedirs(a.out, exist_ok=True)
     rows, floor = bench_2d(a)
     digits_floor = None
     if a.digits:
         digits_rows, digits_floor = bench_digits(a)
         rows += digits_rows
+    previous = os.path.join(a.out, "nfe_table.json")
+    if SELECTED is not None and os.path.exists(previous):
+        kept = [r for r in json.load(open(previous))["rows"] if r["sampler"].split(" ")[0] not in SELECTED]
+        rows = kept + rows
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(os.path.join(a.out, "nfe_table.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)

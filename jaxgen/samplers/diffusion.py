@@ -36,9 +36,23 @@ on ``[0, 1]`` of the linear path converges at slope ~2.1, DPM-Solver-2 approache
 full order use an interval with a finite log-SNR at both ends, as the papers do (e.g. ``t0=1e-3,
 t1=1-1e-3`` on the linear path, or the VP path), best with ``spacing="logsnr"``: with steps uniform in ``t``
 the steps next to an end stay long in ``lambda``, and convergence is slower before it is asymptotic. Open
-ends are detected when the grid's ends are known at trace time (Python floats ``t0``/``t1``, or a concrete
-``ts``); a ``ts`` traced under ``jit`` must have ``0 < alpha`` and ``0 < beta`` at every time (DPM-Solver++(2M)
-excepted, which handles infinite ends in any case).
+ends are detected at trace time when the grid's ends are known then (Python floats ``t0``/``t1``, or a
+concrete ``ts``), otherwise (a ``ts`` traced under ``jit`` or differentiated) from the grid's values inside the
+program: the single-step solvers then select DDIM for a step with an infinite log-SNR at an end, but still
+evaluate the field ``order`` times on it (``nfe`` counts those evaluations).
+
+Gradients. The samplers can be differentiated (``jax.grad``) with respect to the field's parameters, ``x0``
+and the time grid (a traced ``ts``), also where an end has ``alpha = 0`` or ``beta = 0``: the infinite
+log-SNR there is a constant (derivative 0, not ``inf``, which gave ``0 * inf = NaN``), the interior points of
+the single-step solvers move with the grid (:func:`times_from_lambdas` has the derivative of the inverse
+function), and the terms that stay smooth at such an end (DDIM's ``beta_t`` and its noise coefficient,
+DPM-Solver++(2M)'s ``e^{-h}``) are differentiated as functions of ``alpha`` and ``beta``. With respect to an
+open end itself the gradient is that of the DDIM step taken there: the one-sided derivative for deterministic
+DDIM and DPM-Solver-1 at both ends, and for stochastic DDIM and DPM-Solver++(2M) at ``beta = 0`` (tested
+against differences in ``tests/test_fast_samplers.py``). The single-step solvers of order 2-3 switch to their
+full step as soon as an open end moves inside the path, and the second step of 2M depends on ``1 / log(t_0)``:
+there the samples are not differentiable in the end's time in the ordinary sense. (The field's own derivative
+in ``t`` at an end is the field's business.)
 
 The noise-prediction form (DPM-Solver) multiplies its eps estimates by up to ``alpha_t / alpha_s``: with
 long first steps from ``alpha ~ 1e-3`` it amplifies float32 rounding (different parameterisations of the
@@ -89,8 +103,63 @@ def log_snr(path: GaussianPath | str, t: Array) -> Array:
     Increasing in ``t`` for every valid schedule; ``-inf`` where ``alpha_t = 0`` and ``+inf`` where
     ``beta_t = 0`` (no NaN). ``t`` may have any shape.
     """
-    c = as_path(path).coefficients(jnp.asarray(t, jnp.float32))
-    return jnp.log(c.alpha) - jnp.log(c.beta)
+    alpha, beta = _alpha_beta(as_path(path), jnp.asarray(t, jnp.float32))
+    return jnp.log(alpha) - jnp.log(beta)
+
+
+def _alpha_beta(path: GaussianPath, t: Array) -> tuple[Array, Array]:
+    """``(alpha_t, beta_t)``, the same values as ``path.coefficients(t)``, without the two ``jax.jvp`` that
+    also give the derivatives (the log-SNR does not need them; ``Schedule`` has no method for the values
+    alone, so this repeats ``Schedule.__call__`` on its ``alpha_fn``/``beta_fn``). Evaluated op by op outside
+    ``jit``, where every operation is dispatched and compiled for each new shape, it takes half the time."""
+    sched = path.schedule
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        t = t.astype(jnp.float32)
+    tc = sched.clamp(t)
+    alpha, beta = _nonneg(sched.alpha_fn(tc)), _nonneg(sched.beta_fn(tc))
+    # a constant schedule (VE's alpha = 1) may return a broadcastable scalar
+    return tuple(jnp.broadcast_to(v, tc.shape).astype(tc.dtype) for v in (alpha, beta))
+
+
+@jax.custom_jvp
+def _nonneg(v: Array) -> Array:
+    """``jnp.maximum(v, 0)``, as ``Schedule.__call__`` keeps the coefficients non-negative (round-off can make
+    ``cos(pi/2) = -4e-8``), but with derivative 1 (not ``jnp.maximum``'s 1/2) where ``v = 0``: the one-sided
+    derivative at an open end of the path (``alpha_0 = 0``, ``beta_1 = 0``)."""
+    return jnp.maximum(v, 0)
+
+
+@_nonneg.defjvp
+def _nonneg_jvp(primals, tangents):
+    (v,), (v_dot,) = primals, tangents
+    return jnp.maximum(v, 0), jnp.where(v < 0, jnp.zeros_like(v_dot), v_dot)
+
+
+@jax.custom_jvp
+def _log_safe(v: Array) -> Array:
+    """``jnp.log(v)``, with derivative 0 instead of ``1 / 0 = inf`` where ``v = 0`` (``log v = -inf``, then a
+    constant): a grid whose end has ``alpha = 0`` or ``beta = 0`` is differentiated without ``0 * inf = NaN``.
+
+    The "double where" of ``jaxgen.samplers.unipc``'s guarded log-SNR, applied to the derivative only: the
+    forward pass keeps exactly the operations of ``jnp.log`` (a select around it changes how XLA fuses the
+    program, and the samples by an ulp). A formula that needs the derivative of ``e^{-h}`` at such an end
+    computes it from ``alpha`` and ``beta`` (:func:`dpm_solver_pp_2m_update`)."""
+    return jnp.log(v)
+
+
+@_log_safe.defjvp
+def _log_safe_jvp(primals, tangents):
+    (v,), (v_dot,) = primals, tangents
+    pos = v > 0  # double where: the division only sees v > 0
+    return jnp.log(v), jnp.where(pos, v_dot / jnp.where(pos, v, 1.0), 0.0)
+
+
+def _log_snr_safe(alpha: Array, beta: Array) -> Array:
+    """``lambda = log(alpha) - log(beta)``, the same operations and values as :func:`log_snr` (``-inf`` where
+    ``alpha = 0``, ``+inf`` where ``beta = 0``), with derivative 0 where it is infinite (:func:`_log_safe`), as
+    ``jaxgen.samplers.unipc``'s guarded log-SNR: no ``0 * inf = NaN`` in gradients through an open end."""
+    return _log_safe(alpha) - _log_safe(beta)
 
 
 def sigmas_from_times(path: GaussianPath | str, t: Array) -> Array:
@@ -106,10 +175,14 @@ def times_from_lambdas(path: GaussianPath | str, lambdas: Array, *, iters: int =
     below float32 resolution) of the bracket ``[t_min, t_max]``, valid because ``lambda`` is increasing
     (``alpha d_beta - beta d_alpha < 0``, checked when the schedule is built). Levels outside the path's
     range map to the nearest end: ``-inf`` (or below ``lambda(t_min)``) to ``t_min``, ``+inf`` to ``t_max``.
+
+    Differentiable: the derivative is that of the inverse function, ``dt / dlambda = 1 / lambda'(t)``
+    (implicit function theorem; the bisection's own derivative would be zero), and zero for levels mapped
+    to an end.
     """
     path = as_path(path)
     sched = path.schedule
-    lam = jnp.asarray(lambdas, jnp.float32)
+    iters = int(iters)
     t_min, t_max = float(sched.t_min), float(sched.t_max)
     lam_lo = log_snr(path, jnp.float32(t_min))
     lam_hi = log_snr(path, jnp.float32(t_max))
@@ -118,18 +191,33 @@ def times_from_lambdas(path: GaussianPath | str, lambdas: Array, *, iters: int =
         tc = sched.clamp(t)
         return jnp.log(jnp.maximum(sched.alpha_fn(tc), 0.0)) - jnp.log(jnp.maximum(sched.beta_fn(tc), 0.0))
 
-    def halve(_, bracket):
-        lo, hi = bracket
-        mid = 0.5 * (lo + hi)
-        below = lam_at(mid) < lam
-        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+    @jax.custom_jvp
+    def bisect(lam):
+        def halve(_, bracket):
+            lo, hi = bracket
+            mid = 0.5 * (lo + hi)
+            below = lam_at(mid) < lam
+            return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
-    lo0 = jnp.full(lam.shape, t_min, jnp.float32)
-    hi0 = jnp.full(lam.shape, t_max, jnp.float32)
-    lo, hi = jax.lax.fori_loop(0, int(iters), halve, (lo0, hi0))
-    t = 0.5 * (lo + hi)
-    t = jnp.where(lam >= lam_hi, t_max, t)
-    return jnp.where(lam <= lam_lo, t_min, t)
+        lo0 = jnp.full(lam.shape, t_min, jnp.float32)
+        hi0 = jnp.full(lam.shape, t_max, jnp.float32)
+        lo, hi = jax.lax.fori_loop(0, iters, halve, (lo0, hi0))
+        t = 0.5 * (lo + hi)
+        t = jnp.where(lam >= lam_hi, t_max, t)
+        return jnp.where(lam <= lam_lo, t_min, t)
+
+    @bisect.defjvp
+    def bisect_jvp(primals, tangents):
+        (lam,), (lam_dot,) = primals, tangents
+        t = bisect(lam)
+        c = path.coefficients(t)
+        pos = (c.alpha > 0) & (c.beta > 0)
+        dlam_dt = jnp.where(pos, c.d_alpha / jnp.where(pos, c.alpha, 1.0) - c.d_beta / jnp.where(pos, c.beta, 1.0),
+                            0.0)
+        inside = (lam > lam_lo) & (lam < lam_hi) & (dlam_dt > 0) & jnp.isfinite(dlam_dt)
+        return t, jnp.where(inside, lam_dot / jnp.where(inside, dlam_dt, 1.0), 0.0)
+
+    return bisect(jnp.asarray(lambdas, jnp.float32))
 
 
 def times_from_sigmas(path: GaussianPath | str, sigmas: Array, *, iters: int = _BISECTION_ITERS) -> Array:
@@ -236,8 +324,8 @@ def _log_snr_now(path: GaussianPath, t: float) -> float:
 
 
 def _open_ends(path: GaussianPath, grid: _Grid) -> tuple[bool, bool]:
-    """``(alpha(t_0) == 0, beta(t_N) == 0)``: whether the log-SNR is infinite at the grid's ends
-    (assumed finite for an end traced under jit)."""
+    """``(alpha(t_0) == 0, beta(t_N) == 0)``: whether the log-SNR is infinite at the grid's ends, as known at
+    trace time (``False`` for an end traced under jit, which the samplers then check from its value)."""
     start = grid.first is not None and _log_snr_now(path, grid.first) == -np.inf
     end = grid.last is not None and _log_snr_now(path, grid.last) == np.inf
     return start, end
@@ -248,7 +336,7 @@ def _check_start(path: GaussianPath, prediction: str, t_first: float | None) -> 
     if prediction not in ("eps", "score") or t_first is None:
         return
     with jax.ensure_compile_time_eval():
-        alpha = float(path.coefficients(jnp.float32(t_first)).alpha)
+        alpha = float(_alpha_beta(path, jnp.float32(t_first))[0])
     if alpha < _MIN_ALPHA_FOR_NOISE_PREDICTIONS:
         raise ValueError(
             f"a {prediction} prediction carries no information about the data where alpha_t = 0, and these samplers "
@@ -297,9 +385,38 @@ def ddim_update(z_hat: Array, eps_hat: Array, alpha_t: Array, beta_t: Array, *, 
 
     with ``s = 0`` for the deterministic sampler. Written without any division, it is exact at
     ``alpha_s = 0`` and ``beta_t = 0``. Coefficients broadcast against ``z_hat``.
+
+    Differentiable where the noise coefficient ``sqrt(beta_t^2 - s^2)`` vanishes (e.g. ``beta_t = 0`` at the
+    data end of a path), where the square root's derivative would give ``0 * inf = NaN``: with the default
+    ``s = 0`` the coefficient is ``beta_t``, with derivative 1; with an array ``s`` its derivative there is 0.
     """
-    x = alpha_t * z_hat + jnp.sqrt(jnp.maximum(beta_t**2 - s**2, 0.0)) * eps_hat
+    static_zero = isinstance(s, (int, float)) and s == 0
+    return _ddim_update(z_hat, eps_hat, alpha_t, beta_t, noise, s, 0.0 if static_zero else 1.0)
+
+
+def _ddim_update(z_hat, eps_hat, alpha_t, beta_t, noise, s, ratio):
+    """:func:`ddim_update`, given ``ratio`` = ``s / beta_t`` near ``beta_t = 0`` (:func:`_noise_coefficient`)."""
+    x = alpha_t * z_hat + _noise_coefficient(beta_t, s, ratio) * eps_hat
     return x if noise is None else x + s * noise
+
+
+@jax.custom_jvp
+def _noise_coefficient(beta_t, s, ratio):
+    """DDIM's noise coefficient ``sqrt(max(beta_t^2 - s^2, 0))`` (the same operations and values), whose
+    derivative where it vanishes is finite: at ``beta_t = s = 0`` it is taken along ``s = ratio beta_t``,
+    ``sqrt(1 - ratio^2) d beta_t`` (exact for DDIM's ``s = eta beta_t sqrt(1 - e^{-2h})``, ratio
+    ``eta sqrt(1 - e^{-2h})``; ``ratio = 0`` for ``s = 0``), elsewhere 0."""
+    return jnp.sqrt(jnp.maximum(beta_t**2 - s**2, 0.0))
+
+
+@_noise_coefficient.defjvp
+def _noise_coefficient_jvp(primals, tangents):
+    (beta_t, s, ratio), (d_beta, d_s, _) = primals, tangents
+    out = _noise_coefficient(beta_t, s, ratio)
+    pos = out > 0  # double where: the division only sees out > 0
+    smooth = (beta_t * d_beta - s * d_s) / jnp.where(pos, out, 1.0)
+    at_zero = jnp.where((beta_t == 0) & (s == 0), jnp.sqrt(jnp.maximum(1.0 - ratio**2, 0.0)) * d_beta, 0.0)
+    return out, jnp.where(pos, smooth, at_zero).astype(out.dtype)
 
 
 def ddim_noise_scale(beta_t: Array, h: Array, eta: Array | float) -> Array:
@@ -384,9 +501,9 @@ def ddim(
     _check_start(path, prediction, g.first)
     zeps = _denoiser(field, path, prediction, cond)
     grid = g.times
-    c = path.coefficients(grid)
-    alpha, beta = _cast(x0, c.alpha, c.beta)
-    lam = jnp.log(c.alpha) - jnp.log(c.beta)
+    alpha32, beta32 = _alpha_beta(path, grid)
+    alpha, beta = _cast(x0, alpha32, beta32)
+    lam = _log_snr_safe(alpha32, beta32)
     h = (lam[1:] - lam[:-1]).astype(x0.dtype)  # +inf at an open end: then 1 - e^{-2h} = 1
     n = grid.shape[0] - 1
 
@@ -394,9 +511,10 @@ def ddim(
         i, t, a_next, b_next, h_i = inp
         z, e = zeps(x, t)
         if stochastic:
-            s = ddim_noise_scale(b_next, h_i, jnp.asarray(eta, x.dtype))
+            eta_x = jnp.asarray(eta, x.dtype)
+            s = ddim_noise_scale(b_next, h_i, eta_x)
             xi = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-            x_next = ddim_update(z, e, a_next, b_next, noise=xi, s=s)
+            x_next = _ddim_update(z, e, a_next, b_next, xi, s, eta_x * jnp.sqrt(-jnp.expm1(-2.0 * h_i)))
         else:
             x_next = ddim_update(z, e, a_next, b_next)
         return x_next, (x_next if save_trajectory else None)
@@ -416,32 +534,33 @@ def _check_order(order, allowed, name) -> int:
     return int(order)
 
 
-def _intermediate_times(path: GaussianPath, grid: Array, fractions: tuple[float, ...]) -> list[Array]:
-    """Times at ``lambda_s + r h`` for each step ``[s, t]`` of the grid and each ``r`` in ``fractions``
-    (one vectorised bisection for all of them)."""
-    lam = log_snr(path, grid)
-    h = lam[1:] - lam[:-1]
+def _intermediate_times(path: GaussianPath, lam_s: Array, lam_t: Array, fractions: tuple[float, ...]) -> list[Array]:
+    """Times at ``lambda_s + r h`` (``h = lambda_t - lambda_s``, float32) for each step ``[s, t]`` and each ``r``
+    in ``fractions`` (one vectorised bisection for all of them)."""
+    h = lam_t - lam_s
     r = jnp.asarray(fractions, jnp.float32)[:, None]
-    times = times_from_lambdas(path, lam[:-1][None] + r * h[None])
+    times = times_from_lambdas(path, lam_s[None] + r * h[None])
     return [times[k] for k in range(len(fractions))]
 
 
 def _step_coeffs(path: GaussianPath, t: Array, dtype):
-    """``(alpha, beta, log alpha, lambda)`` at times ``t`` (float32 maths, cast to the state's dtype)."""
-    c = path.coefficients(t)
-    log_a = jnp.log(c.alpha)
-    lam = log_a - jnp.log(c.beta)
-    return tuple(v.astype(dtype) for v in (c.alpha, c.beta, log_a, lam))
+    """``(alpha, beta, log alpha, lambda)`` at times ``t`` (float32 maths, cast to the state's dtype); the
+    infinite logs (where ``alpha`` or ``beta`` is 0) are constants, so that gradients stay finite."""
+    alpha, beta = _alpha_beta(path, t)
+    log_a = _log_safe(alpha)
+    lam = _log_snr_safe(alpha, beta)
+    return tuple(v.astype(dtype) for v in (alpha, beta, log_a, lam))
 
 
-def _dpm_solver_update(order: int, zeps: Callable, x: Array, t_s: Array, coeffs: dict) -> tuple[Array, Array]:
+def _dpm_solver_update(order: int, zeps: Callable, x: Array, zs_es: tuple[Array, Array],
+                       coeffs: dict) -> tuple[Array, Array]:
     r"""One single-step DPM-Solver-``order`` step from ``s`` to ``t`` (formulas in :func:`dpm_solver`).
 
     The interior points' actual ``r_k = (lambda_{s_k} - lambda_s) / h`` (of the bisected times) are used, for
-    which the formulas hold as well. ``coeffs`` holds the step's path coefficients; returns
-    ``(x_t, z_hat_s)``. Requires finite ``lambda_s`` and ``lambda_t``.
+    which the formulas hold as well. ``zs_es`` is the decoded field at the start, ``zeps(x, t_s)``; ``coeffs``
+    holds the step's path coefficients; returns ``(x_t, z_hat_s)``. Requires finite ``lambda_s`` and ``lambda_t``.
     """
-    z_s, e_s = zeps(x, t_s)
+    z_s, e_s = zs_es
     a_t, b_t = coeffs["alpha_t"], coeffs["beta_t"]
     if order == 1:
         return ddim_update(z_s, e_s, a_t, b_t), z_s
@@ -469,14 +588,16 @@ def _dpm_solver_update(order: int, zeps: Callable, x: Array, t_s: Array, coeffs:
     return x_t, z_s
 
 
-def _dpm_solver_pp_2s_update(zeps: Callable, x: Array, t_s: Array, coeffs: dict) -> Array:
+def _dpm_solver_pp_2s_update(zeps: Callable, x: Array, zs_es: tuple[Array, Array], coeffs: dict) -> Array:
     r"""One DPM-Solver++(2S) step (Lu et al. 2022b, Algorithm 1, data-prediction form), ``r = 1/2``:
 
     .. math:: u = \frac{\beta_1}{\beta_s} x - \alpha_1 (e^{-r h} - 1) \hat z_s,\qquad
               x_t = \frac{\beta_t}{\beta_s} x
-              - \alpha_t (e^{-h} - 1)\Big[\hat z_s + \frac{1}{2r}\big(\hat z(u, s_1) - \hat z_s\big)\Big].
+              - \alpha_t (e^{-h} - 1)\Big[\hat z_s + \frac{1}{2r}\big(\hat z(u, s_1) - \hat z_s\big)\Big]
+
+    (``zs_es`` is the decoded field at the start, ``zeps(x, t_s)``).
     """
-    z_s, _ = zeps(x, t_s)
+    z_s, _ = zs_es
     b_s, lam_s = coeffs["beta_s"], coeffs["lam_s"]
     a_t, b_t = coeffs["alpha_t"], coeffs["beta_t"]
     h = coeffs["lam_t"] - lam_s
@@ -490,7 +611,7 @@ def _dpm_solver_pp_2s_update(zeps: Callable, x: Array, t_s: Array, coeffs: dict)
 
 
 def dpm_solver_pp_2m_update(x: Array, z_cur: Array, z_prev: Array, beta_s: Array, alpha_t: Array, beta_t: Array,
-                            h: Array, h_prev: Array) -> Array:
+                            h: Array, h_prev: Array, *, alpha_s: Array | None = None) -> Array:
     r"""One DPM-Solver++(2M) step (Lu et al. 2022b, Algorithm 2), ``r = h_{prev} / h``:
 
     .. math:: D = \Big(1 + \frac{1}{2r}\Big)\hat z_{i} - \frac{1}{2r}\hat z_{i-1},\qquad
@@ -499,15 +620,35 @@ def dpm_solver_pp_2m_update(x: Array, z_cur: Array, z_prev: Array, beta_s: Array
     An infinite previous step (``h_prev = inf``: no history, or ``lambda = -inf`` at the start of the grid)
     gives ``1/r = 0``, and so does an infinite step (``lambda_{i+1} = +inf``, ``beta_{i+1} = 0``): the step is
     then first order, DDIM in data-prediction form ``x_{i+1} = (beta_{i+1}/beta_i) x_i + alpha_{i+1} (1 - e^{-h}) z_i``.
+
+    Differentiable at infinite ``h`` or ``h_prev`` (no ``0 * inf = NaN``). An infinite ``h`` (``alpha_i = 0`` or
+    ``beta_{i+1} = 0``) gives ``e^{-h} = 0`` with derivative 0; pass ``alpha_s`` (``alpha_i``) to differentiate
+    it as ``e^{-h} = alpha_i beta_{i+1} / (beta_i alpha_{i+1})`` instead, which is exact there (a derivative
+    with respect to the time of that end).
     """
-    inv_2r = jnp.where(jnp.isfinite(h_prev) & jnp.isfinite(h), 0.5 * h / h_prev, 0.0)
+    finite = jnp.isfinite(h_prev) & jnp.isfinite(h)
+    inv_2r = jnp.where(finite, 0.5 * jnp.where(finite, h, 1.0) / jnp.where(finite, h_prev, 1.0), 0.0)
     d = z_cur + inv_2r * (z_cur - z_prev)
-    return (beta_t / beta_s) * x - alpha_t * jnp.expm1(-h) * d
+    if alpha_s is None:
+        expm1_neg_h = jnp.expm1(-h)
+    else:
+        h_finite = jnp.isfinite(h)
+        den = beta_s * alpha_t
+        e_neg_h = alpha_s * beta_t / jnp.where(den > 0, den, 1.0)  # = e^{-h}: 0 where h is infinite
+        expm1_neg_h = jnp.where(h_finite, jnp.expm1(-jnp.where(h_finite, h, 0.0)), e_neg_h - 1.0)
+    return (beta_t / beta_s) * x - alpha_t * expm1_neg_h * d
 
 
 def _singlestep_sampler(update: Callable, order: int, fractions: tuple[float, ...], zeps: Callable, x0: Array,
                         path: GaussianPath, g: _Grid, save_trajectory: bool) -> SampleResult:
-    """Shared driver of the single-step solvers: DDIM at open ends, ``update`` (``order`` NFE) elsewhere."""
+    """Shared driver of the single-step solvers: DDIM at open ends, ``update`` (``order`` NFE) elsewhere.
+
+    ``update(x, zeps(x, t_s), c)`` takes a step from the decoded field at its start and the step's coefficients
+    ``c``. An end of the grid that is known at trace time gets its DDIM step outside the scan (1 NFE). With an
+    end traced under ``jit`` (e.g. ``ts`` a jitted or differentiated argument) every step of order > 1 is
+    checked inside the program: where its log-SNR is infinite at an end, the DDIM step (from the same first
+    evaluation) is selected, and ``update`` runs on finite stand-in coefficients so that neither branch has
+    ``inf`` or NaN in its derivative; such a step still costs ``order`` evaluations (counted in ``nfe``)."""
     grid = g.times
     n = grid.shape[0] - 1
     open_start, open_end = _open_ends(path, g)
@@ -528,18 +669,32 @@ def _singlestep_sampler(update: Callable, order: int, fractions: tuple[float, ..
     traj = None
     if last > first:
         sl = slice(first, last)
-        inter = _intermediate_times(path, grid[first:last + 1], fractions) if order > 1 else []
         steps_in = {
             "t_s": grid[sl], "alpha_s": alpha[sl], "beta_s": beta[sl], "log_alpha_s": log_a[sl], "lam_s": lam[sl],
             "alpha_t": alpha[first + 1:last + 1], "beta_t": beta[first + 1:last + 1],
             "log_alpha_t": log_a[first + 1:last + 1], "lam_t": lam[first + 1:last + 1],
         }
-        for k, tk in enumerate(inter, start=1):
-            steps_in[f"t_s{k}"] = tk
-            steps_in[f"s{k}"] = _step_coeffs(path, tk, dt)
+        checked = order > 1 and (g.first is None or g.last is None)
+        if order > 1:
+            lam32 = _log_snr_safe(*_alpha_beta(path, grid[first:last + 1]))
+            lam_s, lam_t = lam32[:-1], lam32[1:]
+            if checked:  # finite stand-ins (a step of 1 in lambda next to the finite end) where lambda is infinite
+                fin_s, fin_t = jnp.isfinite(lam_s), jnp.isfinite(lam_t)
+                steps_in["ok"] = fin_s & fin_t
+                lam_s = jnp.where(fin_s, lam_s, jnp.where(fin_t, lam_t - 1.0, 0.0))
+                lam_t = jnp.where(fin_t, lam_t, lam_s + 1.0)
+                steps_in["lam_s"], steps_in["lam_t"] = lam_s.astype(dt), lam_t.astype(dt)
+                for k in ("log_alpha_s", "log_alpha_t"):
+                    steps_in[k] = jnp.where(jnp.isfinite(steps_in[k]), steps_in[k], 0.0)
+            for k, tk in enumerate(_intermediate_times(path, lam_s, lam_t, fractions), start=1):
+                steps_in[f"t_s{k}"] = tk
+                steps_in[f"s{k}"] = _step_coeffs(path, tk, dt)
 
         def body(x, c):
-            x_next = update(x, c)
+            zs_es = zeps(x, c["t_s"])
+            x_next = update(x, zs_es, c)
+            if checked:
+                x_next = jnp.where(c["ok"], x_next, ddim_update(*zs_es, c["alpha_t"], c["beta_t"]))
             return x_next, (x_next if save_trajectory else None)
 
         x, traj = jax.lax.scan(body, x, steps_in)
@@ -589,7 +744,8 @@ def dpm_solver(
 
     NFE = ``order * steps``, except that a step starting where ``alpha = 0`` or ending where ``beta = 0``
     (infinite log-SNR; e.g. the default interval ``[0, 1]`` of the linear path) is taken with DDIM and
-    costs 1 (see the module docstring); ``result.nfe`` is exact in every case. The paper's "NFE budget"
+    costs 1 when that end is known at trace time (``order`` for a ``ts`` traced under ``jit``; see the module
+    docstring); ``result.nfe`` is exact in every case. The paper's "NFE budget"
     variant (mixing orders to hit a budget) is not implemented: choose ``steps`` and ``order``.
     Other arguments as in :func:`ddim`.
     """
@@ -600,8 +756,8 @@ def dpm_solver(
     _check_start(path, prediction, g.first)
     zeps = _denoiser(field, path, prediction, cond)
 
-    def update(x, c):
-        return _dpm_solver_update(order, zeps, x, c["t_s"], c)[0]
+    def update(x, zs_es, c):
+        return _dpm_solver_update(order, zeps, x, zs_es, c)[0]
 
     return _singlestep_sampler(update, order, _DPM_FRACTIONS[order], zeps, x0, path, g, save_trajectory)
 
@@ -649,11 +805,10 @@ def dpm_solver_pp(
     _check_start(path, prediction, g.first)
     zeps = _denoiser(field, path, prediction, cond)
     if method == "singlestep" or order == 1:
-        def update(x, c):
+        def update(x, zs_es, c):
             if order == 1:
-                z, e = zeps(x, c["t_s"])
-                return ddim_update(z, e, c["alpha_t"], c["beta_t"])
-            return _dpm_solver_pp_2s_update(zeps, x, c["t_s"], c)
+                return ddim_update(*zs_es, c["alpha_t"], c["beta_t"])
+            return _dpm_solver_pp_2s_update(zeps, x, zs_es, c)
 
         return _singlestep_sampler(update, order, _DPM_FRACTIONS[order], zeps, x0, path, g, save_trajectory)
     return _multistep_2m(zeps, x0, path, g, lower_order_final, save_trajectory)
@@ -675,10 +830,12 @@ def _multistep_2m(zeps, x0, path, g, lower_order_final, save_trajectory) -> Samp
     def body(carry, c):
         x, z_prev = carry
         z, _ = zeps(x, c["t"])
-        x_next = dpm_solver_pp_2m_update(x, z, z_prev, c["beta_s"], c["alpha_t"], c["beta_t"], c["h"], c["h_prev"])
+        x_next = dpm_solver_pp_2m_update(x, z, z_prev, c["beta_s"], c["alpha_t"], c["beta_t"], c["h"], c["h_prev"],
+                                         alpha_s=c["alpha_s"])
         return (x_next, z), (x_next if save_trajectory else None)
 
-    inp = {"t": grid[:-1], "beta_s": beta[:-1], "alpha_t": alpha[1:], "beta_t": beta[1:], "h": h, "h_prev": h_prev}
+    inp = {"t": grid[:-1], "alpha_s": alpha[:-1], "beta_s": beta[:-1], "alpha_t": alpha[1:], "beta_t": beta[1:],
+           "h": h, "h_prev": h_prev}
     (x, _), traj = jax.lax.scan(body, (x0, jnp.zeros_like(x0)), inp)
     return _finish(x, traj, x0, grid, n, save_trajectory)
 
