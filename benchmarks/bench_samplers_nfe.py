@@ -214,7 +214,7 @@ def plot(rows, out, floors=None):
             pts = sorted((r["nfe"], r[metric]) for r in rows if r["model"] == m and r["sampler"] == s)
             ax.plot(*zip(*pts), "o-" if "consistency" not in s else "s", label=s)
         if floors and m in floors:
-            ax.axhline(floors[m], color="gray", ls="--", lw=1, label="data vs data (floor)")
+            ax.axhline(floors[m], color="gray", ls="--", lw=1, label="data vs data (one draw)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
