@@ -350,3 +350,36 @@ def test_bad_input_raises_clear_errors():
         unipc(f, X, path=LINEAR, ts=jnp.array([1.0, 0.5, 0.0]))
     with pytest.raises(ValueError, match="unknown prediction type"):
         unipc(f, X, path=LINEAR, prediction="velocityy")
+
+
+
+GRID_01 = np.linspace(0.0, 1.0, 7, dtype=np.float32)  # linear path: alpha = 0 at t=0, beta = 0 at t=1
+
+
+def test_gradient_with_respect_to_a_grid_with_open_ends():
+    """jax.grad of UniPC-2's samples with respect to a traced grid ts = linspace(0, 1, 7) of the linear path, whose
+    ends have lambda = -inf (alpha = 0) and +inf (beta = 0): finite at every time; along random directions of the
+    interior times (the ends stay at 0 and 1) equal to central differences, to 1 % of |grad| |direction| (the
+    float32 differences are accurate to ~0.1 % of it); and with respect to the data end, where the last step is
+    DDIM on either side (lower_order_final), equal to the one-sided difference: its weight 1 - e^{-h} is
+    differentiated as 1 - alpha_s beta_t / (beta_s alpha_t) and beta_t = max(1 - t, 0) with slope -1 at t = 1
+    (measured -19.2 against +11.3 before; 11.2596 against 11.2591 now). (The traced grid's samples are those of
+    the grid known at trace time: test_open_ends_traced_grid_and_every_safe_prediction.)"""
+    field = gaussian_field(LINEAR, "velocity")
+    directions = jax.random.normal(jax.random.key(8), (3,) + GRID_01.shape).at[:, 0].set(0.0).at[:, -1].set(0.0)
+    eps = 1e-3
+
+    def loss(ts):
+        return jnp.sum(unipc(field, X, path=LINEAR, ts=ts).x)
+
+    @jax.jit
+    def run(ts):
+        grids = jnp.concatenate([ts + eps * directions, ts - eps * directions, ts[None], ts.at[-1].add(-eps)[None]])
+        losses = jax.vmap(loss)(grids)
+        return jax.grad(loss)(ts), (losses[:3] - losses[3:6]) / (2 * eps), (losses[6] - losses[7]) / eps
+
+    grad, central, one_sided = map(np.asarray, run(jnp.asarray(GRID_01)))
+    assert np.all(np.isfinite(grad)), grad
+    scale = np.linalg.norm(grad[1:-1]) * np.linalg.norm(np.asarray(directions), axis=1)
+    assert np.all(np.abs(np.asarray(directions) @ grad - central) < 1e-2 * scale), (directions @ grad, central)
+    np.testing.assert_allclose(grad[-1], one_sided, rtol=1e-2)

@@ -66,6 +66,21 @@ makes it 3 asymptotically (measured 3.3 on VP, 2.8 on the linear path: the warm-
 first-order steps cap every order at 2: a DDIM step at an open end (``[0, 1]`` of the linear path; measured
 2.05), and the final DDIM step of ``lower_order_final=True`` (local error ``O(h^2)``), whose constant is small
 where ``z_hat`` varies slowly near the data end (no visible effect on the measured slopes above).
+
+Gradients. :func:`unipc` can be differentiated (``jax.grad``) with respect to the field's parameters, ``x0``
+and the time grid (a traced ``ts``), also where an end has ``alpha = 0`` or ``beta = 0``, as the samplers of
+:mod:`jaxgen.samplers.diffusion`: the infinite log-SNR there is a constant (derivative 0, no ``0 * inf = NaN``),
+the coefficients are kept non-negative with derivative 1 where they vanish (``jnp.maximum``'s is 1/2), and the
+DDIM weight ``1 - e^{-h}`` of a step with infinite ``h`` is differentiated as
+``1 - alpha_s beta_t / (beta_s alpha_t)``, its exact value as a function of the path's coefficients. The
+derivative with respect to the last time where ``beta = 0`` is then the one-sided derivative of the samples,
+when the last step is first order on either side of that end (``lower_order_final=True``, the default, or
+``order=1``; tested against differences in ``tests/test_unipc.py``); with ``lower_order_final=False`` and
+``order >= 2`` the predictor's weight of ``z_hat_{N-2} - z_hat_{N-1}`` grows like ``h`` as the end approaches
+``beta = 0``, and the samples are not continuous there. Nor are they continuous in ``t_0`` at ``alpha = 0``
+(the first step's corrector, above; the second step's predictor also depends on ``1 / log(t_0)``): the
+gradient with respect to such a first time is that of the first DDIM step, not a derivative in the ordinary
+sense. (The field's own derivative in ``t`` at an end is the field's business.)
 """
 
 from __future__ import annotations
@@ -81,7 +96,8 @@ import jax.numpy as jnp
 from jaxgen._checks import is_concrete
 from jaxgen.fields import canonical_prediction
 from jaxgen.paths.gaussian import GaussianPath, as_path
-from jaxgen.samplers.diffusion import _Grid, _check_order, _check_start, _denoiser, _finish, _time_grid, log_snr
+from jaxgen.samplers.diffusion import (_Grid, _alpha_beta, _check_order, _check_start, _denoiser, _finish,
+                                       _time_grid, log_snr)
 from jaxgen.samplers.ode import SampleResult
 
 Array = jax.Array
@@ -258,6 +274,18 @@ def unipc_weights(lambdas: Array, *, order: int, variant: str = "bh2", lower_ord
 # The sampler.
 # ---------------------------------------------------------------------------------------------------------
 
+def _ddim_weight(h: Array, alpha: Array, beta: Array) -> Array:
+    """DDIM's weight ``1 - e^{-h_i}`` of every step of a traced grid (``alpha``, ``beta``: the grid's ``N + 1``
+    coefficients, ``h``: the ``N`` log-SNR increments), the values of :func:`unipc_weights`' ``"ddim"``, but
+    differentiable at an infinite ``h`` (``alpha_i = 0`` or ``beta_{i+1} = 0``), where ``e^{-h}`` is computed as
+    ``alpha_i beta_{i+1} / (beta_i alpha_{i+1})`` (exactly 0 there; in ``lambda`` it would be a constant, of
+    derivative 0): as ``jaxgen.samplers.diffusion.dpm_solver_pp_2m_update`` with ``alpha_s``."""
+    finite = jnp.isfinite(h)
+    den = beta[:-1] * alpha[1:]
+    e_neg_h = alpha[:-1] * beta[1:] / jnp.where(den > 0, den, 1.0)  # double where: no division by 0
+    return jnp.where(finite, -jnp.expm1(-jnp.where(finite, h, 0.0)), 1.0 - e_neg_h)
+
+
 def _log_snr_with_safe_gradient(alpha: Array, beta: Array) -> Array:
     """``lambda = log(alpha / beta)``, ``-inf`` where ``alpha = 0`` and ``+inf`` where ``beta = 0`` as constants,
     so that differentiating with respect to a traced grid gives no ``0 * inf = NaN`` at an open end."""
@@ -365,10 +393,13 @@ def unipc(
     grid = g.times
     n = grid.shape[0] - 1
     dt = x0.dtype
-    c = path.coefficients(grid)
-    alpha, beta = c.alpha, c.beta
+    # path.coefficients' values, with derivative 1 (not 1/2) where alpha or beta is 0 (module docstring)
+    alpha, beta = _alpha_beta(path, grid)
     w = unipc_weights(_log_snr_with_safe_gradient(alpha, beta) if lam is None else lam, order=order,
                       variant=variant, lower_order_final=lower_order_final, corrector=corrector)
+    # a traced grid: DDIM's weight with the derivative of e^{-h} at an infinite h (a grid known at trace time
+    # is not differentiated: its weights are constants)
+    ddim = w["ddim"] if lam is not None else _ddim_weight(w["h"], alpha, beta)
     hist_len = order  # z_hat_{i-1} .. z_hat_{i-order}: UniC of step i-1 uses up to z_hat_{i-order}
     shift = lambda a: jnp.concatenate([jnp.zeros_like(a[:1]), a[:-1]])  # step i-1's coefficients at step i
     inp = {
@@ -376,7 +407,7 @@ def unipc(
         "alpha_s": alpha[:-1],
         "ratio": beta[1:] / beta[:-1],          # beta_i > 0 at every step's start
         "alpha_t": alpha[1:],
-        "ddim": w["ddim"],
+        "ddim": ddim,
         "pred": w["pred"],
         "corr_prev": jnp.concatenate([shift(w["corr_new"])[:, None], shift(w["corr"] - w["pred"])], axis=1),
     }
