@@ -1,4 +1,5 @@
-"""Test helper shared by tests/test_score_sde.py and tests/test_ddpm.py: a cheap exact oracle score."""
+"""Test helpers shared by several test files: a cheap exact oracle score (test_score_sde, test_ddpm) and a
+field that counts its evaluations (test_fast_samplers, test_unipc)."""
 
 import jax
 import jax.numpy as jnp
@@ -19,3 +20,14 @@ def fast_score(gm, path):
         return -jnp.einsum("bk,bkd->bd", w / var, r)
 
     return score
+
+
+def counting(field):
+    """The field, plus a host-side counter of its evaluations (one per call on the whole batch)."""
+    count = [0]
+
+    def f(x, t):
+        jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
+        return field(x, t)
+
+    return f, count

@@ -10,6 +10,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from _fast_oracle import counting
+
 from jaxgen.fields import PREDICTIONS, from_data_and_noise
 from jaxgen.oracle import GaussianMixture
 from jaxgen.paths import GaussianPath
@@ -107,15 +109,6 @@ def test_closed_form_field_is_the_oracles():
         np.testing.assert_allclose(closed, oracle, rtol=1e-4, atol=1e-4)
 
 
-def _counting(field):
-    """The field, plus a host-side counter of its evaluations (one per call on the whole batch)."""
-    count = [0]
-
-    def f(x, t):
-        jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
-        return field(x, t)
-
-    return f, count
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +117,7 @@ def convergence():
     for name, (order, path, prediction, sampler, reference) in CASES.items():
         errs, nfes = [], []
         for n in STEPS:
-            field, count = _counting(gaussian_field(path, prediction))
+            field, count = counting(gaussian_field(path, prediction))
             res = jax.block_until_ready(jax.jit(lambda x: sampler(field, x, n))(X))
             jax.effects_barrier()
             errs.append(float(jnp.max(jnp.abs(res.x - reference(X, res)))))
@@ -320,7 +313,7 @@ NFE_CASES = {  # default grids and the stochastic variants (the deterministic on
 @pytest.mark.parametrize("name", list(NFE_CASES))
 def test_reported_nfe_equals_counted_evaluations(name):
     sampler, expected = NFE_CASES[name]
-    f, count = _counting(lambda x, t: -0.5 * x)
+    f, count = counting(lambda x, t: -0.5 * x)
     x0 = jnp.ones((3, 2))
     res = jax.block_until_ready(jax.jit(lambda x: sampler(f, x))(x0))
     jax.effects_barrier()

@@ -11,6 +11,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from _fast_oracle import counting
+
 from jaxgen.fields import PREDICTIONS, from_data_and_noise
 from jaxgen.oracle import GaussianMixture
 from jaxgen.paths import GaussianPath
@@ -177,14 +179,6 @@ def test_every_parameterisation_gives_the_same_samples():
 
 # -- 3. exact NFE; UniP-1 is DDIM and UniP-2 (bh2) is DPM-Solver++(2M) -----------------------------------------
 
-def _counting(field):
-    count = [0]
-
-    def f(x, t):
-        jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
-        return field(x, t)
-
-    return f, count
 
 
 NFE_CASES = {  # name -> (sampler(field, x), steps)
@@ -198,7 +192,7 @@ NFE_CASES = {  # name -> (sampler(field, x), steps)
 
 
 def test_reported_nfe_equals_steps_and_counted_evaluations():
-    fields = {name: _counting(lambda x, t: -0.5 * x) for name in NFE_CASES}
+    fields = {name: counting(lambda x, t: -0.5 * x) for name in NFE_CASES}
     x0 = jnp.ones((3, 2))
     results = jax.block_until_ready(jax.jit(
         lambda x: {name: NFE_CASES[name][0](fields[name][0], x) for name in NFE_CASES})(x0))
