@@ -134,19 +134,20 @@ def parse_override(cfg, item: str):
     return dataclasses.replace(cfg, **{key: new})
 
 
-def get_distill_config(name: str, overrides=()) -> DistillConfig:
-    if name not in DISTILL_CONFIGS:
-        raise ValueError(f"unknown distillation config {name!r}; choose from {', '.join(DISTILL_CONFIGS)}.")
-    cfg = DISTILL_CONFIGS[name]
+def apply_overrides(cfg, overrides=()):
+    """``cfg`` with every ``name=value`` of ``overrides`` applied (see :func:`parse_override`)."""
     for item in overrides:
         cfg = parse_override(cfg, item)
     return cfg
+
+
+def get_distill_config(name: str, overrides=()) -> DistillConfig:
+    if name not in DISTILL_CONFIGS:
+        raise ValueError(f"unknown distillation config {name!r}; choose from {', '.join(DISTILL_CONFIGS)}.")
+    return apply_overrides(DISTILL_CONFIGS[name], overrides)
 
 
 def get_config(name: str, overrides=()) -> ImageConfig:
     if name not in CONFIGS:
         raise ValueError(f"unknown experiment {name!r}; run `jaxgen list` to see them ({', '.join(CONFIGS)}).")
-    cfg = CONFIGS[name]
-    for item in overrides:
-        cfg = parse_override(cfg, item)
-    return cfg
+    return apply_overrides(CONFIGS[name], overrides)
