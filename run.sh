@@ -10,4 +10,4 @@ if [[ "${1:-}" == "toy2d" ]]; then
   shift
   exec "$PY" -m experiments.toy2d "$@"
 fi
-exec "$PY" -m jaxgen.cli train digits_cfm "$@"
+exec "$PY" -m experiments.cli train digits_cfm "$@"

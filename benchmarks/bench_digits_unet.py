@@ -57,7 +57,7 @@ def run_jax(steps):
     from jaxgen.losses import flow_matching_loss
     from jaxgen.models import UNetField
     from jaxgen.samplers import sample_ode
-    from jaxgen.train import Trainer
+    from jaxgen.training import Trainer
 
     data = load_digits("all")
     model = UNetField(1, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),

@@ -104,14 +104,16 @@ def bench_2d(args):
     from flax import nnx
 
     from jaxgen import metrics
-    from jaxgen.consistency import ConsistencyFunction, ConsistencyTrainer, consistency_distillation_loss, \
-        consistency_sample
+    from jaxgen.losses import consistency_distillation_loss
+    from jaxgen.models import ConsistencyFunction
+    from jaxgen.samplers import consistency_sample
+    from jaxgen.training import ConsistencyTrainer
     from jaxgen.data.toy2d import moons
     from jaxgen.losses import flow_matching_loss
     from jaxgen.models import MLPField
     from jaxgen.paths import GaussianPath
     from jaxgen.samplers import sample_ode
-    from jaxgen.train import Trainer
+    from jaxgen.training import Trainer
 
     path = GaussianPath.from_name("linear")
     tr = Trainer(MLPField(2, width=128, rngs=nnx.Rngs(0)), flow_matching_loss(path), optax.adam(1e-3),
@@ -182,7 +184,7 @@ def bench_digits(args):
         return rows, floor
     # consistency distillation of the same guided field (experiments/distill.py; resumes if already run)
     from experiments import configs, distill
-    from jaxgen.consistency import consistency_sample
+    from jaxgen.samplers import consistency_sample
 
     cd_out = args.cd_out or os.path.join(args.out, "digits_cd")
     cd_cfg = configs.get_distill_config("consistency", [f"steps={args.cd_steps}", "guidance=2.0"])

@@ -4,7 +4,7 @@ The recipe (TorchCFM's): 8 Gaussians -> moons, SELU MLP of width 64 (3 hidden la
 Adam 1e-3, CondOT path. Everything runs in this one process run, on the same CPU, one after the other:
 
 1. the PyTorch peers (``../shared/peers``; built with ``shared/peers/setup.sh``), as subprocesses;
-2. jaxgen's :class:`~jaxgen.train.Trainer`: one jitted step per call, and N steps fused in ``lax.scan``;
+2. jaxgen's :class:`~jaxgen.training.Trainer`: one jitted step per call, and N steps fused in ``lax.scan``;
 3. the ceiling: a hand-written JAX loop of the same recipe (plain ``jax.jit`` step, and ``lax.scan``);
 4. Euler-100 sampling of 2,048 points: ``jaxgen.sample_ode`` vs a hand-written ``lax.scan`` Euler.
 
@@ -87,7 +87,7 @@ def run_jax(steps: int) -> dict:
     from jaxgen.losses import flow_matching_loss
     from jaxgen.models import MLPField
     from jaxgen.samplers import sample_ode
-    from jaxgen.train import Trainer
+    from jaxgen.training import Trainer
 
     bs = 256
     res = {}

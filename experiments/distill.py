@@ -3,10 +3,10 @@
 ``jaxgen distill --teacher runs/digits_cfm --out runs/digits_cd`` loads the teacher run (``./run.sh``'s
 output), builds its guided velocity field ``u_w = (1 - w) u(x | null) + w u(x | y)`` at the teacher's
 ``eval_guidance`` ``w``, and trains a class-conditional consistency function for that field's
-probability-flow ODE by consistency distillation (Song et al. 2023, Algorithm 2; :mod:`jaxgen.consistency`).
+probability-flow ODE by consistency distillation (Song et al. 2023, Algorithm 2; :mod:`jaxgen.losses.consistency`).
 
 The student is the teacher's U-Net, initialised with the teacher's weights, in the *denoiser*
-parameterisation ``f(x, t) = z_hat(x, t)`` (:class:`jaxgen.consistency.ConsistencyFunction` with
+parameterisation ``f(x, t) = z_hat(x, t)`` (:class:`jaxgen.models.ConsistencyFunction` with
 ``parameterization="denoiser"``): at initialisation ``f`` is the teacher's own one-step Euler jump
 ``x + (1 - t) u(x, t)`` on the linear path, i.e. the posterior mean ``E[z | x_t]``, and distillation
 sharpens it into the end point of the guided ODE.
@@ -36,7 +36,7 @@ def build_student(cfg: DistillConfig, teacher_cfg, teacher, shape):
     from flax import nnx
 
     from experiments.images import build_model
-    from jaxgen.consistency import ConsistencyFunction
+    from jaxgen.models import ConsistencyFunction
 
     net = nnx.clone(teacher) if cfg.init_from_teacher else build_model(teacher_cfg, shape, cfg.seed)
     net.train()
@@ -55,7 +55,7 @@ def build_trainer(cfg: DistillConfig, teacher_dir: str):
     Cached per process on the teacher's directory and latest checkpoint and on the settings that enter the
     training step, so that resuming or re-evaluating in the same process reuses the compiled programs.
     """
-    from jaxgen.checkpoint import Checkpointer
+    from jaxgen.training import Checkpointer
 
     teacher_dir = os.path.abspath(teacher_dir)
     teacher_step = None
@@ -71,7 +71,8 @@ def _build_trainer(cfg_key: str, teacher_dir: str, teacher_step):
     import optax
 
     from experiments import images
-    from jaxgen.consistency import ConsistencyTrainer, consistency_distillation_loss
+    from jaxgen.losses import consistency_distillation_loss
+    from jaxgen.training import ConsistencyTrainer
     from jaxgen.data.images import device_sampler
     from jaxgen.fields import guided_field
 
@@ -110,8 +111,8 @@ def distill(cfg: DistillConfig, teacher_dir: str, out: str, *, progress: bool = 
     import jax
 
     from experiments.images import _plot_loss
-    from jaxgen.checkpoint import Checkpointer, train_with_checkpoints
-    from jaxgen.metric_writers import MetricWriter
+    from jaxgen.training import Checkpointer, train_with_checkpoints
+    from jaxgen.training import MetricWriter
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -146,7 +147,7 @@ def load_run(out: str, *, step: int | None = None):
     """Restore a distillation run: ``(f, cfg, teacher_cfg, shape)`` with ``f`` the target network theta^-."""
     import jax
 
-    from jaxgen.checkpoint import Checkpointer
+    from jaxgen.training import Checkpointer
 
     cfg_path = os.path.join(os.path.abspath(out), "config.json")
     if not os.path.exists(cfg_path):
@@ -173,7 +174,7 @@ def _tuples(v):
 def _compiled_sampler(schedule: str, ts: tuple, shape: tuple):
     import jax
 
-    from jaxgen.consistency import consistency_sample
+    from jaxgen.samplers import consistency_sample
     from jaxgen.paths import GaussianPath
 
     path = GaussianPath.from_name(schedule)

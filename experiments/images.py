@@ -55,7 +55,7 @@ def build_trainer(cfg: ImageConfig, train_set):
 
     from jaxgen.data.images import device_sampler
     from jaxgen.losses import regression_loss
-    from jaxgen.train import Trainer, adam_with_schedule
+    from jaxgen.training import Trainer, adam_with_schedule
 
     model = build_model(cfg, train_set.images.shape[1:], cfg.seed)
     loss = regression_loss(cfg.schedule, cfg.prediction, label_dropout=cfg.label_dropout, null_label=cfg.num_classes)
@@ -176,7 +176,7 @@ def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
     """Train (resuming from ``out/checkpoints`` if present), then write samples, sweep and report."""
     import jax
 
-    from jaxgen.checkpoint import Checkpointer
+    from jaxgen.training import Checkpointer
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -199,7 +199,7 @@ def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     labels_grid = np.repeat(np.arange(cfg.num_classes), min(8, cfg.samples_per_class))
 
-    from jaxgen.metric_writers import MetricWriter
+    from jaxgen.training import MetricWriter
 
     writer = MetricWriter(out)  # metrics.jsonl, plus tensorboard/ when tensorboardX is installed
 
@@ -212,7 +212,7 @@ def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
             save_grid(imgs, os.path.join(out, f"samples_step{step:07d}.png"), nrow=8,
                       title=f"step {step}, w = {cfg.eval_guidance}")
 
-    from jaxgen.checkpoint import train_with_checkpoints
+    from jaxgen.training import train_with_checkpoints
 
     with Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.keep_checkpoints) as ckpt:
         try:
@@ -342,7 +342,7 @@ def load_run(run_dir: str, *, step: int | None = None):
     """Restore a run: its config, trainer and state (from ``run_dir`` or its ``checkpoints`` folder)."""
     import jax
 
-    from jaxgen.checkpoint import Checkpointer
+    from jaxgen.training import Checkpointer
 
     run_dir = os.path.abspath(run_dir)
     if os.path.basename(run_dir.rstrip("/")) == "checkpoints":

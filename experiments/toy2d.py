@@ -92,7 +92,7 @@ def run(cfg: Toy2DConfig, out: str, progress: bool = True, name: str = "custom")
     from jaxgen.models import MLPField
     from jaxgen.paths import GaussianPath
     from jaxgen.samplers import sample_ode, sample_sde
-    from jaxgen.train import Trainer, adam_with_schedule
+    from jaxgen.training import Trainer, adam_with_schedule
 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as fh:

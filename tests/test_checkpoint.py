@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxgen.checkpoint import Checkpointer, train_with_checkpoints
+from jaxgen.training import Checkpointer, train_with_checkpoints
 from jaxgen.data.toy2d import moons
 from jaxgen.losses import flow_matching_loss
 from jaxgen.models import MLPField
-from jaxgen.train import Trainer, TrainState
+from jaxgen.training import Trainer, TrainState
 
 SEED = 3
 NUM_STEPS, EVERY = 60, 10

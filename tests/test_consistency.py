@@ -11,9 +11,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxgen.consistency import (ConsistencyFunction, ConsistencyTrainer, consistency_coefficients,
-                                consistency_distillation_loss, consistency_sample, consistency_times,
-                                consistency_training_loss, ct_schedule, online_target)
+from jaxgen.fields import consistency_coefficients
+from jaxgen.losses import (consistency_distillation_loss, consistency_times, consistency_training_loss, ct_schedule,
+                           online_target)
+from jaxgen.models import ConsistencyFunction
+from jaxgen.samplers import consistency_sample
+from jaxgen.training import ConsistencyTrainer
 from jaxgen.fields import as_field
 from jaxgen.metrics import sliced_wasserstein
 from jaxgen.models import MLPField

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 from scipy import special, stats
 
 from jaxgen import fields, metrics
-from jaxgen.ddpm import (DDPMSchedule, cosine_betas, ddpm_ancestral_sample, ddpm_elbo, diffusion_kl_term,
-                         diffusion_kl_term_eps, diffusion_kl_term_snr, discretized_gaussian_log_likelihood,
-                         linear_betas)
+from jaxgen.likelihood import (ddpm_elbo, diffusion_kl_term, diffusion_kl_term_eps, diffusion_kl_term_snr,
+                               discretized_gaussian_log_likelihood)
+from jaxgen.paths import DDPMSchedule, cosine_betas, linear_betas
+from jaxgen.samplers import ddpm_ancestral_sample
 from jaxgen.fields import to_data_and_noise
 from jaxgen.oracle import GaussianMixture
 

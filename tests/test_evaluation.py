@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 from sklearn.datasets import load_digits
 
-from jaxgen import evaluation as ev
-from jaxgen.metrics import frechet_distance, gaussian_moments
+from jaxgen.evaluation import digits as ev
+from jaxgen.metrics import feature_moments, frechet_distance, frechet_distance_from_features, gaussian_moments
 
 
 def _leaves(model):
@@ -123,17 +123,17 @@ def test_frechet_distance_separates_real_from_corrupted(clf, digits, corrupted):
     xtr, _, xte, _ = digits
     noise, shuffled = corrupted
     feat = ev.classifier_feature_fn(clf)
-    fd_floor = ev.frechet_distance_from_features(feat, xtr, xte)
-    fd_self = ev.frechet_distance_from_features(feat, xte, xte)
-    fd_noise = ev.frechet_distance_from_features(feat, xte, noise)
-    fd_shuffled = ev.frechet_distance_from_features(feat, xte, shuffled)
+    fd_floor = frechet_distance_from_features(feat, xtr, xte)
+    fd_self = frechet_distance_from_features(feat, xte, xte)
+    fd_noise = frechet_distance_from_features(feat, xte, noise)
+    fd_shuffled = frechet_distance_from_features(feat, xte, shuffled)
     assert 0.0 < fd_floor
     assert abs(fd_self) < 0.1 * fd_floor
     assert fd_noise > 20 * fd_floor
     assert fd_shuffled > 20 * fd_floor
     # Precomputed reference moments give the same value.
-    moments = ev.feature_moments(feat, xte)
-    assert ev.frechet_distance_from_features(feat, moments, noise) == pytest.approx(fd_noise, rel=1e-5)
+    moments = feature_moments(feat, xte)
+    assert frechet_distance_from_features(feat, moments, noise) == pytest.approx(fd_noise, rel=1e-5)
 
 
 def test_guided_label_accuracy(clf, digits, corrupted):
@@ -153,14 +153,14 @@ def test_frechet_distance_identity_features_matches_closed_form():
     y = (mu2 + s2 * rng.standard_normal((n + 123, 3))).astype(np.float32)
     # Diagonal covariances: FD = |mu1 - mu2|^2 + sum_i (s1_i - s2_i)^2.
     closed = float(np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2))
-    fd = ev.frechet_distance_from_features(lambda a: a, x, y, batch_size=999)
+    fd = frechet_distance_from_features(lambda a: a, x, y, batch_size=999)
     assert fd == pytest.approx(closed, rel=0.05)
     # Batching (with a ragged last batch) does not change the plug-in estimate.
     direct = float(frechet_distance(*gaussian_moments(x), *gaussian_moments(y)))
     assert fd == pytest.approx(direct, rel=1e-4, abs=1e-4)
     # Image-shaped outputs are flattened; jit=False accepts non-jittable feature functions.
     imgs = x[:, :, None, None]
-    assert ev.frechet_distance_from_features(lambda a: np.asarray(a), imgs, y[:, :, None, None], jit=False) \
+    assert frechet_distance_from_features(lambda a: np.asarray(a), imgs, y[:, :, None, None], jit=False) \
         == pytest.approx(fd, rel=1e-4, abs=1e-4)
 
 
@@ -172,7 +172,7 @@ def test_digits_report(clf, digits):
     assert sum(report["class_histogram"]) == pytest.approx(1.0)
     assert report["fd_floor_source"] == "train_vs_test"
     assert report["fd_floor"] == pytest.approx(
-        ev.frechet_distance_from_features(ev.classifier_feature_fn(clf), xtr, xte), rel=1e-4)
+        frechet_distance_from_features(ev.classifier_feature_fn(clf), xtr, xte), rel=1e-4)
     assert abs(report["fd"]) < 0.1 * report["fd_floor"]
 
     uncond = ev.digits_report(clf, xtr[:360], None, xte)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxgen import cli
+from experiments import cli
 
 
 @pytest.fixture(scope="module")

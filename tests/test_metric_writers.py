@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from jaxgen.metric_writers import MetricWriter, read_jsonl
+from jaxgen.training import MetricWriter, read_jsonl
 
 
 def _tfrecord_events(path):

@@ -24,7 +24,7 @@ ed_jit = jax.jit(metrics.energy_distance, static_argnames=("unbiased",))
 fd_jit = jax.jit(metrics.frechet_distance)
 moments_jit = jax.jit(metrics.gaussian_moments)
 sw_small_jit = jax.jit(metrics.sliced_wasserstein, static_argnames=("num_projections", "squared"))
-sqdist_jit = jax.jit(metrics._sqdist)
+sqdist_jit = jax.jit(metrics.samples._sqdist)
 
 N = 2048
 SHIFT = np.array([2.0, 0.0], dtype=np.float32)

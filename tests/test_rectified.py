@@ -13,10 +13,11 @@ from jaxgen.metrics import sliced_wasserstein
 from jaxgen.models import MLPField
 from jaxgen.oracle import GaussianMixture
 from jaxgen.paths import GaussianPath
-from jaxgen.rectified import (distillation_loss, pair_sampler, reflow_coupling, reflow_couplings, reflow_loss,
-                              straightness)
+from jaxgen.couplings import pair_sampler, reflow_coupling, reflow_couplings
+from jaxgen.losses import distillation_loss, reflow_loss
+from jaxgen.metrics import straightness
 from jaxgen.samplers import sample_ode
-from jaxgen.train import Trainer
+from jaxgen.training import Trainer
 
 LINEAR = GaussianPath.from_name("linear")
 GM = GaussianMixture.eight_gaussians(radius=3.0, std=0.3)

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import fields, metrics
-from jaxgen.ddpm import DDPMSchedule
+from jaxgen.paths import DDPMSchedule
 from jaxgen.oracle import GaussianMixture
 from jaxgen.samplers import euler_maruyama
-from jaxgen.score_sde import (SDE, VESDE, VPSDE, SubVPSDE, pc_nfe, pc_sample, probability_flow_velocity,
-                              reverse_diffusion, reverse_drift)
+from jaxgen.fields import probability_flow_velocity, reverse_diffusion, reverse_drift
+from jaxgen.paths import SDE, VESDE, VPSDE, SubVPSDE
+from jaxgen.samplers import pc_nfe, pc_sample
 
 
 # jitted once: eagerly, its blockwise lax.map recompiles at every call
@@ -342,7 +343,7 @@ def test_bad_arguments_raise():
         pc_sample(f, x, key, sde=SDES["vp"], t_eps=0.0)
     with pytest.raises(ValueError, match="steps"):
         pc_sample(f, x, key, sde=SDES["vp"], steps=0)
-    with pytest.raises(ValueError, match="must be a jaxgen.score_sde.SDE"):
+    with pytest.raises(ValueError, match="must be a jaxgen.paths.SDE"):
         pc_sample(f, x, key, sde="vp")
     with pytest.raises(ValueError, match="tau must lie in"):
         SDES["vp"].marginal_prob(x, 1.5)

@@ -10,7 +10,7 @@ from flax import nnx
 from jaxgen.data.toy2d import eight_gaussians, moons
 from jaxgen.losses import flow_matching_loss
 from jaxgen.models import MLPField
-from jaxgen.train import Trainer, adam_with_schedule, ema_update
+from jaxgen.training import Trainer, adam_with_schedule, ema_update
 
 LOSS = flow_matching_loss("linear", source=eight_gaussians)
 DATA = lambda key: moons(key, 128)

@@ -1,4 +1,5 @@
-"""Probability paths: schedules ``(alpha_t, beta_t)`` and Gaussian conditional paths (notes ch. 3)."""
+"""Probability paths: schedules ``(alpha_t, beta_t)``, Gaussian conditional paths (notes ch. 3), the discrete DDPM
+chain and score_sde's forward SDEs."""
 
 from jaxgen.paths.schedules import (
     SCHEDULES,
@@ -16,8 +17,12 @@ from jaxgen.paths.schedules import (
     vp,
 )
 from jaxgen.paths.gaussian import GaussianPath, as_path
+from jaxgen.paths.ddpm import DDPMSchedule, cosine_betas, linear_betas
+from jaxgen.paths.sde import SDE, VESDE, VPSDE, SubVPSDE, subVPSDE, to_diffusion_time, to_jaxgen_time
 
 __all__ = [
     "SCHEDULES", "Schedule", "ScheduleOutput", "GaussianPath", "as_path", "get_schedule",
     "linear", "cond_ot", "cosine", "polynomial", "vp", "sub_vp", "ve", "edm", "custom",
+    "DDPMSchedule", "linear_betas", "cosine_betas", "SDE", "VPSDE", "SubVPSDE", "subVPSDE", "VESDE",
+    "to_jaxgen_time", "to_diffusion_time",
 ]

@@ -26,8 +26,6 @@ __all__ = [
     "mmd_rbf",
     "energy_distance",
     "wasserstein2_exact",
-    "frechet_distance",
-    "gaussian_moments",
 ]
 
 
@@ -124,14 +122,6 @@ def _offdiag_mean(k: jax.Array) -> jax.Array:
     n = k.shape[0]
     mask = 1.0 - jnp.eye(n, dtype=k.dtype)
     return jnp.sum(k * mask) / (n * (n - 1))
-
-
-def _sqrtm_psd(c: jax.Array) -> jax.Array:
-    """Symmetric PSD matrix square root via ``eigh``; clips negative eigenvalues."""
-    c = 0.5 * (c + c.T)
-    w, v = jnp.linalg.eigh(c)
-    w = jnp.sqrt(jnp.maximum(w, 0.0))
-    return (v * w[None, :]) @ v.T
 
 
 # ---------------------------------------------------------------------------
@@ -333,83 +323,3 @@ def wasserstein2_exact(x: ArrayLike, y: ArrayLike) -> float:
     return float(np.sqrt(np.mean(cost[rows, cols])))
 
 
-def gaussian_moments(features: ArrayLike) -> tuple[jax.Array, jax.Array]:
-    r"""Mean and unbiased covariance of a feature set.
-
-    .. math::
-
-        \mu = \frac{1}{N}\sum_i f_i, \qquad
-        C = \frac{1}{N-1} \sum_i (f_i - \mu)(f_i - \mu)^\top,
-
-    matching ``np.cov(features, rowvar=False)`` (as used for FID).
-
-    Args:
-      features: array of shape ``(N, d)``, ``N >= 2``.
-
-    Returns:
-      ``(mu, cov)`` of shapes ``(d,)`` and ``(d, d)``.
-    """
-    f = _as_samples(features, "features")
-    n = f.shape[0]
-    if n < 2:
-        raise ValueError(
-            f"`features` needs at least 2 samples to estimate a covariance, got "
-            f"shape {f.shape}."
-        )
-    mu = jnp.mean(f, axis=0)
-    fc = f - mu
-    cov = jnp.matmul(fc.T, fc, precision=jax.lax.Precision.HIGHEST) / (n - 1)
-    return mu, cov
-
-
-def frechet_distance(
-    mu1: ArrayLike, cov1: ArrayLike, mu2: ArrayLike, cov2: ArrayLike
-) -> jax.Array:
-    r"""Fréchet distance between two Gaussians given their moments.
-
-    .. math::
-
-        \mathrm{FD} = \|\mu_1 - \mu_2\|^2 + \operatorname{tr}\!\left(
-            C_1 + C_2 - 2 \left(C_1^{1/2} C_2 C_1^{1/2}\right)^{1/2}\right).
-
-    This is the squared 2-Wasserstein distance between
-    :math:`\mathcal{N}(\mu_1, C_1)` and :math:`\mathcal{N}(\mu_2, C_2)` (the FID
-    when the moments come from Inception features). Matrix square roots use
-    a symmetric eigendecomposition (:func:`jax.numpy.linalg.eigh`), clipping
-    tiny negative eigenvalues caused by round-off. Jit-able; note that
-    gradients through ``eigh`` are undefined for repeated eigenvalues.
-
-    Reference: Heusel, Ramsauer, Unterthiner, Nessler & Hochreiter, "GANs
-    trained by a two time-scale update rule converge to a local Nash
-    equilibrium", NeurIPS 2017; Dowson & Landau 1982.
-
-    Args:
-      mu1: mean of shape ``(d,)``.
-      cov1: covariance of shape ``(d, d)``.
-      mu2: mean of shape ``(d,)``.
-      cov2: covariance of shape ``(d, d)``.
-
-    Returns:
-      Scalar array.
-    """
-    mu1, cov1, mu2, cov2 = (jnp.asarray(a) for a in (mu1, cov1, mu2, cov2))
-    if mu1.ndim != 1 or mu2.ndim != 1 or mu1.shape != mu2.shape:
-        raise ValueError(
-            f"`mu1` and `mu2` must be vectors of the same shape (d,), got "
-            f"{mu1.shape} and {mu2.shape}."
-        )
-    d = mu1.shape[0]
-    if cov1.shape != (d, d) or cov2.shape != (d, d):
-        raise ValueError(
-            f"`cov1` and `cov2` must have shape ({d}, {d}) to match the means, "
-            f"got {cov1.shape} and {cov2.shape}."
-        )
-    dtype = jnp.result_type(mu1, cov1, mu2, cov2, jnp.float32)
-    mu1, cov1, mu2, cov2 = (a.astype(dtype) for a in (mu1, cov1, mu2, cov2))
-    hp = jax.lax.Precision.HIGHEST
-    s1 = _sqrtm_psd(cov1)
-    m = jnp.matmul(jnp.matmul(s1, cov2, precision=hp), s1, precision=hp)
-    eig = jnp.linalg.eigvalsh(0.5 * (m + m.T))
-    tr_covmean = jnp.sum(jnp.sqrt(jnp.maximum(eig, 0.0)))
-    diff = mu1 - mu2
-    return jnp.dot(diff, diff) + jnp.trace(cov1) + jnp.trace(cov2) - 2.0 * tr_covmean

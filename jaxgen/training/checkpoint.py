@@ -26,7 +26,7 @@ parameters (on the same hardware and software).
 
 Example::
 
-    from jaxgen.checkpoint import Checkpointer, train_with_checkpoints
+    from jaxgen.training import Checkpointer, train_with_checkpoints
 
     trainer = Trainer(model, loss, optax.adam(1e-3), data=lambda key: moons(key, 256), ema_decay=0.999)
     with Checkpointer("runs/moons/checkpoints", max_to_keep=3) as ckpt:
