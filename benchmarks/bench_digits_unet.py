@@ -48,7 +48,6 @@ def run_peer(py, steps, threads):
 
 def run_jax(steps):
     import jax
-    import numpy as np
     import optax
     from flax import nnx
 
@@ -56,7 +55,7 @@ def run_jax(steps):
     from jaxgen.fields import chunked_field, guided_field
     from jaxgen.losses import flow_matching_loss
     from jaxgen.models import UNetField
-    from jaxgen.samplers import sample_ode
+    from jaxgen.samplers import Euler, sample
     from jaxgen.training import Trainer
 
     data = load_digits("all")
@@ -79,15 +78,15 @@ def run_jax(steps):
 
     def sampler(guided, chunk):
         @jax.jit
-        def sample(m, key):
+        def draw(m, key):
             x0 = jax.random.normal(key, (256, 8, 8, 1))
             f = chunked_field(m, chunk) if chunk else m
             f = guided_field(f, 2.0, null_label=10) if guided else f
-            return sample_ode(f, x0, steps=20, cond={"y": labels}).x
+            return sample(f, x0, Euler(), steps=20, cond={"y": labels}).x
 
-        jax.block_until_ready(sample(m, jax.random.key(0)))
+        jax.block_until_ready(draw(m, jax.random.key(0)))
         t0 = time.perf_counter()
-        jax.block_until_ready(sample(m, jax.random.key(1)))
+        jax.block_until_ready(draw(m, jax.random.key(1)))
         return 256 / (time.perf_counter() - t0)
 
     return {"params_M": n_params / 1e6, "steps_per_s": sps, "images_per_s": sps * 128,

@@ -33,23 +33,24 @@ BUDGETS = (1, 2, 4, 8, 16, 32, 100)
 
 def samplers(path, prediction="velocity"):
     """name -> (nfe(steps), run(field, x0, steps, key, cond)); ``nfe`` is each sampler's documented count."""
-    from jaxgen.samplers import sample_ode
-    from jaxgen.samplers.diffusion import ddim, dpm_solver, dpm_solver_pp, edm_sampler
-    from jaxgen.samplers.unipc import unipc
+    from jaxgen.samplers import DDIM, EDM, DPMSolver, DPMSolverPP, Euler, Heun, UniPC, sample
 
-    kw = dict(path=path, prediction=prediction)
-    ode = lambda method: lambda f, x0, n, key, cond: sample_ode(f, x0, method=method, steps=n, cond=cond)
+    def run(solver, with_path=True):
+        kw = dict(path=path, prediction=prediction) if with_path else {}
+        return lambda f, x0, n, key, cond: sample(f, x0, solver, steps=n, cond=cond, **kw)
+
     # single-step DPM-Solver-k: the first and last steps are first order (lambda = -inf at t = 0, beta = 0 at 1)
     dpm_nfe = lambda k: lambda n: n if n <= 2 else k * (n - 2) + 2
     return {
-        "euler": (lambda n: n, ode("euler")),
-        "heun": (lambda n: 2 * n, ode("heun")),
-        "ddim": (lambda n: n, lambda f, x0, n, key, cond: ddim(f, x0, steps=n, cond=cond, **kw)),
-        "dpm_solver_2": (dpm_nfe(2), lambda f, x0, n, key, cond: dpm_solver(f, x0, steps=n, order=2, cond=cond, **kw)),
-        "dpm_solver_3": (dpm_nfe(3), lambda f, x0, n, key, cond: dpm_solver(f, x0, steps=n, order=3, cond=cond, **kw)),
-        "dpm_solver++_2m": (lambda n: n, lambda f, x0, n, key, cond: dpm_solver_pp(f, x0, steps=n, cond=cond, **kw)),
-        "unipc_2": (lambda n: n, lambda f, x0, n, key, cond: unipc(f, x0, steps=n, order=2, cond=cond, **kw)),
-        "edm_heun": (lambda n: 2 * n - 1, lambda f, x0, n, key, cond: edm_sampler(f, x0, steps=n, cond=cond, **kw)),
+        "euler": (lambda n: n, run(Euler(), with_path=False)),
+        "heun": (lambda n: 2 * n, run(Heun(), with_path=False)),
+        "ddim": (lambda n: n, run(DDIM())),
+        "dpm_solver_2": (dpm_nfe(2), run(DPMSolver(order=2))),
+        "dpm_solver_3": (dpm_nfe(3), run(DPMSolver(order=3))),
+        "dpm_solver++_2m": (lambda n: n, run(DPMSolverPP())),
+        "dpm_solver++_3m": (lambda n: n, run(DPMSolverPP(order=3))),
+        "unipc_2": (lambda n: n, run(UniPC(order=2))),
+        "edm_heun": (lambda n: 2 * n - 1, run(EDM())),
     }
 
 
@@ -106,14 +107,12 @@ def bench_2d(args):
     from jaxgen import metrics
     from jaxgen.losses import consistency_distillation_loss
     from jaxgen.models import ConsistencyFunction
-    from jaxgen.samplers import consistency_sample
-    from jaxgen.training import ConsistencyTrainer
     from jaxgen.data.toy2d import moons
     from jaxgen.losses import flow_matching_loss
     from jaxgen.models import MLPField
     from jaxgen.paths import GaussianPath
-    from jaxgen.samplers import sample_ode
-    from jaxgen.training import Trainer
+    from jaxgen.samplers import ConsistencyMultistep, sample
+    from jaxgen.training import ConsistencyTrainer, Trainer
 
     path = GaussianPath.from_name("linear")
     tr = Trainer(MLPField(2, width=128, rngs=nnx.Rngs(0)), flow_matching_loss(path), optax.adam(1e-3),
@@ -142,7 +141,7 @@ def bench_2d(args):
     cstate, _ = ctr.fit(ctr.init(0), args.cm_steps, progress=False)
     f = ctr.model(cstate)
     for ts, budget in (((0.0,), 1), ((0.0, 0.5), 2)):
-        res = consistency_sample(f, x0, path=path, ts=ts, key=jax.random.key(6))
+        res = sample(f, x0, ConsistencyMultistep(), prediction="data", path=path, ts=ts + (1.0,), key=jax.random.key(6))
         q = quality(np.asarray(res.x))
         rows.append({"model": "2d", "sampler": "consistency (distilled)", "budget": budget, "steps": len(ts),
                      "nfe": int(res.nfe), **q, "seconds": 0.0})
@@ -184,15 +183,15 @@ def bench_digits(args):
         return rows, floor
     # consistency distillation of the same guided field (experiments/distill.py; resumes if already run)
     from experiments import configs, distill
-    from jaxgen.samplers import consistency_sample
+    from jaxgen.samplers import ConsistencyMultistep, sample
 
     cd_out = args.cd_out or os.path.join(args.out, "digits_cd")
     cd_cfg = configs.get_distill_config("consistency", [f"steps={args.cd_steps}", "guidance=2.0"])
     distill.distill(cd_cfg, args.digits, cd_out, progress=False)
     f, _, _, _ = distill.load_run(cd_out)
     for ts in ((0.0,), (0.0, 0.5)):
-        res = jax.jit(lambda x, y, ts=ts: consistency_sample(f, x, path=path, ts=ts, key=jax.random.key(6),
-                                                             cond={"y": y}))(x0, labels)
+        res = jax.jit(lambda x, y, ts=ts: sample(f, x, ConsistencyMultistep(), prediction="data", path=path,
+                                                 ts=ts + (1.0,), key=jax.random.key(6), cond={"y": y}))(x0, labels)
         q = quality(np.asarray(res.x))
         rows.append({"model": "digits", "sampler": "consistency (distilled)", "budget": len(ts), "steps": len(ts),
                      "nfe": int(res.nfe), **q, "seconds": 0.0})

@@ -6,7 +6,7 @@ Adam 1e-3, CondOT path. Everything runs in this one process run, on the same CPU
 1. the PyTorch peers (``../shared/peers``; built with ``shared/peers/setup.sh``), as subprocesses;
 2. jaxgen's :class:`~jaxgen.training.Trainer`: one jitted step per call, and N steps fused in ``lax.scan``;
 3. the ceiling: a hand-written JAX loop of the same recipe (plain ``jax.jit`` step, and ``lax.scan``);
-4. Euler-100 sampling of 2,048 points: ``jaxgen.sample_ode`` vs a hand-written ``lax.scan`` Euler.
+4. Euler-100 sampling of 2,048 points: ``jaxgen.samplers.sample`` vs a hand-written ``lax.scan`` Euler.
 
 Usage::
 
@@ -86,7 +86,7 @@ def run_jax(steps: int) -> dict:
     from jaxgen.data.toy2d import eight_gaussians, moons
     from jaxgen.losses import flow_matching_loss
     from jaxgen.models import MLPField
-    from jaxgen.samplers import sample_ode
+    from jaxgen.samplers import Euler, sample
     from jaxgen.training import Trainer
 
     bs = 256
@@ -173,7 +173,7 @@ def run_jax(steps: int) -> dict:
     # -- sampling: Euler-100 on 2048 points ------------------------------------------------------
     n = 2048
     x0 = eight_gaussians(jax.random.key(2), n)
-    lib = jax.jit(lambda f, x: sample_ode(f, x, method="euler", steps=100).x)
+    lib = jax.jit(lambda f, x: sample(f, x, Euler(), steps=100).x)
 
     def hw_euler(f, x):
         h = 1.0 / 100
@@ -184,7 +184,7 @@ def run_jax(steps: int) -> dict:
         return jax.lax.scan(b, x, jnp.arange(100, dtype=jnp.float32) * h)[0]
 
     hw = jax.jit(hw_euler)
-    for name, fn in (("jaxgen sample_ode", lib), ("hand-written scan", hw)):
+    for name, fn in (("jaxgen sample", lib), ("hand-written scan", hw)):
         jax.block_until_ready(fn(trained, x0))
         res[f"{name} ms"] = 1000.0 / _best_rate(lambda: jax.block_until_ready(fn(trained, x0)), 1, repeats=10)
     np.testing.assert_allclose(lib(trained, x0), hw(trained, x0), atol=1e-4)
@@ -218,9 +218,9 @@ def main(argv=None):
     print("\n=== Euler-100 sampling of 2,048 points (ms) ===")
     for k, v in peers.items():
         print(f"{k:28s} {v['sample_ms']:10.1f}")
-    print(f"{'jaxgen sample_ode':28s} {jx['jaxgen sample_ode ms']:10.2f}")
+    print(f"{'jaxgen sample':28s} {jx['jaxgen sample ms']:10.2f}")
     print(f"{'hand-written scan':28s} {jx['hand-written scan ms']:10.2f}")
-    print(f"jaxgen / hand-written              {jx['jaxgen sample_ode ms'] / jx['hand-written scan ms']:6.2%}   (target <= 110%)")
+    print(f"jaxgen / hand-written              {jx['jaxgen sample ms'] / jx['hand-written scan ms']:6.2%}   (target <= 110%)")
 
 
 if __name__ == "__main__":

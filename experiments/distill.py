@@ -174,15 +174,16 @@ def _tuples(v):
 def _compiled_sampler(schedule: str, ts: tuple, shape: tuple):
     import jax
 
-    from jaxgen.samplers import consistency_sample
     from jaxgen.paths import GaussianPath
+    from jaxgen.samplers import ConsistencyMultistep, sample
 
     path = GaussianPath.from_name(schedule)
 
     def run(f, labels, key):
         k0, k1 = jax.random.split(key)  # k0: the same noise as experiments.images.generate with this key
         x0 = path.sample_prior(k0, (labels.shape[0],) + shape)
-        res = consistency_sample(f, x0, path=path, ts=ts, key=k1, cond={"y": labels})
+        grid = tuple(ts) + (f.t_end,)  # the jump times, then the data end
+        res = sample(f, x0, ConsistencyMultistep(), prediction="data", path=path, ts=grid, key=k1, cond={"y": labels})
         return res.x, res.nfe
 
     return jax.jit(run)

@@ -91,7 +91,7 @@ def run(cfg: Toy2DConfig, out: str, progress: bool = True, name: str = "custom")
     from jaxgen.losses import flow_matching_loss
     from jaxgen.models import MLPField
     from jaxgen.paths import GaussianPath
-    from jaxgen.samplers import sample_ode, sample_sde
+    from jaxgen.samplers import Euler, EulerMaruyama, get_solver, sample
     from jaxgen.training import Trainer, adam_with_schedule
 
     os.makedirs(out, exist_ok=True)
@@ -126,9 +126,9 @@ def run(cfg: Toy2DConfig, out: str, progress: bool = True, name: str = "custom")
     keys = jax.random.split(jax.random.key(cfg.seed + 1), 5)
     n = cfg.num_samples
     x0 = source_sampler(keys[0], n)
-    euler = jax.jit(lambda f, x: sample_ode(f, x, method="euler", steps=cfg.euler_steps, save_trajectory=True))
+    euler = jax.jit(lambda f, x: sample(f, x, Euler(), steps=cfg.euler_steps, save_trajectory=True))
     res = euler(field, x0)
-    adaptive = sample_ode(field, x0, method=cfg.adaptive_method, rtol=cfg.adaptive_tol, atol=cfg.adaptive_tol)
+    adaptive = sample(field, x0, get_solver(cfg.adaptive_method, rtol=cfg.adaptive_tol, atol=cfg.adaptive_tol))
     ref = target(keys[1], n)
     ref2 = target(keys[2], n)
 
@@ -153,7 +153,8 @@ def run(cfg: Toy2DConfig, out: str, progress: bool = True, name: str = "custom")
                  "'reference_two_target_sets' is the floor (two independent target sets).",
     }
     if gaussian_source:
-        sde = sample_sde(field, x0, keys[4], path=path, sigma=cfg.sde_sigma, steps=cfg.euler_steps)
+        sde = sample(field, x0, EulerMaruyama(cfg.sde_sigma), path=path, key=keys[4], steps=cfg.euler_steps, t0=0.0,
+                     t1=1.0)
         report["euler_maruyama"] = {"sigma": cfg.sde_sigma, "nfe": int(sde.nfe), **quality(sde.x)}
 
     np.save(os.path.join(out, "samples.npy"), np.asarray(res.x))

@@ -9,10 +9,10 @@ from jaxgen import couplings, fields, likelihood, losses, metrics, oracle, paths
 from jaxgen.likelihood import log_likelihood
 from jaxgen.paths import GaussianPath, get_schedule
 from jaxgen.oracle import GaussianMixture
-from jaxgen.samplers import SampleResult, sample_ode, sample_sde
+from jaxgen.samplers import SampleResult, Solver, get_solver, sample
 
 __version__ = "0.1.0"
 
 __all__ = ["couplings", "fields", "likelihood", "log_likelihood", "losses", "metrics", "oracle", "paths", "samplers",
-           "GaussianPath", "get_schedule", "GaussianMixture", "SampleResult", "sample_ode", "sample_sde",
+           "GaussianPath", "get_schedule", "GaussianMixture", "SampleResult", "Solver", "get_solver", "sample",
            "__version__"]

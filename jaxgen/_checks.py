@@ -21,31 +21,41 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_time(t, *, name: str = "t", lo: float = 0.0, hi: float = 1.0) -> None:
-    """Raise ``ValueError`` if a concrete ``t`` leaves ``[lo, hi]`` or is not finite."""
+_CONVENTIONS = {
+    "jaxgen": ("jaxgen's convention: t=0 is noise, t=1 is data",
+               "If your times come from a diffusion code base where tau=0 is data, pass t = 1 - tau."),
+    "diffusion": ("score_sde's diffusion time: tau=0 is data, tau=1 is noise",
+                  "If you hold jaxgen times t (t=1 is data), pass tau = 1 - t."),
+}
+
+
+def check_time(t, *, name: str = "t", lo: float = 0.0, hi: float = 1.0, convention: str = "jaxgen") -> None:
+    """Raise ``ValueError`` if a concrete ``t`` leaves ``[lo, hi]`` or is not finite.
+
+    ``convention`` names the time in the message: ``"jaxgen"`` (t=0 noise, t=1 data) or ``"diffusion"``
+    (score_sde's tau=0 data, tau=1 noise).
+    """
     if not is_concrete(t):
         return
     arr = np.asarray(t)
     if arr.size == 0:
         return
+    meaning, hint = _CONVENTIONS[convention]
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or inf; time must be a finite value in [{lo:g}, {hi:g}].")
+        raise ValueError(f"{name} contains NaN or inf; time must be a finite value in [{lo:g}, {hi:g}] ({meaning}).")
     tmin, tmax = float(arr.min()), float(arr.max())
     if tmin < lo or tmax > hi:
-        raise ValueError(
-            f"{name} must lie in [{lo:g}, {hi:g}] (jaxgen's convention: t=0 is noise, t=1 is data), "
-            f"got values in [{tmin:.6g}, {tmax:.6g}]. If your times come from a diffusion code base "
-            "where tau=0 is data, pass t = 1 - tau."
-        )
+        raise ValueError(f"{name} must lie in [{lo:g}, {hi:g}] ({meaning}), got values in [{tmin:.6g}, {tmax:.6g}]. "
+                         + hint)
 
 
-def batch_time(t, x: Array, *, name: str = "t") -> Array:
+def batch_time(t, x: Array, *, name: str = "t", convention: str = "jaxgen") -> Array:
     """Return ``t`` as an array of shape ``(B,)`` for a batch ``x`` of shape ``(B, ...)``.
 
     A scalar ``t`` is broadcast to the batch. A ``(B,)`` array must match ``x.shape[0]``.
     A ``(B, 1)`` array (a common habit from PyTorch code) is accepted and flattened.
     """
-    check_time(t, name=name)
+    check_time(t, name=name, convention=convention)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     t = jnp.asarray(t, dtype=dtype)
     if x.ndim == 0:

@@ -15,14 +15,13 @@ from jaxgen.fields import consistency_coefficients
 from jaxgen.losses import (consistency_distillation_loss, consistency_times, consistency_training_loss, ct_schedule,
                            online_target)
 from jaxgen.models import ConsistencyFunction
-from jaxgen.samplers import consistency_sample
+from jaxgen.samplers import ConsistencyMultistep, Euler, sample
 from jaxgen.training import ConsistencyTrainer
 from jaxgen.fields import as_field
 from jaxgen.metrics import sliced_wasserstein
 from jaxgen.models import MLPField
 from jaxgen.oracle import GaussianMixture
 from jaxgen.paths import GaussianPath
-from jaxgen.samplers import sample_ode
 
 LINEAR = GaussianPath.from_name("linear")
 GM = GaussianMixture.eight_gaussians(radius=3.0, std=0.3)
@@ -198,7 +197,9 @@ def test_multistep_sampler_counts_calls_and_renoises_to_the_path(name):
 
     x = np.random.default_rng(0).standard_normal((20000, 2)).astype(np.float32)
     y = np.arange(20000) % 10
-    res = consistency_sample(f, x, path=path, ts=(0.0, 0.3, 0.95), key=jax.random.key(1), cond={"y": y})
+    end = path.schedule.t_max
+    res = sample(f, x, ConsistencyMultistep(), prediction="data", path=path, ts=(0.0, 0.3, 0.95, end),
+                 key=jax.random.key(1), cond={"y": y})
     assert res.nfe == len(calls) == 3
     np.testing.assert_allclose(res.ts, [0.0, 0.3, 0.95], atol=1e-7)
     for (xs, t), s in zip(calls[1:], (0.3, 0.95)):
@@ -209,14 +210,14 @@ def test_multistep_sampler_counts_calls_and_renoises_to_the_path(name):
         scale, std = (s, 1 - s) if name == "linear" else (1.0, np.sqrt((0.04 * 1250 ** (1 - s)) ** 2 - 0.04**2))
         np.testing.assert_allclose(np.mean(xs, 0), scale * c, atol=0.03 * max(std, 1.0))
         np.testing.assert_allclose(np.std(xs, 0), std, rtol=0.03)
-    one = consistency_sample(f, x, path=path, cond={"y": y})
+    one = sample(f, x, ConsistencyMultistep(), prediction="data", path=path, cond={"y": y})
     assert one.nfe == 1
     with pytest.raises(ValueError, match="increasing"):
-        consistency_sample(f, x, path=path, ts=(0.5, 0.2), key=jax.random.key(0))
+        sample(f, x, ConsistencyMultistep(), prediction="data", path=path, ts=(0.5, 0.2, end), key=jax.random.key(0))
     with pytest.raises(ValueError, match="key"):
-        consistency_sample(f, x, path=path, ts=(0.0, 0.5))
+        sample(f, x, ConsistencyMultistep(), prediction="data", path=path, ts=(0.0, 0.5, end))
     with pytest.raises(ValueError, match="t_end"):
-        consistency_sample(f, x, path=path, ts=(0.0, path.schedule.t_max))
+        sample(f, x, ConsistencyMultistep(), prediction="data", path=path, ts=(0.0, 0.5))
 
 
 # -- losses and the EMA target --------------------------------------------------------------
@@ -385,8 +386,10 @@ def test_distillation_with_the_oracle_teacher_beats_one_step_euler(exact_map_at_
     loss = consistency_distillation_loss(LINEAR, TEACHER, num_scales=18, solver="heun")
     tr = ConsistencyTrainer(f, loss, optax.adam(1e-3), data=DATA, target_decay=0.95)
     state, losses = tr.steps(tr.init(0), 800)
-    cd1, cd2, euler1 = jax.jit(lambda m: (consistency_sample(m, X0), consistency_sample(m, X0, ts=(0.0, 0.5),
-                               key=jax.random.key(8)), sample_ode(TEACHER, X0, method="euler", steps=1)))(tr.model(state))
+    cm = ConsistencyMultistep()
+    cd1, cd2, euler1 = jax.jit(lambda m: (sample(m, X0, cm, prediction="data"),
+                                          sample(m, X0, cm, prediction="data", ts=(0.0, 0.5, 1.0), key=jax.random.key(8)),
+                                          sample(TEACHER, X0, Euler(), steps=1)))(tr.model(state))
     sw_cd1, sw_cd2, sw_euler = _sw(cd1.x), _sw(cd2.x), _sw(euler1.x)
     sw_floor = _sw(_gm_sample(jax.random.key(9), N_EVAL))
     err_cd = float(jnp.sqrt(jnp.mean(jnp.sum((cd1.x - exact_map_at_noise) ** 2, -1))))
@@ -417,8 +420,9 @@ def test_consistency_training_from_scratch_beats_one_step_euler_of_the_exact_flo
 
     @jax.jit
     def evaluate(ct0, ct):
-        return (err(ct0), err(ct), consistency_sample(ct, X0).x, sample_ode(TEACHER, X0, method="euler", steps=1).x,
-                sample_ode(TEACHER, X0, method="euler", steps=2).x)
+        return (err(ct0), err(ct), sample(ct, X0, ConsistencyMultistep(), prediction="data").x,
+                sample(TEACHER, X0, Euler(), steps=1).x,
+                sample(TEACHER, X0, Euler(), steps=2).x)
 
     e_init, e_ct, ct1, euler1, euler2 = evaluate(tr.model(init), tr.model(state))
     e_init, e_ct = float(e_init), float(e_ct)

@@ -13,7 +13,7 @@ from jaxgen import fields, metrics
 from jaxgen.likelihood import (ddpm_elbo, diffusion_kl_term, diffusion_kl_term_eps, diffusion_kl_term_snr,
                                discretized_gaussian_log_likelihood)
 from jaxgen.paths import DDPMSchedule, cosine_betas, linear_betas
-from jaxgen.samplers import ddpm_ancestral_sample
+from jaxgen.samplers import DDPMAncestral, sample
 from jaxgen.fields import to_data_and_noise
 from jaxgen.oracle import GaussianMixture
 
@@ -248,8 +248,8 @@ def test_fast_oracle_fields_are_the_oracle():
 
 def test_ancestral_sampling_reproduces_gaussian(variance="beta"):
     b = 8000
-    run = jax.jit(lambda x_T, key: ddpm_ancestral_sample(gauss_eps(LINEAR.path()), x_T, key, schedule=LINEAR,
-                                                          variance=variance).x)
+    run = jax.jit(lambda x_T, key: sample(gauss_eps(LINEAR.path()), x_T, DDPMAncestral(schedule=LINEAR, variance=variance),
+                                          key=key, prediction="eps").x)
     x = run(normal(9, (b, 2)), jax.random.key(10))
     x = np.asarray(x, np.float64)
     se_mean = np.sqrt(np.diag(COV) / b)
@@ -275,8 +275,8 @@ def test_respaced_ancestral_sampling_reproduces_mixture(mixture_reference, predi
     x_T = normal(14, ref.shape)
     path = LINEAR.path()
     field = fields.as_field(path, mixture_eps(MIX, path), source="eps", target=prediction)  # the oracle's prediction
-    run = jax.jit(lambda x_T, key: ddpm_ancestral_sample(field, x_T, key, schedule=LINEAR, prediction=prediction,
-                                                          variance=variance, steps=50))
+    run = jax.jit(lambda x_T, key: sample(field, x_T, DDPMAncestral(schedule=LINEAR, variance=variance), key=key,
+                                          prediction=prediction, steps=50))
     res = run(x_T, jax.random.key(15))
     assert res.nfe == 50 and res.ts.shape == (51,)
     ed = float(energy_distance(res.x, ref))
@@ -301,8 +301,8 @@ def test_ancestral_nfe_path_time_and_clipping():
     sched = LINEAR100
     f, seen = _recording(gauss_eps(sched.path()))
     path_time = lambda n: 0.999 * (100 - n) / 100  # noqa: E731  (any map from original steps to the field's time)
-    res = ddpm_ancestral_sample(f, 3.0 * jnp.ones((4, 2)), jax.random.key(0), schedule=sched, steps=7,
-                                path_time=path_time, clip_denoised=0.05, save_trajectory=True)
+    res = sample(f, 3.0 * jnp.ones((4, 2)), DDPMAncestral(schedule=sched, path_time=path_time, clip_denoised=0.05),
+                 key=jax.random.key(0), prediction="eps", steps=7, save_trajectory=True)
     jax.block_until_ready(res.x)
     jax.effects_barrier()
     kept = sched.respace(7).timesteps
@@ -452,13 +452,13 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="respace"):
         LINEAR100.respace(0)
     with pytest.raises(ValueError, match="unknown variance"):
-        ddpm_ancestral_sample(f, x, key, schedule=LINEAR100, variance="large")
+        DDPMAncestral(schedule=LINEAR100, variance="large")
     with pytest.raises(ValueError, match="unknown decoder"):
         ddpm_elbo(f, x, key, schedule=LINEAR100, decoder="bernoulli")
     with pytest.raises(ValueError, match=r"scaled to \[-1, 1\]"):
         ddpm_elbo(f, x + 3.0, key, schedule=LINEAR100, decoder="discretized")
     with pytest.raises(ValueError, match="must be a DDPMSchedule"):
-        ddpm_ancestral_sample(f, x, key, schedule="linear")
+        DDPMAncestral(schedule="linear")
     with pytest.raises(ValueError, match="num_terms"):
         ddpm_elbo(f, x, key, schedule=LINEAR100, num_terms=0)
     # L_0 is the decoder: the KL forms would be infinite at n = 1 (beta_tilde_1 = 0)

@@ -216,3 +216,17 @@ def test_chunked_field_equals_the_field_with_padding_and_split_conditions():
     np.testing.assert_allclose(g(fields.chunked_field(field, 3))(x, t, y=y), g(field)(x, t, y=y), rtol=1e-6)
     with pytest.raises(ValueError, match="chunk_size"):
         fields.chunked_field(field, 0)
+
+
+@pytest.mark.parametrize("source,target,prediction", [("linear", "vp", "eps"), ("cosine", "ve", "velocity"),
+                                                      ("vp", "linear", "data"), ("linear", "edm", "v")])
+def test_change_path_gives_the_oracle_field_of_the_other_path(source, target, prediction):
+    """The same data on two Gaussian paths: the field of one path, moved onto the other by log-SNR matching and
+    scaling, is the other path's exact field (the oracle's, in the same parameterisation)."""
+    src, tgt = GaussianPath.from_name(source), GaussianPath.from_name(target)
+    gm = GaussianMixture.isotropic(jnp.array([[1.0, -1.0], [-1.5, 0.5]]), 0.4)
+    t = jnp.linspace(tgt.schedule.t_min + 0.05, tgt.schedule.t_max - 0.05, 16)
+    x = tgt.sample(gm.sample(jax.random.key(0), 16), jax.random.normal(jax.random.key(1), (16, 2)), t)
+    moved = fields.change_path(gm.field(src, prediction), source=src, target=tgt, prediction=prediction)
+    got, want = jax.jit(lambda x, t: (moved(x, t), gm.field(tgt, prediction)(x, t)))(x, t)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))

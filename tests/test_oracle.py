@@ -9,7 +9,7 @@ from jaxgen import metrics
 from jaxgen.losses import flow_matching_loss, marginal_regression_loss
 from jaxgen.oracle import GaussianMixture
 from jaxgen.paths import GaussianPath
-from jaxgen.samplers import annealed_langevin, sample_ode, sample_sde
+from jaxgen.samplers import EulerMaruyama, Heun, Langevin, sample
 
 GM = GaussianMixture.isotropic(jnp.array([[-1.0, 0.5], [1.5, -0.5], [0.0, 2.0]]), jnp.array([0.3, 0.5, 0.4]),
                                jnp.array([0.3, 0.3, 0.4]))
@@ -85,7 +85,7 @@ def test_oracle_ode_reproduces_mixture(name, reference):
     ref, floor = reference
     path = PATHS[name]
     x0 = path.sample_prior(jax.random.key(1), (N, 2))
-    res = sample_ode(GM.velocity_field(path), x0, method="heun", steps=50, t1=path.schedule.t_max)
+    res = sample(GM.velocity_field(path), x0, Heun(), steps=50, t1=path.schedule.t_max)
     ed = float(metrics.energy_distance(res.x, ref))
     assert ed < _bound(floor), (name, ed, floor)
     # negative control: the prior itself is far from the data
@@ -98,8 +98,8 @@ def test_oracle_sde_reproduces_mixture_for_any_sigma(name, reference):
     path = PATHS[name]
     x0 = path.sample_prior(jax.random.key(1), (N, 2))
     for sigma in (0.5, lambda t: 1.5 * (1.0 - t)):
-        res = sample_sde(GM.velocity_field(path), x0, jax.random.key(3), path=path, sigma=sigma, steps=200,
-                         t1=path.schedule.t_max)
+        res = sample(GM.velocity_field(path), x0, EulerMaruyama(sigma), key=jax.random.key(3), path=path, steps=200,
+                     t1=path.schedule.t_max)
         ed = float(metrics.energy_distance(res.x, ref))
         assert ed < _bound(floor), (name, sigma, ed, floor)
 
@@ -109,8 +109,9 @@ def test_annealed_langevin_on_oracle_score_reproduces_mixture(name, reference):
     ref, floor = reference
     path = PATHS[name]
     x0 = path.sample_prior(jax.random.key(1), (N, 2))
-    ts = jnp.linspace(0.0, 0.999 * path.schedule.t_max, 100)
-    res = annealed_langevin(GM.score_field(path), x0, jax.random.key(4), ts=ts, steps_per_level=10)
+    levels = jnp.linspace(0.0, 0.999 * path.schedule.t_max, 100)  # the last grid time ends the sweep
+    res = sample(GM.score_field(path), x0, Langevin(steps_per_level=10), prediction="score", key=jax.random.key(4),
+                 ts=jnp.append(levels, path.schedule.t_max))
     assert res.nfe == 1000
     ed = float(metrics.energy_distance(res.x, ref))
     assert ed < 3 * _bound(floor), (name, ed, floor)

@@ -16,7 +16,7 @@ from jaxgen.paths import GaussianPath
 from jaxgen.couplings import pair_sampler, reflow_coupling, reflow_couplings
 from jaxgen.losses import distillation_loss, reflow_loss
 from jaxgen.metrics import straightness
-from jaxgen.samplers import sample_ode
+from jaxgen.samplers import Euler, Heun, sample
 from jaxgen.training import Trainer
 
 LINEAR = GaussianPath.from_name("linear")
@@ -84,9 +84,9 @@ def test_reflow_couplings_loss_and_coupling_hook_agree():
 
     @jax.jit
     def run(model):
-        pairs = reflow_couplings(_swirl, None, None, x0, method="heun", steps=8)
-        drawn = reflow_couplings(_swirl, jax.random.key(0), 64, SOURCE, method="heun", steps=8)
-        direct = sample_ode(_swirl, x0, method="heun", steps=8).x
+        pairs = reflow_couplings(_swirl, None, None, x0, solver="heun", steps=8)
+        drawn = reflow_couplings(_swirl, jax.random.key(0), 64, SOURCE, solver="heun", steps=8)
+        direct = sample(_swirl, x0, Heun(), steps=8).x
         hooked = regression_loss(LINEAR, coupling=reflow_coupling(_swirl, steps=8))(model, GM.sample(key, 64), key)
         fixed = reflow_loss(LINEAR)(model, reflow_couplings(_swirl, None, None, eps, steps=8), key)
         return pairs, drawn, direct, hooked, fixed
@@ -128,12 +128,12 @@ def test_labels_reach_the_field_and_the_pair_is_noise_at_t0_data_at_t1():
 
     def run(x0, y):
         pairs = reflow_couplings(field, None, None, x0, steps=8, cond={"y": y})
-        direct = sample_ode(lambda x, t: field(x, t, y=y), x0, method="heun", steps=8).x
+        direct = sample(lambda x, t: field(x, t, y=y), x0, Heun(), steps=8).x
         unlabelled = {"x0": pairs["x0"], "x1": pairs["x1"]}
         bound = lambda x, t: field(x, t, y=y)
         losses = (reflow_loss()(field, pairs, key), reflow_loss()(bound, unlabelled, key),
                   distillation_loss()(field, pairs, key), distillation_loss()(bound, unlabelled, key))
-        r = sample_ode(bound, x0, method="heun", steps=8, save_trajectory=True)
+        r = sample(bound, x0, Heun(), steps=8, save_trajectory=True)
         s = (straightness(r.trajectory, r.ts, field, cond={"y": y}), straightness(r.trajectory, r.ts, bound))
         seen = {}
 
@@ -161,7 +161,7 @@ def test_labels_reach_the_field_and_the_pair_is_noise_at_t0_data_at_t1():
 # -- 2-rectified flow and distillation on the oracle's couplings ------------------------------------
 
 def test_reflow_on_oracle_couplings_straightens_and_improves_one_step_samples():
-    pairs = jax.jit(lambda k: reflow_couplings(V1, k, 2048, SOURCE, method="heun", steps=32))(jax.random.key(0))
+    pairs = jax.jit(lambda k: reflow_couplings(V1, k, 2048, SOURCE, solver="heun", steps=32))(jax.random.key(0))
     data = pair_sampler(pairs, 256)
     rf = Trainer(MLPField(2, width=64, hidden_layers=3, rngs=nnx.Rngs(0)), reflow_loss(LINEAR), optax.adam(1e-3),
                  data=data)
@@ -180,9 +180,9 @@ def test_reflow_on_oracle_couplings_straightens_and_improves_one_step_samples():
     def evaluate(v2, one_step):
         out = {}
         for name, v in (("1-RF", V1), ("2-RF", v2)):
-            r = sample_ode(v, x0, method="heun", steps=32, save_trajectory=True)
-            out[name] = (straightness(r.trajectory, r.ts), sample_ode(v, x0, method="euler", steps=1).x, r.x)
-        return out, sample_ode(one_step, x0, method="euler", steps=1).x
+            r = sample(v, x0, Heun(), steps=32, save_trajectory=True)
+            out[name] = (straightness(r.trajectory, r.ts), sample(v, x0, Euler(), steps=1).x, r.x)
+        return out, sample(one_step, x0, Euler(), steps=1).x
 
     out, distilled = evaluate(v2, one_step)
     s1, s2 = float(out["1-RF"][0]), float(out["2-RF"][0])

@@ -10,10 +10,9 @@ import jax.numpy as jnp
 from jaxgen import fields, metrics
 from jaxgen.paths import DDPMSchedule
 from jaxgen.oracle import GaussianMixture
-from jaxgen.samplers import euler_maruyama
 from jaxgen.fields import probability_flow_velocity, reverse_diffusion, reverse_drift
 from jaxgen.paths import SDE, VESDE, VPSDE, SubVPSDE
-from jaxgen.samplers import pc_nfe, pc_sample
+from jaxgen.samplers import EulerMaruyama, PredictorCorrector, pc_nfe, sample
 
 
 # jitted once: eagerly, its blockwise lax.map recompiles at every call
@@ -198,8 +197,8 @@ def test_reverse_sde_euler_maruyama_reproduces_mixture(reference):
     sde = SDES["sub_vp"]
     x0 = sde.prior_sampling(jax.random.key(1), (N, 2))
     ts = jnp.linspace(0.0, 1.0 - 1e-3, 1001)
-    res = euler_maruyama(reverse_drift(sde, fast_score(GM, sde.path)), reverse_diffusion(sde), x0, jax.random.key(2),
-                         ts=ts)
+    res = sample(reverse_drift(sde, fast_score(GM, sde.path)), x0, EulerMaruyama(reverse_diffusion(sde), drift="field"),
+                 key=jax.random.key(2), ts=ts)
     assert res.nfe == 1000
     ed = float(energy_distance(res.x, ref))
     assert ed < bound, (ed, bound)
@@ -243,8 +242,8 @@ def test_pc_steps_are_score_sde_updates(name, predictor, corrector):
     sde, n_steps, snr = SDES[name], 25, 0.16
     key = jax.random.key(42)
     x0 = 2.0 * normal(9, (6, 3))
-    res = pc_sample(lambda x, t: -1.7 * x, x0, key, sde=sde, steps=n_steps, predictor=predictor, corrector=corrector,
-                    snr=snr, denoise=False, save_trajectory=True)
+    pc = PredictorCorrector(sde=sde, predictor=predictor, corrector=corrector, snr=snr, denoise=False)
+    res = sample(lambda x, t: -1.7 * x, x0, pc, key=key, prediction="score", steps=n_steps, save_trajectory=True)
     traj = np.asarray(res.trajectory, np.float64)
     assert np.all(np.isfinite(traj)) and res.nfe == n_steps
     taus = np.linspace(1.0, 1e-3, n_steps)
@@ -270,8 +269,8 @@ def _pc_run(name, predictor, corrector, k, pf):
     @jax.jit
     def run(gm, key):
         x0 = sde.prior_sampling(jax.random.key(1), (N, 2))
-        return pc_sample(fast_score(gm, sde.path), x0, key, sde=sde, predictor=predictor,
-                         corrector=corrector, corrector_steps=k, probability_flow=pf).x
+        pc = PredictorCorrector(sde=sde, predictor=predictor, corrector=corrector, corrector_steps=k, probability_flow=pf)
+        return sample(fast_score(gm, sde.path), x0, pc, key=key, prediction="score").x
 
     return run, pc_nfe(sde.N, predictor, corrector, k)
 
@@ -304,8 +303,8 @@ def _counting(field):
 def test_pc_nfe_equals_counted_evaluations(name, predictor, corrector, k):
     sde = SDES[name]
     f, count = _counting(fast_score(GM, sde.path))
-    res = pc_sample(f, jnp.ones((4, 2)), jax.random.key(0), sde=sde, steps=7, predictor=predictor, corrector=corrector,
-                    corrector_steps=k, save_trajectory=True)
+    pc = PredictorCorrector(sde=sde, predictor=predictor, corrector=corrector, corrector_steps=k)
+    res = sample(f, jnp.ones((4, 2)), pc, key=jax.random.key(0), prediction="score", steps=7, save_trajectory=True)
     jax.block_until_ready(res.x)
     jax.effects_barrier()
     assert bool(jnp.all(jnp.isfinite(res.trajectory)))
@@ -320,10 +319,10 @@ def test_pc_denoise_returns_the_noise_free_last_update():
     """Denoising = the last predictor step without noise: the result differs from the noisy state by G_last z only."""
     sde = SDES["vp"]
     x0 = sde.prior_sampling(jax.random.key(1), (256, 2))
-    kw = dict(sde=sde, steps=50, corrector="none", predictor="reverse_diffusion")
-    a, b = jax.jit(lambda x0, key: (pc_sample(fast_score(GM, sde.path), x0, key, denoise=True, **kw).x,
-                                    pc_sample(fast_score(GM, sde.path), x0, key, denoise=False, **kw).x))(
-        x0, jax.random.key(3))
+    kw = dict(sde=sde, corrector="none", predictor="reverse_diffusion")
+    run = lambda x0, key, denoise: sample(fast_score(GM, sde.path), x0, PredictorCorrector(denoise=denoise, **kw),
+                                          key=key, prediction="score", steps=50).x
+    a, b = jax.jit(lambda x0, key: (run(x0, key, True), run(x0, key, False)))(x0, jax.random.key(3))
     # last step at tau = 1e-3: index int(1e-3 * 49) = 0, G = sqrt(beta_0) with beta_0 = 0.1 / 50
     sd = float(jnp.std(b - a))
     np.testing.assert_allclose(sd, math.sqrt(0.1 / 50), rtol=0.1)
@@ -334,17 +333,19 @@ def test_bad_arguments_raise():
     x = jnp.ones((4, 2))
     key = jax.random.key(0)
     with pytest.raises(ValueError, match="unknown predictor"):
-        pc_sample(f, x, key, sde=SDES["vp"], predictor="ancestral")
+        sample(f, x, PredictorCorrector(sde=SDES["vp"], predictor="ancestral"), key=key, prediction="score")
     with pytest.raises(ValueError, match="unknown corrector"):
-        pc_sample(f, x, key, sde=SDES["vp"], corrector="ald")
+        sample(f, x, PredictorCorrector(sde=SDES["vp"], corrector="ald"), key=key, prediction="score")
     with pytest.raises(ValueError, match="unchanged"):
-        pc_sample(f, x, key, sde=SDES["vp"], predictor="none", corrector="none")
+        PredictorCorrector(sde=SDES["vp"], predictor="none", corrector="none")
     with pytest.raises(ValueError, match="t_eps"):
-        pc_sample(f, x, key, sde=SDES["vp"], t_eps=0.0)
+        sample(f, x, PredictorCorrector(sde=SDES["vp"], t_eps=0.0), key=key, prediction="score")
     with pytest.raises(ValueError, match="steps"):
-        pc_sample(f, x, key, sde=SDES["vp"], steps=0)
+        sample(f, x, PredictorCorrector(sde=SDES["vp"]), key=key, prediction="score", steps=0)
     with pytest.raises(ValueError, match="must be a jaxgen.paths.SDE"):
-        pc_sample(f, x, key, sde="vp")
+        PredictorCorrector(sde="vq")
+    with pytest.raises(ValueError, match="score_sde's grid"):
+        sample(f, x, PredictorCorrector(sde="vp"), key=key, prediction="score", t0=0.1)
     with pytest.raises(ValueError, match="tau must lie in"):
         SDES["vp"].marginal_prob(x, 1.5)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
@@ -357,5 +358,5 @@ def test_bad_arguments_raise():
     for sde, kw in ((SDES["vp"], dict(predictor="reverse_diffusion", corrector="none")),
                     (SDES["sub_vp"], dict(predictor="none", corrector="langevin"))):
         with pytest.raises(ValueError, match="beta_max/N"):
-            pc_sample(f, x, key, sde=sde, steps=7, **kw)
+            sample(f, x, PredictorCorrector(sde=sde, **kw), key=key, prediction="score", steps=7)
     assert isinstance(SDES["vp"], SDE)

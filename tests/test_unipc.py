@@ -15,9 +15,9 @@ from _fast_oracle import counting
 
 from jaxgen.fields import PREDICTIONS, from_data_and_noise
 from jaxgen.oracle import GaussianMixture
-from jaxgen.paths import GaussianPath
-from jaxgen.samplers.diffusion import ddim, dpm_solver_pp, log_snr
-from jaxgen.samplers.unipc import unipc, unipc_psi, unipc_weights
+from jaxgen.paths import GaussianPath, log_snr
+from jaxgen.samplers import DDIM, DPMSolverPP, UniPC, sample
+from jaxgen.samplers.unipc import unipc_psi, unipc_weights
 
 M, V = jnp.array([1.0, -0.5]), jnp.array([0.25, 2.0])
 LINEAR, VP = GaussianPath.from_name("linear"), GaussianPath.from_name("vp")
@@ -63,14 +63,14 @@ def _slope(steps, errs):
 
 # -- 1. measured convergence order ------------------------------------------------------------------------------
 
-def _vp(order, **kw):
+def _vp(order, **options):
     f = gaussian_field(VP, "eps")
-    return lambda x, n: unipc(f, x, path=VP, prediction="eps", order=order, ts=vp_logsnr_grid(n), **kw).x
+    return lambda x, n: sample(f, x, UniPC(order=order, **options), path=VP, prediction="eps", ts=vp_logsnr_grid(n)).x
 
 
-def _linear(order, **kw):
+def _linear(order, t0=None, t1=None, **options):
     f = gaussian_field(LINEAR, "velocity")
-    return lambda x, n: unipc(f, x, path=LINEAR, order=order, steps=n, **kw).x
+    return lambda x, n: sample(f, x, UniPC(order=order, **options), path=LINEAR, steps=n, t0=t0, t1=t1).x
 
 
 _LIN_FINITE = dict(t0=LIN_T[0], t1=LIN_T[1], spacing="logsnr", lower_order_final=False)
@@ -168,7 +168,7 @@ def test_traced_coefficients_match_the_float64_ones():
 def test_every_parameterisation_gives_the_same_samples():
     """UniPC-2 and -3 on the VP path's default grid (t from 0 to 1 - 1e-5), 10 steps, exact mixture fields."""
     x0 = jax.random.normal(jax.random.key(1), (32, 2))
-    outs = jax.jit(lambda x0: [[unipc(MIX.field(VP, p), x0, path=VP, prediction=p, steps=10, order=o).x
+    outs = jax.jit(lambda x0: [[sample(MIX.field(VP, p), x0, UniPC(order=o), path=VP, prediction=p, steps=10).x
                                 for p in PREDICTIONS] for o in (2, 3)])(x0)
     for o, per_pred in zip((2, 3), outs):
         assert np.all(np.isfinite(np.asarray(per_pred[0])))
@@ -182,12 +182,13 @@ def test_every_parameterisation_gives_the_same_samples():
 
 
 NFE_CASES = {  # name -> (sampler(field, x), steps)
-    "order1": (lambda f, x: unipc(f, x, path=VP, steps=5, order=1, save_trajectory=True), 5),
-    "order2_open_ends": (lambda f, x: unipc(f, x, path=LINEAR, steps=6, save_trajectory=True), 6),
-    "order3_no_lof": (lambda f, x: unipc(f, x, path=VP, steps=7, order=3, lower_order_final=False,
-                                         save_trajectory=True), 7),
-    "order3_one_step": (lambda f, x: unipc(f, x, path=LINEAR, steps=1, order=3, save_trajectory=True), 1),
-    "order3_ts_bh1": (lambda f, x: unipc(f, x, path=LINEAR, ts=jnp.linspace(0.0, 1.0, 5), order=3, variant="bh1"), 4),
+    "order1": (lambda f, x: sample(f, x, UniPC(order=1), path=VP, steps=5, save_trajectory=True), 5),
+    "order2_open_ends": (lambda f, x: sample(f, x, UniPC(), path=LINEAR, steps=6, save_trajectory=True), 6),
+    "order3_no_lof": (lambda f, x: sample(f, x, UniPC(order=3, lower_order_final=False), path=VP, steps=7,
+                                          save_trajectory=True), 7),
+    "order3_one_step": (lambda f, x: sample(f, x, UniPC(order=3), path=LINEAR, steps=1, save_trajectory=True), 1),
+    "order3_ts_bh1": (lambda f, x: sample(f, x, UniPC(order=3, variant="bh1"), path=LINEAR,
+                                          ts=jnp.linspace(0.0, 1.0, 5)), 4),
 }
 
 
@@ -216,12 +217,14 @@ def test_predictor_alone_is_ddim_and_dpm_solver_pp_2m():
     @jax.jit
     def run(x):
         lin = dict(path=LINEAR, prediction="v", steps=6)
-        vp = dict(path=VP, prediction="eps", steps=7, lower_order_final=False)
-        return [(ddim(fl, x, **lin).x, unipc(fl, x, order=1, corrector=False, **lin).x),
-                (dpm_solver_pp(fl, x, **lin).x, unipc(fl, x, corrector=False, **lin).x),
-                (dpm_solver_pp(fv, x, **vp).x, unipc(fv, x, corrector=False, **vp).x),
-                (dpm_solver_pp(fv, x, **vp).x, unipc(fv, x, corrector=False, variant="bh1", **vp).x),
-                (dpm_solver_pp(fv, x, **vp).x, unipc(fv, x, **vp).x)]
+        vp = dict(path=VP, prediction="eps", steps=7)
+        no_lof = dict(lower_order_final=False)
+        return [(sample(fl, x, DDIM(), **lin).x, sample(fl, x, UniPC(order=1, corrector=False), **lin).x),
+                (sample(fl, x, DPMSolverPP(), **lin).x, sample(fl, x, UniPC(corrector=False), **lin).x),
+                (sample(fv, x, DPMSolverPP(**no_lof), **vp).x, sample(fv, x, UniPC(corrector=False, **no_lof), **vp).x),
+                (sample(fv, x, DPMSolverPP(**no_lof), **vp).x,
+                 sample(fv, x, UniPC(corrector=False, variant="bh1", **no_lof), **vp).x),
+                (sample(fv, x, DPMSolverPP(**no_lof), **vp).x, sample(fv, x, UniPC(**no_lof), **vp).x)]
 
     (ddim_x, u1), (pp_lin, u2_lin), (pp_vp, u2_vp), (_, u2_bh1), (_, uc2) = run(X)
     np.testing.assert_allclose(u1, ddim_x, atol=1e-5)
@@ -239,8 +242,9 @@ def test_open_ends_traced_grid_and_every_safe_prediction():
     @jax.jit
     def run(x, ts_traced):
         f = gaussian_field(LINEAR, "velocity")
-        outs = [unipc(f, x, path=LINEAR, ts=ts, order=3).x, unipc(f, x, path=LINEAR, ts=ts_traced, order=3).x]
-        outs += [unipc(gaussian_field(LINEAR, p), x, path=LINEAR, prediction=p, ts=ts, order=3).x
+        outs = [sample(f, x, UniPC(order=3), path=LINEAR, ts=ts).x,
+                sample(f, x, UniPC(order=3), path=LINEAR, ts=ts_traced).x]
+        outs += [sample(gaussian_field(LINEAR, p), x, UniPC(order=3), path=LINEAR, prediction=p, ts=ts).x
                  for p in ("data", "v")]
         return outs
 
@@ -254,9 +258,9 @@ def test_open_ends_traced_grid_and_every_safe_prediction():
 # -- 4. few steps on a Gaussian mixture: UniPC-2 against DPM-Solver++(2M) at the same NFE -----------------------
 
 FEW_STEPS = (5, 6, 7, 8, 9, 10)
-FEW_SETTINGS = {  # name -> (path, prediction, grid keywords)
-    "linear_velocity_time": (LINEAR, "velocity", {}),
-    "vp_eps_logsnr": (VP, "eps", dict(t0=0.0, t1=VP_T1, spacing="logsnr")),
+FEW_SETTINGS = {  # name -> (path, prediction, grid keywords, spacing)
+    "linear_velocity_time": (LINEAR, "velocity", {}, "time"),
+    "vp_eps_logsnr": (VP, "eps", dict(t0=0.0, t1=VP_T1), "logsnr"),
 }
 
 
@@ -265,15 +269,16 @@ def few_step_errors():
     """RMS distance to a 1000-step DPM-Solver++(2M) solution (itself within ~2e-5 of UniPC-3 with 1000 steps)."""
     x0 = jax.random.normal(jax.random.key(7), (64, 2))
     out = {}
-    for name, (path, pred, kw) in FEW_SETTINGS.items():
+    for name, (path, pred, kw, spacing) in FEW_SETTINGS.items():
         f = MIX.field(path, pred)
 
         @jax.jit
         def errors(x):
-            ref = dpm_solver_pp(f, x, path=path, prediction=pred, steps=1000, **kw).x
+            ref = sample(f, x, DPMSolverPP(spacing=spacing), path=path, prediction=pred, steps=1000, **kw).x
             rms = lambda y: jnp.sqrt(jnp.mean(jnp.sum((y - ref) ** 2, -1)))
-            return {(s, n): rms(s_fn(f, x, path=path, prediction=pred, steps=n, **kw).x)
-                    for n in FEW_STEPS for s, s_fn in (("dpm++2m", dpm_solver_pp), ("unipc2", unipc))}
+            return {(s, n): rms(sample(f, x, solver, path=path, prediction=pred, steps=n, **kw).x)
+                    for n in FEW_STEPS
+                    for s, solver in (("dpm++2m", DPMSolverPP(spacing=spacing)), ("unipc2", UniPC(spacing=spacing)))}
 
         e = errors(x0)
         out[name] = {k: float(v) for k, v in e.items()}
@@ -311,8 +316,8 @@ def test_gradient_through_the_sampler_matches_finite_differences():
 
     def loss(s):
         gm = GaussianMixture(MIX.means + s * jnp.array([1.0, -0.5]), MIX.covs, MIX.weights)
-        a = unipc(gm.field(VP, "eps"), x0, path=VP, prediction="eps", steps=8, order=3).x
-        b = unipc(gm.field(LINEAR), x0, path=LINEAR, steps=8).x
+        a = sample(gm.field(VP, "eps"), x0, UniPC(order=3), path=VP, prediction="eps", steps=8).x
+        b = sample(gm.field(LINEAR), x0, UniPC(), path=LINEAR, steps=8).x
         return jnp.sum(a**2) + jnp.sum(jnp.sin(b))
 
     value_and_grad = jax.jit(jax.value_and_grad(loss))
@@ -326,24 +331,24 @@ def test_gradient_through_the_sampler_matches_finite_differences():
 def test_bad_input_raises_clear_errors():
     f = gaussian_field(LINEAR, "velocity")
     with pytest.raises(ValueError, match="unknown UniPC variant 'bh3'; use 'bh1'"):
-        unipc(f, X, path=LINEAR, variant="bh3")
+        sample(f, X, UniPC(variant="bh3"), path=LINEAR)
     for order in (0, 4, True, 2.0):
         with pytest.raises(ValueError, match=r"unipc order must be one of \(1, 2, 3\)"):
-            unipc(f, X, path=LINEAR, order=order)
+            sample(f, X, UniPC(order=order), path=LINEAR)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
-        unipc(f, X, path=LINEAR, steps=0)
+        sample(f, X, UniPC(), path=LINEAR, steps=0)
     with pytest.raises(ValueError, match="corrector must be True or False"):
-        unipc(f, X, path=LINEAR, corrector="yes")
+        sample(f, X, UniPC(corrector="yes"), path=LINEAR)
     with pytest.raises(ValueError, match="lower_order_final must be True or False"):
-        unipc(f, X, path=LINEAR, lower_order_final=None)
+        sample(f, X, UniPC(lower_order_final=None), path=LINEAR)
     with pytest.raises(ValueError, match="start later, e.g. t0=1e-3"):
-        unipc(gaussian_field(LINEAR, "eps"), X, path=LINEAR, prediction="eps")
+        sample(gaussian_field(LINEAR, "eps"), X, UniPC(), path=LINEAR, prediction="eps")
     with pytest.raises(ValueError, match="spacing='logsnr' needs a finite log-SNR"):
-        unipc(f, X, path=LINEAR, spacing="logsnr")
+        sample(f, X, UniPC(spacing="logsnr"), path=LINEAR)
     with pytest.raises(ValueError, match="strictly increasing"):
-        unipc(f, X, path=LINEAR, ts=jnp.array([1.0, 0.5, 0.0]))
+        sample(f, X, UniPC(), path=LINEAR, ts=jnp.array([1.0, 0.5, 0.0]))
     with pytest.raises(ValueError, match="unknown prediction type"):
-        unipc(f, X, path=LINEAR, prediction="velocityy")
+        sample(f, X, UniPC(), path=LINEAR, prediction="velocityy")
 
 
 
@@ -364,7 +369,7 @@ def test_gradient_with_respect_to_a_grid_with_open_ends():
     eps = 1e-3
 
     def loss(ts):
-        return jnp.sum(unipc(field, X, path=LINEAR, ts=ts).x)
+        return jnp.sum(sample(field, X, UniPC(), path=LINEAR, ts=ts).x)
 
     @jax.jit
     def run(ts):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen._checks import check_same_shape
-from jaxgen.samplers.ode import sample_ode
+from jaxgen.samplers.base import Solver, sample
 
 Array = jax.Array
 
@@ -36,8 +36,8 @@ def reflow_couplings(
     n: int | None,
     source: Callable[[Array, int], Array] | Array,
     *,
-    method: str = "heun",
-    steps: int = 100,
+    solver: Solver | str = "heun",
+    steps: int | None = 100,
     cond: dict | None = None,
     t0: float = 0.0,
     t1: float = 1.0,
@@ -51,7 +51,8 @@ def reflow_couplings(
       n: number of pairs (``None`` when ``source`` is an array).
       source: a sampler ``source(key, n)`` of ``x_0`` (e.g. ``lambda k, n: jax.random.normal(k, (n, 2))``) or
         the array ``x_0`` itself.
-      method, steps: the ODE solver of :func:`jaxgen.samplers.sample_ode` (e.g. ``"heun"``/``"tsit5"``).
+      solver, steps: the ODE solver (a :class:`jaxgen.samplers.Solver` or its name, e.g. ``"heun"``, ``"tsit5"``)
+        and its number of steps (``None`` for an adaptive one).
       cond: conditioning keywords, e.g. ``{"y": labels}`` (one per source point); returned with the pairs.
 
     Returns:
@@ -66,11 +67,11 @@ def reflow_couplings(
         x0 = jnp.asarray(source)
         if n is not None and int(n) != x0.shape[0]:
             raise ValueError(f"n={n} does not match the {x0.shape[0]} given source points; pass n=None.")
-    x1 = sample_ode(field, x0, method=method, steps=steps, t0=t0, t1=t1, cond=cond).x
+    x1 = sample(field, x0, solver, steps=steps, t0=t0, t1=t1, cond=cond).x
     return {"x0": x0, "x1": jax.lax.stop_gradient(x1), **(cond or {})}
 
 
-def reflow_coupling(field: Callable, *, method: str = "heun", steps: int = 20
+def reflow_coupling(field: Callable, *, solver: Solver | str = "heun", steps: int | None = 20
                     ) -> Callable[[Array, Array, Array], tuple[Array, Array]]:
     r"""A ``coupling`` hook for :func:`jaxgen.losses.regression_loss`: pair each drawn ``x_0`` with ``ODE(x_0)``.
 
@@ -84,7 +85,7 @@ def reflow_coupling(field: Callable, *, method: str = "heun", steps: int = 20
 
     def coupling(key, x0, z):
         del key, z
-        return x0, jax.lax.stop_gradient(sample_ode(field, x0, method=method, steps=steps).x)
+        return x0, jax.lax.stop_gradient(sample(field, x0, solver, steps=steps).x)
 
     return coupling
 

@@ -645,7 +645,7 @@ def device_sampler(
     returns ``{"x": (B, H, W, C) float32, "y": (B,) int32}`` (the labels
     serve as conditioning ``y`` for class-conditional fields). It is a pure
     function of the key, meant to run inside a compiled step, e.g.
-    ``jaxgen.train.Trainer(..., data=device_sampler(ds, 256))``; the data
+    ``jaxgen.training.Trainer(..., data=device_sampler(ds, 256))``; the data
     arrays are captured by the closure (passed to XLA as buffers, not
     embedded as constants), so there is no host traffic per step. Memory:
     ``N * H * W * C * 4`` bytes (digits 0.5 MB, MNIST 188 MB, CIFAR-10 614 MB).

@@ -33,7 +33,7 @@ Finite is not accurate: where a divisor vanishes the information is genuinely mi
 nothing about the data at t=0 (``alpha_0 = 0``), and the floored division amplifies a network's error
 by up to ``1e6`` there. Sample such fields on a grid that does not evaluate them at that end: Euler,
 Euler-Maruyama and Langevin never evaluate at their final time; for Heun use
-``sample_ode(..., final_euler=True)`` (EDM's Algorithm 1) and start eps/score fields at ``t0 > 0``
+``Heun(final_euler=True)`` (EDM's Algorithm 1) and start eps/score fields at ``t0 > 0``
 (e.g. ``1e-3``) on paths with ``alpha_0 = 0``. Velocity and v predictions are safe at both ends.
 """
 
@@ -44,7 +44,7 @@ from typing import Callable, Protocol
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import batch_time, check_same_shape, expand_like, safe_divide
+from jaxgen._checks import batch_time, check_same_shape, expand_like, is_concrete, safe_divide
 from jaxgen.paths.gaussian import GaussianPath, as_path
 
 Array = jax.Array
@@ -77,6 +77,27 @@ def canonical_prediction(name: str) -> str:
         raise ValueError(f"unknown prediction type {name!r}; use one of {PREDICTIONS} "
                          f"(aliases: {sorted(k for k in _ALIASES if k not in PREDICTIONS)}).")
     return _ALIASES[key]
+
+
+def check_data_identifiable(path: GaussianPath, prediction: str, t, *, what: str = "this sampler",
+                            where: str = "t0", min_alpha: float = 1e-3, quantity: str = "data estimate",
+                            fix: str | None = None) -> None:
+    r"""Refuse to decode an eps or score prediction into the data estimate ``z = (x - beta_t eps) / alpha_t`` (or a
+    velocity, which needs it) at a time where ``alpha_t < min_alpha`` (or ``alpha_t = 0``).
+
+    There the prediction carries no information about the data (the division amplifies a network's error by
+    ``1 / alpha_t``). Velocity, data and v predictions pass, and so does a time traced under ``jit`` (``t`` not
+    known at trace time). ``what``, ``where``, ``quantity`` and ``fix`` word the error for the caller.
+    """
+    prediction = canonical_prediction(prediction)
+    if prediction not in ("eps", "score") or t is None or not is_concrete(t):
+        return
+    with jax.ensure_compile_time_eval():
+        alpha = float(path.schedule.values(jnp.asarray(t, jnp.float32))[0])
+    if alpha < min_alpha or not alpha > 0:
+        fix = fix or ("start later, e.g. t0=1e-3, or use a velocity, data or v parameterisation")
+        raise ValueError(f"a {prediction!r} prediction does not determine the {quantity} where alpha_t = 0, and {what} "
+                         f"needs it: alpha = {alpha:.3g} at {where}={float(t):g} on path '{path.name}'; {fix}.")
 
 
 def _coeffs(path: GaussianPath | str, x: Array, t: Array):
@@ -193,4 +214,5 @@ def as_field(path: GaussianPath, field: Callable, *, source: str, target: str) -
 
 
 __all__ = ["PREDICTIONS", "VectorField", "canonical_prediction", "to_data_and_noise", "from_data_and_noise", "convert",
-           "velocity_to_score", "score_to_velocity", "eps_to_score", "score_to_eps", "tweedie_data", "as_field"]
+           "velocity_to_score", "score_to_velocity", "eps_to_score", "score_to_eps", "tweedie_data", "as_field",
+           "check_data_identifiable"]

@@ -74,13 +74,4 @@ def consistency_coefficients(path: GaussianPath | str, t: Array, *, sigma_data: 
     return jnp.where(at_end, 1.0, c_skip), jnp.where(at_end, 0.0, c_out), c_in
 
 
-def _check_data_recoverable(path: GaussianPath, t_min: float, prediction: str, what: str, fix: str) -> None:
-    """Refuse ``alpha(t_min) = 0`` for an ``eps``/``score`` prediction (``z = (x - beta_t eps) / alpha_t``)."""
-    with jax.ensure_compile_time_eval():
-        a0 = float(path.coefficients(jnp.asarray(t_min, jnp.float32)).alpha)
-    if not a0 > 0:
-        raise ValueError(f"{what} decodes an {prediction!r} prediction through (x - beta_t eps) / alpha_t, but "
-                         f"alpha = 0 at t_min={t_min:g} on the '{path.name}' path (a division by zero): {fix}.")
-
-
 __all__ = ["consistency_coefficients"]

@@ -97,7 +97,7 @@ def probability_flow_velocity(sde: SDE, score_field: Callable, *, prediction: st
 
     It equals the marginal vector field of :attr:`SDE.path`,
     ``fields.convert(sde.path, s, x, t, source="score", target="velocity")``: integrate it with
-    :func:`jaxgen.samplers.sample_ode` from ``t = 0`` (up to ``t = 1 - eps``).
+    :func:`jaxgen.samplers.sample` from ``t = 0`` (up to ``t = 1 - eps``).
     """
     return reverse_drift(sde, score_field, probability_flow=True, prediction=prediction)
 

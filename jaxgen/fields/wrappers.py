@@ -8,8 +8,40 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen._checks import batch_time
+from jaxgen.fields.algebra import canonical_prediction, from_data_and_noise, to_data_and_noise
+from jaxgen.paths.gaussian import GaussianPath, as_path, times_from_lambdas
 
 Array = jax.Array
+
+
+def change_path(field: Callable, *, source: GaussianPath | str, target: GaussianPath | str,
+                prediction: str = "velocity") -> Callable:
+    r"""A field trained on the Gaussian path ``source`` as the same model on the path ``target`` (same data).
+
+    Two Gaussian paths of the same data differ only by a time change and a scaling: at the times ``s`` (target) and
+    ``t`` (source) of equal log-SNR ``lambda = log(alpha / beta)``, ``x^{target}_s = c x^{source}_t`` with
+    ``c = alpha^{target}_s / alpha^{source}_t = beta^{target}_s / beta^{source}_t``, and the posterior means
+    ``(z_hat, eps_hat)`` at the two points are equal. So the wrapped field evaluates ``field(x / c, t)``, decodes
+    ``(z_hat, eps_hat)`` on ``source`` and re-encodes them on ``target`` in the same parameterisation ``prediction``
+    (exact; one evaluation; ``t`` from :func:`jaxgen.paths.times_from_lambdas`, a bisection). It lets the samplers
+    defined for one process (DDPM's chain, score_sde's VP/VE SDEs, EDM's noise levels) sample a model trained on any
+    path, e.g. a flow-matching model on the linear path with DDPM ancestral sampling.
+    """
+    source, target = as_path(source), as_path(target)
+    prediction = canonical_prediction(prediction)
+
+    def changed(x, s, **cond):
+        s = batch_time(s, x)
+        a_s, b_s = target.schedule.values(s)
+        t = times_from_lambdas(source, target.log_snr(s)).astype(s.dtype)
+        a_t, b_t = source.schedule.values(t)
+        c = jnp.where(a_t > 0, a_s / jnp.where(a_t > 0, a_t, 1.0), b_s / jnp.where(b_t > 0, b_t, 1.0))
+        c = jnp.reshape(c.astype(x.dtype), (-1,) + (1,) * (x.ndim - 1))
+        x_src = x / c
+        z, eps = to_data_and_noise(source, field(x_src, t, **cond), x_src, t, prediction)
+        return from_data_and_noise(target, z, eps, s, prediction)
+
+    return changed
 
 
 def chunked_field(field: Callable, chunk_size: int) -> Callable:
@@ -49,4 +81,4 @@ def chunked_field(field: Callable, chunk_size: int) -> Callable:
     return chunked
 
 
-__all__ = ["chunked_field"]
+__all__ = ["chunked_field", "change_path"]

@@ -5,12 +5,12 @@ from jaxgen.likelihood.ddpm import (DDPMBound, ddpm_elbo, diffusion_kl_term, dif
                                     gaussian_kl, snr_kl_weight)
 from jaxgen.likelihood.dequantization import ImageLikelihood, bits_per_dim, dequantize, image_bits_per_dim
 from jaxgen.likelihood.ode import (DIVERGENCES, PROBES, LikelihoodResult, divergence_exact, divergence_hutchinson,
-                                   gaussian_prior_log_prob, log_likelihood, sample_probes, value_and_divergence_exact,
+                                   log_likelihood, sample_probes, value_and_divergence_exact,
                                    value_and_divergence_hutchinson)
 
 __all__ = [
     "LikelihoodResult", "log_likelihood", "divergence_exact", "divergence_hutchinson", "value_and_divergence_exact",
-    "value_and_divergence_hutchinson", "sample_probes", "gaussian_prior_log_prob", "DIVERGENCES", "PROBES",
+    "value_and_divergence_hutchinson", "sample_probes", "DIVERGENCES", "PROBES",
     "ImageLikelihood", "bits_per_dim", "dequantize", "image_bits_per_dim", "DDPMBound", "ddpm_elbo", "gaussian_kl",
     "diffusion_kl_term", "diffusion_kl_term_eps", "diffusion_kl_term_snr", "eps_kl_weight", "snr_kl_weight",
     "discretized_gaussian_log_likelihood",

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from jaxgen._checks import is_concrete
 from jaxgen.paths.ddpm import VARIANCES, DDPMSchedule
 from jaxgen.paths.gaussian import GaussianPath
-from jaxgen.samplers.ddpm import _predict_x0, _setup
+from jaxgen.fields.algebra import canonical_prediction
+from jaxgen.samplers.base import Model
+from jaxgen.samplers.ddpm import check_schedule, predict_x0, step_time_fn
 
 Array = jax.Array
 
@@ -206,7 +208,10 @@ def ddpm_elbo(
     Returns:
       :class:`DDPMBound` (nats; ``bits_per_dim`` divides by ``D log 2``, ``D`` the data dimension).
     """
-    sched, path, prediction, time_fn, f = _setup(schedule, steps, path, path_time, prediction, field, cond)
+    check_schedule(schedule)
+    sched = schedule if steps is None else schedule.respace(steps)
+    model = Model(field, schedule.path() if path is None else path, canonical_prediction(prediction), cond)
+    time_fn = step_time_fn(sched, path_time)
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; use 'beta' or 'posterior'.")
     if decoder not in DECODERS:
@@ -227,7 +232,7 @@ def ddpm_elbo(
     dtype = x0.dtype
 
     def x0_hat_at(x, k):
-        return _predict_x0(f, sched, path, prediction, time_fn, x, k, clip_denoised)[0]
+        return predict_x0(model, time_fn, x, k, clip_denoised)[0]
 
     # L_T: KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)) per dimension, summed.
     abar_T = float(sched.alphas_cumprod[-1])

@@ -38,7 +38,6 @@ times, state, the divergence and the prior -- is computed in ``x.dtype``. Tolera
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -46,9 +45,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen._checks import check_time, is_concrete
-from jaxgen.fields import as_field, canonical_prediction
+from jaxgen.fields.algebra import as_field, canonical_prediction, check_data_identifiable
 from jaxgen.paths.gaussian import GaussianPath, as_path
-from jaxgen.samplers.ode import ADAPTIVE
+from jaxgen.samplers.ode import ADAPTIVE, diffrax_solver, diffrax_stages
 
 Array = jax.Array
 
@@ -140,6 +139,16 @@ def sample_probes(key: Array, shape: tuple[int, ...], num_probes: int = 1, probe
 
 # -- the likelihood ------------------------------------------------------------------------------
 
+def _adaptive_solver(method):
+    """The diffrax solver of an adaptive ``method`` name (or a diffrax solver object)."""
+    if isinstance(method, str):
+        if method.lower() not in ADAPTIVE:
+            raise ValueError(f"unknown method {method!r} for the likelihood ODE; use an adaptive method: "
+                             f"{sorted(ADAPTIVE)}, or a diffrax solver.")
+        method = method.lower()
+    return diffrax_solver(method)
+
+
 def _check_batch(x) -> None:
     if jnp.ndim(x) < 2:
         raise ValueError(f"x must have shape (B, ...) with a leading batch axis and at least one data axis, "
@@ -167,32 +176,16 @@ def _check_times(path: GaussianPath, t_data, t_noise) -> tuple[float, float]:
 
 def _check_identifiable(path: GaussianPath, prediction: str, t_data: float, t_noise: float) -> None:
     """Reject conversions to a velocity that are undetermined at an end of the interval."""
+    check_data_identifiable(path, prediction, t_noise, what="the likelihood ODE", where="t_noise", min_alpha=1e-6,
+                            quantity="velocity", fix="pass t_noise > 0 (e.g. 1e-3) and, for an exact endpoint, a "
+                            "prior_log_prob of p_{t_noise}")
     with jax.ensure_compile_time_eval():
-        c = path.coefficients(jnp.asarray([t_noise, t_data], jnp.float32))
-        alpha0, beta1 = float(c.alpha[0]), float(c.beta[1])
-    if prediction in ("eps", "score") and alpha0 < 1e-6:
-        raise ValueError(
-            f"a {prediction!r} prediction does not determine the velocity at t_noise={t_noise:g}, where the path "
-            f"'{path.name}' has alpha_t = {alpha0:.3g} (the data mean is not identifiable from x there); pass "
-            "t_noise > 0 (e.g. 1e-3) and, for an exact endpoint, a prior_log_prob of p_{t_noise}.")
+        beta1 = float(path.schedule.values(jnp.asarray(t_data, jnp.float32))[1])
     if prediction == "data" and beta1 < 1e-6:
         raise ValueError(
             f"a 'data' prediction does not determine the velocity at t_data={t_data:g}, where the path "
             f"'{path.name}' has beta_t = {beta1:.3g} (the noise is not identifiable from x there); pass "
             "t_data < 1 (e.g. 1 - 1e-3): the result is then log p_{t_data}, a slightly smoothed density.")
-
-
-def gaussian_prior_log_prob(path: GaussianPath, x: Array, t: float) -> Array:
-    r"""``log N(x; 0, beta_t^2 I)`` per sample, computed in ``x.dtype`` (= ``path.prior_log_prob`` at t = 0).
-
-    This is ``p_t`` of the path up to the neglected ``alpha_t z`` term: exact at ``t = 0`` for paths with
-    ``alpha_0 = 0`` (linear, cosine, polynomial); approximate for VP (``alpha_0 = e^{-5.025}``) and
-    VE/EDM (``p_0 = p_data * N(0, sigma_max^2)``), like score_sde's ``prior_logp``.
-    """
-    beta = path.coefficients(jnp.asarray(t, x.dtype)).beta.astype(x.dtype)
-    d = _flat_dim(x)
-    sq = jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=-1)
-    return -0.5 * sq / beta**2 - d * jnp.log(beta) - 0.5 * d * math.log(2 * math.pi)
 
 
 def log_likelihood(
@@ -244,7 +237,7 @@ def log_likelihood(
         ``N(0, sigma_min^2)``).
       cond: conditioning keywords passed to the field.
       prior_log_prob: ``x_noise -> (B,)`` log density of ``p_{t_noise}``. Default
-        :func:`gaussian_prior_log_prob`: ``N(0, beta_{t_noise}^2 I)``, i.e. ``path.prior_log_prob``. That is
+        ``path.prior_log_prob(x_noise, t_noise)``: ``N(0, beta_{t_noise}^2 I)``. That is
         exact for the linear/cosine/polynomial paths (``alpha_0 = 0``) and an approximation for VP
         (``alpha_0 = e^{-5.025}``: the data mean is neglected, an error ``~ alpha_0 |mu||x_0|`` nats) and
         VE/EDM (prior ``N(0, sigma_max^2)`` for ``p_data * N(0, sigma_max^2)``).
@@ -255,7 +248,7 @@ def log_likelihood(
     Returns:
       :class:`LikelihoodResult`. NFE: a JVP of the field counts as one evaluation, so
       ``nfe = rhs_evals * (D or num_probes)`` with ``rhs_evals = (stages - 1) * num_steps + 1`` (the count
-      of :func:`jaxgen.samplers.sample_ode`; it misses re-evaluations after a rejected *first* step).
+      of :class:`jaxgen.samplers.Diffrax`).
 
     Call it inside ``jax.jit`` (with the field and options closed over) when calling it repeatedly.
     """
@@ -263,9 +256,7 @@ def log_likelihood(
     prediction = canonical_prediction(prediction)
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; use 'exact' (small dimensions) or 'hutchinson'.")
-    method = str(method).lower()
-    if method not in ADAPTIVE:
-        raise ValueError(f"unknown method {method!r} for the likelihood ODE; use an adaptive method: {sorted(ADAPTIVE)}.")
+    solver = _adaptive_solver(method)
     if divergence == "hutchinson":
         if key is None:
             raise ValueError("divergence='hutchinson' needs a PRNG key for its probes: pass key=jax.random.key(0).")
@@ -317,21 +308,21 @@ def log_likelihood(
             u, div = value_and_divergence_hutchinson(f, y, probes)
         return u, div.astype(dtype)
 
-    name, stages = ADAPTIVE[method]
+    stages, fsal = diffrax_stages(solver)
     kwargs = {} if adjoint is None else {"adjoint": adjoint}
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(rhs), getattr(diffrax, name)(),
+        diffrax.ODETerm(rhs), solver,
         jnp.asarray(t_data, dtype), jnp.asarray(t_noise, dtype), None,
         (x, jnp.zeros((batch,), dtype)),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, **kwargs)
     x_noise, delta = sol.ys[0][-1], sol.ys[1][-1]
     if prior_log_prob is None:
-        prior = gaussian_prior_log_prob(path, x_noise, t_noise)
+        prior = path.prior_log_prob(x_noise, t_noise)
     else:
         prior = jnp.asarray(prior_log_prob(x_noise)).astype(dtype)
     num_steps = sol.stats["num_steps"]
-    rhs_evals = (stages - 1) * num_steps + 1
+    rhs_evals = (stages - int(fsal)) * num_steps + int(fsal)
     return LikelihoodResult(prior + delta, prior, delta, x_noise, rhs_evals * per_rhs, rhs_evals, num_steps)
 
 
@@ -339,5 +330,4 @@ def log_likelihood(
 
 
 __all__ = ["LikelihoodResult", "log_likelihood", "divergence_exact", "divergence_hutchinson",
-           "value_and_divergence_exact", "value_and_divergence_hutchinson", "sample_probes", "gaussian_prior_log_prob",
-           "DIVERGENCES", "PROBES"]
+           "value_and_divergence_exact", "value_and_divergence_hutchinson", "sample_probes", "DIVERGENCES", "PROBES"]

@@ -25,9 +25,11 @@ import jax.numpy as jnp
 
 from jaxgen._checks import expand_like
 from jaxgen.fields import as_field, canonical_prediction
-from jaxgen.fields.preconditioning import _check_data_recoverable, _end_time
+from jaxgen.fields.algebra import check_data_identifiable
+from jaxgen.fields.preconditioning import _end_time
 from jaxgen.losses.regression import split_batch
 from jaxgen.paths.gaussian import GaussianPath, as_path
+from jaxgen.samplers.ode import heun_step
 
 Array = jax.Array
 
@@ -210,8 +212,8 @@ def consistency_distillation_loss(
     teacher = as_field(path, teacher_field, source=teacher_prediction, target="velocity")
     lo, hi = _time_range(path, t_min, t_end)
     if teacher_prediction in ("eps", "score"):
-        _check_data_recoverable(path, lo, teacher_prediction, "the teacher",
-                                "pass t_min > 0 (e.g. t_min=1e-3), or a 'velocity', 'data' or 'v' teacher")
+        check_data_identifiable(path, teacher_prediction, lo, what="the teacher", where="t_min", min_alpha=0.0,
+                                fix="pass t_min > 0 (e.g. t_min=1e-3), or a 'velocity', 'data' or 'v' teacher")
     with jax.ensure_compile_time_eval():
         beta_end = float(path.coefficients(jnp.asarray(hi, jnp.float32)).beta)
     final_euler = teacher_prediction == "data" and not beta_end > 0
@@ -219,11 +221,12 @@ def consistency_distillation_loss(
     def make_pair(z, eps, t_n, t_next, cond):
         x_n = path.sample(z, eps, t_n)
         h = expand_like(t_next - t_n, z)
-        k1 = teacher(x_n, t_n, **cond)
+        f = lambda x, t: teacher(x, t, **cond)
+        k1 = f(x_n, t_n)
         x_euler = x_n + h * k1
         if solver == "euler":
             return x_n, x_euler
-        x_heun = x_n + 0.5 * h * (k1 + teacher(x_euler, t_next, **cond))
+        x_heun = heun_step(f, x_n, t_n, t_next, h=h, k1=k1)
         if final_euler:  # the teacher's velocity is singular at t_end (beta = 0): Euler on the last interval
             x_heun = jnp.where(expand_like(t_next >= hi, z), x_euler, x_heun)
         return x_n, x_heun

@@ -52,7 +52,7 @@ def distillation_loss(*, t0: float = 0.0, t1: float = 1.0, distance: str = "l2")
     Regress the one-step Euler map onto the pairs: ``E || x_0 + (t1 - t0) v_theta(x_0, t0) - x_1 ||^2``
     (``"l2"``: squared error averaged over features, the paper's choice for 2-D; it uses LPIPS for images) or
     ``"norm"``: the Euclidean norm ``|| . ||`` (robust to outlying pairs). After training,
-    ``sample_ode(model, x0, method="euler", steps=1)`` is the one-step generator.
+    ``sample(model, x0, Euler(), steps=1)`` is the one-step generator.
 
     Returns:
       ``loss(model, batch, key)`` with ``batch = {"x0": ..., "x1": ..., **cond}`` (``key`` unused).

@@ -29,7 +29,7 @@ def straightness(trajectory: Array, ts: Array, field: Callable | None = None, *,
 
     Args:
       trajectory: states on the time grid, shape ``(K + 1, B, ...)`` (e.g.
-        ``sample_ode(..., save_trajectory=True).trajectory``).
+        ``sample(..., save_trajectory=True).trajectory``).
       ts: the strictly monotone grid, shape ``(K + 1,)`` (``SampleResult.ts``).
       field: optional velocity ``field(x, t, **cond)``. Without it ``dx/dt`` is the finite difference on
         each interval, ``S = sum_k |dt_k| || vbar - (x_{k+1} - x_k)/dt_k ||^2`` (an exact, non-negative identity

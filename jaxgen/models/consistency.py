@@ -61,7 +61,8 @@ from flax import nnx
 
 from jaxgen._checks import batch_time, expand_like
 from jaxgen.fields import canonical_prediction, to_data_and_noise
-from jaxgen.fields.preconditioning import _check_data_recoverable, _end_time, consistency_coefficients
+from jaxgen.fields.algebra import check_data_identifiable
+from jaxgen.fields.preconditioning import _end_time, consistency_coefficients
 from jaxgen.paths.gaussian import GaussianPath, as_path
 
 Array = jax.Array
@@ -112,8 +113,9 @@ class ConsistencyFunction(nnx.Module):
         self.parameterization = parameterization
         self.prediction = canonical_prediction(prediction)
         if parameterization == "denoiser" and self.prediction in ("eps", "score"):
-            _check_data_recoverable(self.path, self.t_min, self.prediction, "the denoiser parameterization",
-                                    "use a 'velocity', 'data' or 'v' network, or the 'edm' parameterization")
+            check_data_identifiable(self.path, self.prediction, self.t_min, what="the denoiser parameterization",
+                                    where="t_min", min_alpha=0.0,
+                                    fix="use a 'velocity', 'data' or 'v' network, or the 'edm' parameterization")
 
     def coefficients(self, t: Array) -> tuple[Array, Array, Array]:
         """``(c_skip, c_out, c_in)`` at ``t`` (see :func:`consistency_coefficients`)."""

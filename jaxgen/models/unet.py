@@ -306,7 +306,7 @@ class UNetField(nnx.Module):
 
     **Dropout** uses ``nnx.Dropout`` with streams forked from ``rngs`` at construction. The module is
     built in training mode (dropout active, each call draws new masks and advances the RNG state held
-    in the module, so a compiled training step must carry that state, as :class:`jaxgen.train.Trainer`
+    in the module, so a compiled training step must carry that state, as :class:`jaxgen.training.Trainer`
     does); call ``model.eval()`` before sampling or evaluating (samplers need a deterministic field)
     and ``model.train()`` to switch back. On CPU, ``rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))``
     makes the dropout masks (and initialisation) cheaper than the default threefry keys.

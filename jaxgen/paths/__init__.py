@@ -16,12 +16,14 @@ from jaxgen.paths.schedules import (
     ve,
     vp,
 )
-from jaxgen.paths.gaussian import GaussianPath, as_path
+from jaxgen.paths.gaussian import (GaussianPath, as_path, gaussian_log_prob, log_snr, log_snr_from_coefficients,
+                                  sigmas_from_times, times_from_lambdas, times_from_sigmas)
 from jaxgen.paths.ddpm import DDPMSchedule, cosine_betas, linear_betas
 from jaxgen.paths.sde import SDE, VESDE, VPSDE, SubVPSDE, subVPSDE, to_diffusion_time, to_jaxgen_time
 
 __all__ = [
-    "SCHEDULES", "Schedule", "ScheduleOutput", "GaussianPath", "as_path", "get_schedule",
+    "SCHEDULES", "Schedule", "ScheduleOutput", "GaussianPath", "as_path", "get_schedule", "log_snr",
+    "log_snr_from_coefficients", "gaussian_log_prob", "sigmas_from_times", "times_from_lambdas", "times_from_sigmas",
     "linear", "cond_ot", "cosine", "polynomial", "vp", "sub_vp", "ve", "edm", "custom",
     "DDPMSchedule", "linear_betas", "cosine_betas", "SDE", "VPSDE", "SubVPSDE", "subVPSDE", "VESDE",
     "to_jaxgen_time", "to_diffusion_time",

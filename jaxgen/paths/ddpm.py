@@ -34,7 +34,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import expand_like, is_concrete
+from jaxgen._checks import check_time, expand_like, is_concrete
 from jaxgen.paths.gaussian import GaussianPath
 from jaxgen.paths.schedules import Schedule
 
@@ -224,11 +224,7 @@ class DDPMSchedule:
         ``n - 1``, e.g. ``field = lambda x, t: eps_net(x, schedule.step_of_time(t) - 1)``.
         """
         t = jnp.asarray(t)
-        if is_concrete(t) and t.size:
-            arr = np.asarray(t)
-            if not np.all(np.isfinite(arr)) or arr.min() < 0.0 or arr.max() > 1.0:
-                raise ValueError(f"jaxgen times must lie in [0, 1] (t = 0 noise, t = 1 data), got values in "
-                                 f"[{arr.min():.6g}, {arr.max():.6g}]; a diffusion time tau = n / T is t = 1 - tau.")
+        check_time(t, name="t")
         T0 = float(self.num_original_steps)
         return jnp.round(T0 - T0 * t).astype(jnp.int32)
 

@@ -76,30 +76,46 @@ class Schedule:
             return t
         return jnp.clip(t, self.t_min, self.t_max)
 
+    def _time(self, t: Array) -> Array:
+        t = jnp.asarray(t)
+        if not jnp.issubdtype(t.dtype, jnp.floating):
+            t = t.astype(jnp.float32)
+        return self.clamp(t)
+
     def __call__(self, t: Array) -> ScheduleOutput:
         """Evaluate ``(alpha_t, beta_t, d alpha_t/dt, d beta_t/dt)`` elementwise.
 
         The derivatives are ``jax.jvp`` of ``alpha_fn``/``beta_fn`` with unit tangent,
         evaluated at the clamped time.
         """
-        t = jnp.asarray(t)
-        if not jnp.issubdtype(t.dtype, jnp.floating):
-            t = t.astype(jnp.float32)
-        tc = self.clamp(t)
+        tc = self._time(t)
         ones = jnp.ones_like(tc)
         alpha, d_alpha = jax.jvp(self.alpha_fn, (tc,), (ones,))
         beta, d_beta = jax.jvp(self.beta_fn, (tc,), (ones,))
-        # Round-off can make cos(pi/2) = -4e-8: keep the coefficients non-negative (derivatives untouched).
-        alpha, beta = jnp.maximum(alpha, 0), jnp.maximum(beta, 0)
+        alpha, beta = _nonneg(alpha), _nonneg(beta)
         # Constant schedules (VE's alpha = 1) may return a broadcastable scalar.
         alpha, beta, d_alpha, d_beta = (jnp.broadcast_to(v, tc.shape).astype(tc.dtype)
                                         for v in (alpha, beta, d_alpha, d_beta))
         return ScheduleOutput(alpha, beta, d_alpha, d_beta)
 
+    def values(self, t: Array) -> tuple[Array, Array]:
+        """``(alpha_t, beta_t)``: the values of :meth:`__call__` without the two ``jax.jvp`` for the derivatives
+        (what the log-SNR and the diffusion samplers need; half the work when evaluated op by op)."""
+        tc = self._time(t)
+        alpha, beta = _nonneg(self.alpha_fn(tc)), _nonneg(self.beta_fn(tc))
+        return tuple(jnp.broadcast_to(v, tc.shape).astype(tc.dtype) for v in (alpha, beta))
+
     def snr(self, t: Array) -> Array:
         """Signal-to-noise ratio ``alpha_t^2 / beta_t^2`` (infinite where ``beta_t = 0``)."""
         c = self(t)
         return c.alpha**2 / c.beta**2
+
+
+def _nonneg(v: Array) -> Array:
+    """``max(v, 0)``: round-off can make ``cos(pi/2) = -4e-8``, so the coefficients are kept non-negative; written as
+    a select, whose derivative is 1 (not ``jnp.maximum``'s 1/2) where ``v = 0``: the one-sided derivative at an open
+    end of the path (``alpha_0 = 0``, ``beta_1 = 0``)."""
+    return jnp.where(v < 0, jnp.zeros_like(v), v)
 
 
 def _validate(s: Schedule) -> None:
@@ -194,8 +210,9 @@ def polynomial(n: float = 2.0) -> Schedule:
                     boundary="approximate", boundary_tol=0.05)
 
 
-def _vp_log_alpha(tau: Array, beta_min: float, beta_max: float) -> Array:
-    r"""score_sde VP: ``log alpha(tau) = -1/4 tau^2 (beta_max - beta_min) - 1/2 tau beta_min``."""
+def vp_log_mean_coeff(tau: Array, beta_min: float, beta_max: float) -> Array:
+    r"""``log m(tau) = -1/4 tau^2 (beta_max - beta_min) - 1/2 tau beta_min`` (Song et al. 2021, eq. 29): the log of
+    the VP/sub-VP mean coefficient ``alpha`` at diffusion time ``tau``."""
     return -0.25 * tau**2 * (beta_max - beta_min) - 0.5 * tau * beta_min
 
 
@@ -212,10 +229,10 @@ def vp(beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5) -> Sche
     beta_min)/(N(N-1))`` with ``N = 1000`` is this schedule with the defaults.
     """
     def alpha_fn(t):
-        return jnp.exp(_vp_log_alpha(1.0 - t, beta_min, beta_max))
+        return jnp.exp(vp_log_mean_coeff(1.0 - t, beta_min, beta_max))
 
     def beta_fn(t):
-        return jnp.sqrt(-jnp.expm1(2.0 * _vp_log_alpha(1.0 - t, beta_min, beta_max)))
+        return jnp.sqrt(-jnp.expm1(2.0 * vp_log_mean_coeff(1.0 - t, beta_min, beta_max)))
 
     return Schedule(alpha_fn, beta_fn, name="vp", t_max=1.0 - eps, boundary="approximate", boundary_tol=0.05)
 
@@ -223,10 +240,10 @@ def vp(beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5) -> Sche
 def sub_vp(beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5) -> Schedule:
     r"""Sub-VP schedule (Song et al. 2021, eq. 12/30): ``alpha_t`` as VP, ``beta_t = 1 - alpha_t^2``."""
     def alpha_fn(t):
-        return jnp.exp(_vp_log_alpha(1.0 - t, beta_min, beta_max))
+        return jnp.exp(vp_log_mean_coeff(1.0 - t, beta_min, beta_max))
 
     def beta_fn(t):
-        return -jnp.expm1(2.0 * _vp_log_alpha(1.0 - t, beta_min, beta_max))
+        return -jnp.expm1(2.0 * vp_log_mean_coeff(1.0 - t, beta_min, beta_max))
 
     return Schedule(alpha_fn, beta_fn, name="sub_vp", t_max=1.0 - eps, boundary="approximate", boundary_tol=0.05)
 

@@ -46,8 +46,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import expand_like, is_concrete
-from jaxgen.paths.gaussian import GaussianPath
+from jaxgen._checks import batch_time, expand_like
+from jaxgen.paths.gaussian import GaussianPath, gaussian_log_prob
+from jaxgen.paths.schedules import vp_log_mean_coeff
 
 Array = jax.Array
 
@@ -66,37 +67,9 @@ def to_diffusion_time(t: Array) -> Array:
     return 1.0 - jnp.asarray(t)
 
 
-def _check_tau(tau, name: str = "tau") -> None:
-    if not is_concrete(tau):
-        return
-    arr = np.asarray(tau)
-    if arr.size == 0:
-        return
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or inf; diffusion time must be finite in [0, 1].")
-    if arr.min() < 0.0 or arr.max() > 1.0:
-        raise ValueError(
-            f"{name} must lie in [0, 1] (score_sde's diffusion time: tau=0 is data, tau=1 is noise), got values in "
-            f"[{arr.min():.6g}, {arr.max():.6g}]. If you hold jaxgen times t (t=1 is data), pass tau = 1 - t."
-        )
-
-
 def _batch_tau(tau, x: Array) -> Array:
-    """``tau`` as an array of shape ``(B,)`` for a batch ``x`` of shape ``(B, ...)``."""
-    _check_tau(tau)
-    if x.ndim == 0:
-        raise ValueError("x must have a leading batch axis, got a scalar; reshape it to (1, ...).")
-    tau = jnp.asarray(tau, x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
-    if tau.ndim == 0:
-        return jnp.broadcast_to(tau, (x.shape[0],))
-    if tau.ndim != 1 or tau.shape[0] != x.shape[0]:
-        raise ValueError(f"tau must be a scalar or have shape (B,) = ({x.shape[0]},) to match x of shape "
-                         f"{tuple(x.shape)}; got tau.shape = {tuple(tau.shape)}.")
-    return tau
-
-
-def _sq_norm(x: Array) -> Array:
-    return jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=-1)
+    """``tau`` as an array of shape ``(B,)`` for a batch ``x`` of shape ``(B, ...)`` (diffusion time, checked)."""
+    return batch_time(tau, x, name="tau", convention="diffusion")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,9 +135,7 @@ class SDE(abc.ABC):
 
     def prior_logp(self, z: Array) -> Array:
         """``log N(z; 0, prior_std^2 I)`` per sample, shape ``(B,)``."""
-        d = math.prod(z.shape[1:])
-        s2 = self.prior_std**2
-        return -0.5 * d * jnp.log(2 * jnp.pi * s2) - 0.5 * _sq_norm(z) / s2
+        return gaussian_log_prob(z, self.prior_std)
 
     def timestep_index(self, tau: Array) -> Array:
         """score_sde's discrete index of a time: ``int(tau (N - 1) / T)`` (truncation, as ``sde_lib``)."""
@@ -198,14 +169,9 @@ def _vp_discrete_betas(sde) -> np.ndarray:
         raise ValueError(
             f"{type(sde).__name__}'s discrete betas linspace(beta_min/N, beta_max/N, N) reach beta_max/N = "
             f"{sde.beta_max}/{sde.N} >= 1, so sqrt(1 - beta_i) and the Langevin factor 1 - beta_i are invalid (NaN "
-            f"samples). Use N (pc_sample's steps) > beta_max, e.g. >= {math.floor(sde.beta_max) + 1}, or the "
+            f"samples). Use N (the predictor-corrector sampler's steps) > beta_max, e.g. >= {math.floor(sde.beta_max) + 1}, or the "
             "'euler_maruyama' predictor with corrector='none', which do not use the discrete betas.")
     return np.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N)
-
-
-def _vp_log_mean_coeff(tau, beta_min, beta_max):
-    r"""``log m(tau) = -1/4 tau^2 (beta_max - beta_min) - 1/2 tau beta_min`` (Song et al. eq. 29)."""
-    return -0.25 * tau**2 * (beta_max - beta_min) - 0.5 * tau * beta_min
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +199,7 @@ class VPSDE(SDE):
         return jnp.sqrt(_vp_beta(tau, self.beta_min, self.beta_max))
 
     def marginal_coeffs(self, tau):
-        lm = _vp_log_mean_coeff(tau, self.beta_min, self.beta_max)
+        lm = vp_log_mean_coeff(tau, self.beta_min, self.beta_max)
         return jnp.exp(lm), jnp.sqrt(-jnp.expm1(2.0 * lm))
 
     @property
@@ -294,7 +260,7 @@ class SubVPSDE(SDE):
         return jnp.sqrt(_vp_beta(tau, self.beta_min, self.beta_max) * discount)
 
     def marginal_coeffs(self, tau):
-        lm = _vp_log_mean_coeff(tau, self.beta_min, self.beta_max)
+        lm = vp_log_mean_coeff(tau, self.beta_min, self.beta_max)
         return jnp.exp(lm), -jnp.expm1(2.0 * lm)
 
     @property

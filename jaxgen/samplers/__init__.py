@@ -1,16 +1,28 @@
-"""Samplers: ODE (fixed-step and adaptive), SDE (Euler-Maruyama), Langevin dynamics, the fast diffusion samplers
-(DDIM, DPM-Solver, DPM-Solver++, UniPC, EDM), DDPM ancestral sampling, predictor-corrector and consistency sampling."""
+"""Samplers: one entry point, :func:`sample`, with solver objects.
 
-from jaxgen.samplers.consistency import consistency_sample
-from jaxgen.samplers.ddpm import ddpm_ancestral_sample
-from jaxgen.samplers.diffusion import (ddim, dpm_solver, dpm_solver_pp, edm_sampler, karras_sigmas, log_snr,
-                                       sigmas_from_times, times_from_lambdas, times_from_sigmas)
-from jaxgen.samplers.ode import ADAPTIVE, FIXED_STEP_NFE, SampleResult, sample_ode, time_grid
-from jaxgen.samplers.score_sde import pc_nfe, pc_sample
-from jaxgen.samplers.sde import annealed_langevin, euler_maruyama, langevin, sample_sde
-from jaxgen.samplers.unipc import unipc
+ODE: :class:`Euler`, :class:`Midpoint`, :class:`Heun`, :class:`RK4` and any diffrax solver (:class:`Diffrax`,
+adaptive ``tsit5``/``dopri5``/``dopri8``/``bosh3``); SDE: :class:`EulerMaruyama` with any noise level,
+:class:`Langevin`, score_sde's :class:`PredictorCorrector`, :class:`DDPMAncestral`; the fast diffusion samplers
+:class:`DDIM`, :class:`DPMSolver`, :class:`DPMSolverPP` (2S, 2M, 3M), :class:`UniPC`, :class:`EDM`; and
+:class:`ConsistencyMultistep`. Every solver is reachable by name (:func:`get_solver`, :data:`SOLVERS`).
+"""
 
-__all__ = ["SampleResult", "sample_ode", "sample_sde", "euler_maruyama", "langevin", "annealed_langevin",
-           "time_grid", "FIXED_STEP_NFE", "ADAPTIVE", "ddim", "dpm_solver", "dpm_solver_pp", "unipc", "edm_sampler",
-           "karras_sigmas", "log_snr", "sigmas_from_times", "times_from_lambdas", "times_from_sigmas",
-           "ddpm_ancestral_sample", "pc_sample", "pc_nfe", "consistency_sample"]
+from jaxgen.samplers.base import (SOLVERS, Grid, Model, SampleResult, Segment, Solver, get_solver, parse_solver_spec,
+                                  register, sample)
+from jaxgen.samplers.consistency import ConsistencyMultistep
+from jaxgen.samplers.ddim import DDIM, DiffusionSolver, ddim_noise_scale, ddim_update
+from jaxgen.samplers.ddpm import DDPMAncestral
+from jaxgen.samplers.dpm_solver import DPMSolver, DPMSolverPP
+from jaxgen.samplers.edm import EDM
+from jaxgen.samplers.grids import karras_sigmas
+from jaxgen.samplers.ode import RK4, Diffrax, Euler, Heun, Midpoint
+from jaxgen.samplers.score_sde import PredictorCorrector, pc_nfe
+from jaxgen.samplers.sde import EulerMaruyama, Langevin
+from jaxgen.samplers.unipc import UniPC
+
+__all__ = [
+    "sample", "SampleResult", "Solver", "Model", "Grid", "Segment", "SOLVERS", "get_solver", "parse_solver_spec",
+    "register", "Euler", "Midpoint", "Heun", "RK4", "Diffrax", "EulerMaruyama", "Langevin", "PredictorCorrector",
+    "DDPMAncestral", "DDIM", "DPMSolver", "DPMSolverPP", "UniPC", "EDM", "ConsistencyMultistep", "DiffusionSolver",
+    "ddim_update", "ddim_noise_scale", "karras_sigmas", "pc_nfe",
+]

@@ -1,95 +1,128 @@
-r"""Consistency-model sampling (Song et al. 2023, Algorithm 1), in jaxgen time."""
+r"""Consistency sampling (Song et al. 2023, Algorithm 1), in jaxgen time: one jump to the data end, or several with
+re-noising in between.
+
+On the grid ``t_0 < ... < t_{N-1} < t_N = t_end``: ``x = f(x_0, t_0)``; then for each later time ``s = t_i`` re-noise
+the estimate of ``x_{t_end} = alpha_e z + beta_e eps`` to time ``s`` and jump again:
+
+.. math:: \hat x_s = \frac{\alpha_s}{\alpha_e} x + \sqrt{\beta_s^2 - (\alpha_s \beta_e / \alpha_e)^2}\ \xi,
+   \quad \xi \sim \mathcal N(0, I), \qquad x \leftarrow f(\hat x_s, s)
+
+(the paper's ``x + sqrt(tau^2 - eps^2) z`` for ``alpha = 1``; ``hat x_s = alpha_s x + beta_s xi`` on the linear path).
+The jump ``f`` is the field itself when it predicts the data end (``prediction="data"``: a consistency function,
+:class:`jaxgen.models.ConsistencyFunction`, or a denoiser), otherwise the one-step estimate decoded from any
+parameterisation, ``f = alpha_e z_hat + beta_e eps_hat`` (so any model samples this way: with a flow-matching
+model it is the denoise / re-noise sampler of its posterior means).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import ClassVar
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 
 from jaxgen.fields.preconditioning import _end_time
-from jaxgen.paths.gaussian import GaussianPath, as_path
-from jaxgen.samplers.ode import SampleResult
+from jaxgen.samplers.base import Grid, Segment, Solver, check_steps, explicit_grid, register
 
 Array = jax.Array
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling.
-# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ConsistencyMultistep(Solver):
+    r"""One-step or multistep consistency sampling (module docstring). NFE = ``steps`` = ``len(ts) - 1``.
 
-
-def consistency_sample(
-    f: Callable,
-    x_noise: Array,
-    *,
-    path: GaussianPath | str | None = None,
-    ts: Any = None,
-    key: Array | None = None,
-    cond: dict | None = None,
-    t_end: float | None = None,
-    save_trajectory: bool = False,
-) -> SampleResult:
-    r"""One-step or multistep consistency sampling (Song et al. 2023, Algorithm 1), in jaxgen time.
-
-    ``x = f(x_noise, ts[0])``; then for each later time ``s`` of ``ts`` re-noise the estimate of
-    ``x_{t_end} = alpha_e z + beta_e eps`` to time ``s`` and denoise again:
-
-    .. math:: \hat x_s = \frac{\alpha_s}{\alpha_e} x + \sqrt{\beta_s^2 - (\alpha_s \beta_e / \alpha_e)^2}\ \xi,
-       \quad \xi \sim \mathcal N(0, I), \qquad x \leftarrow f(\hat x_s, s)
-
-    (the paper's ``x + sqrt(tau^2 - eps^2) z`` for ``alpha = 1``; ``hat x_s = alpha_s x + beta_s xi`` on the
-    linear path).
+    The grid ends at the data end ``t_end`` (the path's ``t_max``, or the field's ``t_end`` for a
+    :class:`~jaxgen.models.ConsistencyFunction`; the field is never evaluated there): ``ts = (0.0, 0.5, 1.0)`` jumps
+    from the noise at ``t = 0``, re-noises to ``t = 0.5`` and jumps again. ``steps=k`` (default 1) spaces the
+    ``k`` jump times uniformly in ``[t0, t_end)``. The path defaults to the field's own (``field.path``). Re-noising
+    before jump ``i`` draws from ``fold_in(key, i - 1)``.
 
     Args:
-      f: a consistency function ``f(x, t, **cond)`` (e.g. a trained :class:`ConsistencyFunction`).
-      x_noise: samples of the path at ``ts[0]`` (``path.sample_prior(key, shape)`` for ``ts[0] = 0``).
-      path: the Gaussian path; default ``f.path``.
-      ts: increasing times in ``[t_min, t_end)``, one per network call; default ``(t_min,)`` (one step).
-        E.g. ``(0.0, 0.5)`` for two steps on the linear path.
-      key: PRNG key for the re-noising (needed when ``len(ts) > 1``).
-      cond: conditioning keywords passed to ``f``.
-      t_end: the data end; default ``f.t_end`` or the schedule's ``t_max``.
-      save_trajectory: also return the output of every step, shape ``(len(ts),) + x_noise.shape``.
-
-    Returns:
-      :class:`~jaxgen.samplers.SampleResult` with ``nfe = len(ts)``.
+      t_end: the data end; default the field's ``t_end`` or the path's ``t_max``.
     """
-    if path is None:
-        path = getattr(f, "path", None)
-        if path is None:
-            raise ValueError("consistency_sample needs the path for re-noising: pass path=... "
-                             "(or a ConsistencyFunction, which carries it).")
-    path = as_path(path)
-    if t_end is None:
-        t_end = getattr(f, "t_end", None)
-    t_end = _end_time(path, t_end)
-    if ts is None:
-        ts = (getattr(f, "t_min", path.schedule.t_min),)
-    ts_list = [float(s) for s in (ts.tolist() if hasattr(ts, "tolist") else ts)]
-    if not ts_list:
-        raise ValueError("ts must hold at least one time (ts[0] is the time of x_noise).")
-    if any(not (path.schedule.t_min <= s < t_end) for s in ts_list):
-        raise ValueError(f"every time in ts must lie in [t_min, t_end) = [{path.schedule.t_min:g}, {t_end:g}) "
-                         f"(f at t_end is the identity); got {ts_list}.")
-    if any(b <= a for a, b in zip(ts_list, ts_list[1:])):
-        raise ValueError(f"ts must be strictly increasing (noise -> data, jaxgen time), got {ts_list}.")
-    if len(ts_list) > 1 and key is None:
-        raise ValueError("multistep sampling re-noises between steps: pass key=jax.random.key(...).")
-    cond = cond or {}
-    end = path.coefficients(jnp.asarray(t_end, jnp.float32))
-    x = f(x_noise, jnp.full((x_noise.shape[0],), ts_list[0], x_noise.dtype), **cond)
-    outs = [x]
-    for i, s in enumerate(ts_list[1:]):
-        c = path.coefficients(jnp.asarray(s, jnp.float32))
+
+    name: ClassVar[str] = "consistency"
+    default_steps: ClassVar[int] = 1
+    decodes_data: ClassVar[bool] = True
+    t_end: float | None = None
+
+    def needs_key(self) -> bool:
+        return False  # checked in grid(): only a multistep grid re-noises
+
+    def default_path(self, field):
+        return getattr(field, "path", None)
+
+    def _end(self, model) -> float:
+        if model.path is None:
+            raise ValueError("consistency sampling needs the path for re-noising: pass sample(..., path=...) "
+                             "(a ConsistencyFunction carries its own).")
+        t_end = self.t_end if self.t_end is not None else getattr(model.field, "t_end", None)
+        return _end_time(model.path, t_end)
+
+    def grid(self, model, steps, t0, t1, ts):
+        t_end = self._end(model)
+        sched = model.path.schedule
+        if ts is not None:
+            if t0 is not None or t1 is not None:
+                raise ValueError("pass either ts or t0, not both.")
+            g = explicit_grid(ts, direction="increasing")
+            if g.last is not None and abs(g.last - t_end) > 1e-6:
+                raise ValueError(f"a consistency grid ends at the data end t_end={t_end:g} (where f is the identity, "
+                                 f"never evaluated); got ts ending at {g.last:g}: append t_end, e.g. ts=(0.0, 0.5, "
+                                 f"{t_end:g}).")
+            times = g.times
+        else:
+            if t1 is not None and abs(float(t1) - t_end) > 1e-6:
+                raise ValueError(f"a consistency grid ends at the data end t_end={t_end:g}; got t1={t1}.")
+            n = check_steps(self.default_steps if steps is None else steps)
+            start = float(getattr(model.field, "t_min", sched.t_min) if t0 is None else t0)
+            times = jnp.asarray(np.append(np.linspace(start, t_end, n + 1)[:-1], t_end), jnp.float32)
+            g = Grid(times, start, t_end)
+        if g.first is not None and not sched.t_min <= g.first < t_end:
+            raise ValueError(f"every jump time must lie in [t_min, t_end) = [{sched.t_min:g}, {t_end:g}) (f at t_end "
+                             f"is the identity); got {g.first:g}.")
+        return Grid(times, g.first, t_end)
+
+    def segments(self, model, grid):
+        path = model.path
+        n = grid.steps
+        end = path.coefficients(jnp.asarray(grid.last, jnp.float32))
+        times = grid.times[:-1]
+        c = path.coefficients(times)
         scale = c.alpha / end.alpha
         std = jnp.sqrt(jnp.maximum(c.beta**2 - (scale * end.beta) ** 2, 0.0))
-        xi = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        x_s = scale.astype(x.dtype) * x + std.astype(x.dtype) * xi
-        x = f(x_s, jnp.full((x.shape[0],), s, x.dtype), **cond)
-        outs.append(x)
-    traj = jnp.stack(outs) if save_trajectory else None
-    return SampleResult(x, len(ts_list), jnp.asarray(ts_list, jnp.float32), traj)
+
+        def jump(model, x, s):
+            if model.prediction == "data":
+                return model.raw(x, s)
+            z, eps = model.denoise(x, s)
+            return end.alpha.astype(x.dtype) * z + end.beta.astype(x.dtype) * eps
+
+        def first(model, x, inp, key):
+            x = jump(model, x, inp["t"])
+            return x, x
+
+        def renoise(model, x, inp, key):
+            xi = jax.random.normal(jax.random.fold_in(key, inp["i"] - 1), x.shape, x.dtype)
+            x_s = inp["scale"].astype(x.dtype) * x + inp["std"].astype(x.dtype) * xi
+            x = jump(model, x_s, inp["t"])
+            return x, x
+
+        inp = {"i": jnp.arange(n), "t": times, "scale": scale, "std": std}
+        # one segment per jump, unrolled (a few steps; each call of the field sees its own step's values)
+        return [Segment(first if i == 0 else renoise, jax.tree.map(lambda a: a[i:i + 1], inp)) for i in range(n)]
+
+    def solve(self, model, x0, grid, key, save_trajectory, unroll=1):
+        if grid.steps > 1 and key is None:
+            raise ValueError("multistep consistency sampling re-noises between steps: pass key=jax.random.key(...).")
+        res = super().solve(model, x0, grid, key, save_trajectory, unroll)
+        # the trajectory: the output of every jump (the estimates of the data end), one per evaluation time
+        traj = None if res.trajectory is None else res.trajectory[1:]
+        return res._replace(ts=grid.times[:-1], trajectory=traj)
 
 
-__all__ = ["consistency_sample"]
+register(ConsistencyMultistep.name, ConsistencyMultistep)
+
+__all__ = ["ConsistencyMultistep"]

@@ -1,209 +1,249 @@
-r"""ODE samplers: integrate ``dX_t/dt = u_t(X_t)`` from noise (t=0) to data (t=1) (notes sec. 2.1).
+r"""ODE solvers: integrate ``dX_t/dt = u_t(X_t)`` from noise (t=0) to data (t=1) (notes sec. 2.1).
 
-One entry point, :func:`sample_ode`, with the method as an argument:
+* :class:`Euler` (notes eq. 2.1.2: ``X_{t+h} = X_t + h u_t(X_t)``), :class:`Midpoint`, :class:`Heun` (explicit
+  trapezoid) and :class:`RK4` (the classical fourth-order Runge-Kutta method): fixed steps, written as a
+  ``lax.scan`` over the time grid (the fastest form on small problems);
+* :class:`Diffrax`: any explicit Runge-Kutta solver of diffrax (``diffrax.Tsit5()``, ``Dopri5``, ``Dopri8``,
+  ``Bosh3``, ``Heun``, ...), adaptive with a PID step-size controller or on the fixed grid; by name ``tsit5``,
+  ``dopri5``, ``dopri8`` and ``bosh3`` (adaptive).
 
-* fixed-step ``euler`` (notes eq. 2.1.2: ``X_{t+h} = X_t + h u_t(X_t)``), ``midpoint`` and ``heun``
-  (explicit trapezoid), written as a ``lax.scan`` over the time grid (the fastest form on small
-  problems; ``backend="diffrax"`` runs the same methods through diffrax for comparison);
-* adaptive ``tsit5``, ``dopri5``, ``dopri8``, ``bosh3`` through ``diffrax.diffeqsolve`` with a PID
-  step-size controller.
-
-Every result carries the exact number of field evaluations (NFE).
+The step formulas (:func:`euler_step`, :func:`heun_step`, ...) are pure functions of a field ``f(x, t)``, also used
+by the EDM sampler and by consistency distillation's teacher step. The field is the model's velocity, decoded from
+any parameterisation on the path. Grids may run backwards (``t1 < t0``: data to noise).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from jaxgen._checks import check_time
+from jaxgen.samplers.base import Grid, SampleResult, Segment, Solver, register
 
 Array = jax.Array
 
-# Field evaluations per step of each fixed-step method.
-FIXED_STEP_NFE = {"euler": 1, "midpoint": 2, "heun": 2}
-# Adaptive Runge-Kutta methods: diffrax solver name and its number of stages (FSAL: first same as last).
-ADAPTIVE = {"tsit5": ("Tsit5", 7), "dopri5": ("Dopri5", 7), "dopri8": ("Dopri8", 14), "bosh3": ("Bosh3", 4)}
+
+# ---------------------------------------------------------------------------------------------------------
+# Step formulas.
+# ---------------------------------------------------------------------------------------------------------
 
 
-class SampleResult(NamedTuple):
-    """Output of a sampler.
+def _h(x: Array, t, t_next, h):
+    return (t_next - t).astype(x.dtype) if h is None else h
 
-    Attributes:
-      x: the final state at ``t1``, shape of ``x0``.
-      nfe: the number of field evaluations (each on the whole batch).
-      ts: the times of ``trajectory`` (or the time grid of a fixed-step sampler).
-      trajectory: states at ``ts``, shape ``(len(ts),) + x0.shape``, or ``None`` when not requested.
+
+def euler_step(f: Callable, x: Array, t, t_next, *, h=None) -> Array:
+    r"""Euler (notes eq. 2.1.2): ``x + h f(x, t)``, ``h = t_next - t`` (or the given ``h``, e.g. per sample)."""
+    return x + _h(x, t, t_next, h) * f(x, t)
+
+
+def midpoint_step(f: Callable, x: Array, t, t_next, *, h=None) -> Array:
+    r"""Explicit midpoint: ``x + h f(x + h/2 f(x, t), t + h/2)`` (two evaluations, order 2)."""
+    h = _h(x, t, t_next, h)
+    return x + h * f(x + 0.5 * h * f(x, t), t + 0.5 * h)
+
+
+def heun_step(f: Callable, x: Array, t, t_next, *, h=None, k1: Array | None = None) -> Array:
+    r"""Heun (explicit trapezoid): ``x + h/2 (k_1 + f(x + h k_1, t_next))``, ``k_1 = f(x, t)`` (order 2).
+
+    ``t`` and ``t_next`` are passed to ``f`` as they are (any pytree), so the step also integrates in another
+    variable (EDM integrates in ``sigma`` and passes ``h = sigma_next - sigma``). ``k1`` reuses an evaluation
+    the caller already made.
     """
-
-    x: Array
-    nfe: Array | int
-    ts: Array
-    trajectory: Array | None = None
+    h = _h(x, t, t_next, h) if h is None else h
+    k1 = f(x, t) if k1 is None else k1
+    return x + 0.5 * h * (k1 + f(x + h * k1, t_next))
 
 
-def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0) -> Array:
-    """Uniform grid of ``steps + 1`` times from ``t0`` to ``t1``."""
-    if int(steps) < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}.")
-    return jnp.linspace(t0, t1, int(steps) + 1, dtype=jnp.float32)
-
-
-def _bind(field: Callable, cond: dict | None) -> Callable[[Array, Array], Array]:
-    cond = cond or {}
-
-    def f(x, t):
-        tb = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
-        out = field(x, tb, **cond)
-        if getattr(out, "shape", None) != x.shape:
-            raise ValueError(f"the field returned shape {getattr(out, 'shape', None)} for x of shape {tuple(x.shape)}; "
-                             "a vector field must return an array of the same shape as x.")
-        return out
-
-    return f
-
-
-def _resolve_grid(steps, t0, t1, ts) -> Array:
-    if ts is None:
-        check_time(jnp.asarray([t0, t1]), name="(t0, t1)")
-        return time_grid(steps, t0, t1)
-    ts = jnp.asarray(ts, jnp.float32)
-    if ts.ndim != 1 or ts.shape[0] < 2:
-        raise ValueError(f"a time grid must be a 1-D array of at least 2 times, got shape {tuple(ts.shape)}.")
-    check_time(ts, name="time grid")
-    return ts
-
-
-def _fixed_step(method: str, f: Callable, x: Array, t: Array, t_next: Array) -> Array:
-    h = (t_next - t).astype(x.dtype)
-    if method == "euler":
-        return x + h * f(x, t)
-    if method == "midpoint":
-        k1 = f(x, t)
-        return x + h * f(x + 0.5 * h * k1, t + 0.5 * h)
-    # heun: explicit trapezoid
+def rk4_step(f: Callable, x: Array, t, t_next, *, h=None) -> Array:
+    r"""Classical Runge-Kutta (order 4, four evaluations):
+    ``x + h/6 (k_1 + 2 k_2 + 2 k_3 + k_4)`` with ``k_1 = f(x, t)``, ``k_2 = f(x + h/2 k_1, t + h/2)``,
+    ``k_3 = f(x + h/2 k_2, t + h/2)``, ``k_4 = f(x + h k_3, t + h)``."""
+    h = _h(x, t, t_next, h)
     k1 = f(x, t)
-    k2 = f(x + h * k1, t_next)
-    return x + 0.5 * h * (k1 + k2)
+    k2 = f(x + 0.5 * h * k1, t + 0.5 * h)
+    k3 = f(x + 0.5 * h * k2, t + 0.5 * h)
+    k4 = f(x + h * k3, t_next)
+    return x + (h / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
 
-def sample_ode(
-    field: Callable,
-    x0: Array,
-    *,
-    method: str = "euler",
-    steps: int = 100,
-    t0: float = 0.0,
-    t1: float = 1.0,
-    ts: Array | None = None,
-    cond: dict | None = None,
-    save_trajectory: bool = False,
-    final_euler: bool = False,
-    unroll: int | bool = 1,
-    backend: str = "scan",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    max_steps: int = 4096,
-    num_save: int = 101,
-    adjoint: Any = None,
-) -> SampleResult:
-    r"""Integrate ``dx/dt = field(x, t)`` from ``t0`` to ``t1`` starting at ``x0``.
+# ---------------------------------------------------------------------------------------------------------
+# Fixed-step solvers.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _FixedStep(Solver):
+    """A one-step method on the grid, integrating the model's velocity (either direction)."""
+
+    direction: ClassVar[str] = "monotone"
+    formula: ClassVar[Callable] = staticmethod(euler_step)
+
+    def step(self, model, x, inp, key):
+        x = type(self).formula(model.velocity, x, inp["t"], inp["t_next"])
+        return x, x
+
+
+@dataclasses.dataclass(frozen=True)
+class Euler(_FixedStep):
+    """Euler's method (notes eq. 2.1.2), one evaluation per step. NFE = ``steps``."""
+
+    name: ClassVar[str] = "euler"
+    formula: ClassVar[Callable] = staticmethod(euler_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Midpoint(_FixedStep):
+    """The explicit midpoint method, two evaluations per step. NFE = ``2 steps``."""
+
+    name: ClassVar[str] = "midpoint"
+    formula: ClassVar[Callable] = staticmethod(midpoint_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Heun(_FixedStep):
+    """Heun's method (explicit trapezoid), two evaluations per step. NFE = ``2 steps`` (``- 1`` with ``final_euler``).
 
     Args:
-      field: a vector field ``field(x, t, **cond)``, ``t`` of shape ``(B,)``.
-      x0: initial states ``(B, ...)`` (e.g. ``path.sample_prior(key, shape)``).
-      method: ``euler`` | ``midpoint`` | ``heun`` (fixed steps) or ``tsit5`` | ``dopri5`` | ``dopri8`` |
-        ``bosh3`` (adaptive, diffrax).
-      steps: number of fixed steps on a uniform grid (ignored when ``ts`` is given or adaptive).
-      t0, t1: integration interval in ``[0, 1]``; ``t1 < t0`` integrates backwards (data -> noise).
-      ts: explicit (possibly non-uniform) time grid for fixed-step methods.
-      cond: conditioning keywords passed to the field (e.g. ``{"y": labels}``).
-      save_trajectory: return the states at every grid time (fixed) or at ``num_save`` uniform
-        times (adaptive).
-      final_euler: take the last step of ``midpoint``/``heun`` with Euler, so the field is never
-        evaluated at ``t1`` (EDM's Algorithm 1; needed for data/eps predictions converted to a
-        velocity when a path coefficient vanishes at ``t1``). Saves one NFE.
-      unroll: ``lax.scan``'s ``unroll`` for the fixed-step loop (``True``: a straight-line program).
-      backend: ``"scan"`` (hand-written ``lax.scan``) or ``"diffrax"`` for the fixed-step methods.
-      rtol, atol, max_steps: adaptive-step controls (diffrax ``PIDController`` / ``diffeqsolve``).
-      adjoint: diffrax adjoint for gradients through adaptive solves (default
-        ``RecursiveCheckpointAdjoint``, exact gradients of the numerical solution).
-
-    Returns:
-      :class:`SampleResult` with the NFE: ``steps * {1, 2, 2}`` for euler/midpoint/heun (minus one with
-      ``final_euler``); for the adaptive methods ``(stages - 1) * attempted_steps + 1``, counting
-      accepted and rejected steps. That adaptive count is exact unless the *first* step is rejected:
-      diffrax then evaluates ``f(t0)`` again for each rejected first attempt, which the count misses
-      (diffrax's statistics do not record it; the tests check the count with a counting callback).
-
-    Call samplers inside ``jax.jit`` when you call them repeatedly: eagerly, each call traces and
-    compiles its loop anew.
+      final_euler: take the last step with Euler, so the field is never evaluated at ``t1`` (EDM's Algorithm 1;
+        needed for data/eps predictions decoded to a velocity where a path coefficient vanishes at ``t1``).
+        ``None`` (default): for every field that is not a velocity (decoded by the path).
     """
-    method = method.lower()
-    f = _bind(field, cond)
-    if method in FIXED_STEP_NFE:
-        grid = _resolve_grid(steps, t0, t1, ts)
-        n_steps = grid.shape[0] - 1
-        nfe = FIXED_STEP_NFE[method] * n_steps
-        last_euler = final_euler and method != "euler"
-        if backend == "diffrax":
-            if last_euler:
-                raise ValueError("final_euler is only available with backend='scan'.")
-            return _fixed_diffrax(method, f, x0, grid, save_trajectory, nfe)
-        if backend != "scan":
-            raise ValueError(f"unknown backend {backend!r}; use 'scan' or 'diffrax'.")
 
-        def body(x, tt):
-            x_next = _fixed_step(method, f, x, tt[0], tt[1])
-            return x_next, (x_next if save_trajectory else None)
+    name: ClassVar[str] = "heun"
+    formula: ClassVar[Callable] = staticmethod(heun_step)
+    final_euler: bool | None = None
 
-        pairs = jnp.stack([grid[:-1], grid[1:]], axis=1)
-        x, traj = jax.lax.scan(body, x0, pairs[:-1] if last_euler else pairs, unroll=unroll)
-        if last_euler:
-            x = _fixed_step("euler", f, x, grid[-2], grid[-1])
-            nfe -= FIXED_STEP_NFE[method] - 1
-            if save_trajectory:
-                traj = jnp.concatenate([traj, x[None]], axis=0)
-        if save_trajectory:
-            traj = jnp.concatenate([x0[None], traj], axis=0)
-        return SampleResult(x, nfe, grid, traj)
-    if method in ADAPTIVE:
+    def segments(self, model, grid):
+        inp = self.step_inputs(model, grid)
+        final_euler = model.prediction != "velocity" if self.final_euler is None else self.final_euler
+        if not final_euler:
+            return [Segment(self.step, inp)]
+
+        def euler(model, x, inp, key):
+            x = euler_step(model.velocity, x, inp["t"], inp["t_next"])
+            return x, x
+
+        head = jax.tree.map(lambda a: a[:-1], inp)
+        tail = jax.tree.map(lambda a: a[-1:], inp)
+        return [Segment(self.step, head), Segment(euler, tail)]
+
+
+@dataclasses.dataclass(frozen=True)
+class RK4(_FixedStep):
+    """The classical fourth-order Runge-Kutta method, four evaluations per step. NFE = ``4 steps``."""
+
+    name: ClassVar[str] = "rk4"
+    formula: ClassVar[Callable] = staticmethod(rk4_step)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffrax.
+# ---------------------------------------------------------------------------------------------------------
+
+# Adaptive Runge-Kutta methods reachable by name: the diffrax solver class.
+ADAPTIVE = ("tsit5", "dopri5", "dopri8", "bosh3")
+
+
+def diffrax_stages(solver: Any) -> tuple[int, bool]:
+    """``(stages, fsal)`` of an explicit Runge-Kutta solver of diffrax, for exact NFE counts:
+    ``(stages - fsal) * attempted_steps + fsal`` evaluations (verified with a counting field in the tests)."""
+    import diffrax
+
+    if isinstance(solver, diffrax.Euler):
+        return 1, False
+    if isinstance(solver, diffrax.AbstractERK):
+        return int(solver.tableau.num_stages), bool(solver.tableau.fsal)
+    raise ValueError(f"jaxgen counts the field evaluations of explicit Runge-Kutta solvers only (diffrax.Euler or an "
+                     f"AbstractERK such as Tsit5, Dopri5, Heun), got {type(solver).__name__}.")
+
+
+def diffrax_solver(solver: Any):
+    import diffrax
+
+    if isinstance(solver, str):
+        name = {"tsit5": "Tsit5", "dopri5": "Dopri5", "dopri8": "Dopri8", "bosh3": "Bosh3", "euler": "Euler",
+                "heun": "Heun", "midpoint": "Midpoint"}.get(solver.lower())
+        if name is None:
+            raise ValueError(f"unknown diffrax method {solver!r}; use one of {ADAPTIVE} or a diffrax solver object.")
+        return getattr(diffrax, name)()
+    return solver
+
+
+@dataclasses.dataclass(frozen=True)
+class Diffrax(Solver):
+    r"""Any explicit Runge-Kutta solver of diffrax, adaptive or on the grid.
+
+    Args:
+      solver: a diffrax solver (``diffrax.Tsit5()``, ...) or its name (``"tsit5"``, ``"dopri5"``, ``"dopri8"``,
+        ``"bosh3"``).
+      adaptive: a PID step-size controller on ``[t0, t1]`` (``rtol``, ``atol``; ``steps``/``ts`` are not used);
+        ``False`` steps exactly on the grid (``diffrax.StepTo``).
+      rtol, atol: tolerances of the controller.
+      max_steps: diffrax's step limit (a solve that needs more raises).
+      num_save: with ``save_trajectory``, the number of uniformly spaced times saved by an adaptive solve.
+      adjoint: diffrax adjoint for gradients (default ``RecursiveCheckpointAdjoint``: exact gradients of the
+        numerical solution).
+
+    NFE = ``(stages - fsal) * attempted_steps + fsal`` (accepted and rejected steps; exact, checked against a
+    counting field), a traced value for adaptive solves.
+    """
+
+    name: ClassVar[str] = "diffrax"
+    direction: ClassVar[str] = "monotone"
+    solver: Any = "tsit5"
+    adaptive: bool = True
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    max_steps: int = 4096
+    num_save: int = 101
+    adjoint: Any = None
+
+    def takes_steps(self) -> bool:
+        return not self.adaptive
+
+    def grid(self, model, steps, t0, t1, ts):
+        if not self.adaptive:
+            return super().grid(model, steps, t0, t1, ts)
+        if ts is not None or steps is not None:
+            raise ValueError("an adaptive solver chooses its own steps: pass t0/t1 (not steps or ts), or "
+                             "Diffrax(..., adaptive=False) to step on a grid.")
+        lo, hi = self.default_interval(model)
+        t0, t1 = (lo if t0 is None else t0), (hi if t1 is None else t1)
         check_time(jnp.asarray([t0, t1]), name="(t0, t1)")
-        return _adaptive_diffrax(method, f, x0, t0, t1, rtol, atol, max_steps, save_trajectory, num_save, adjoint)
-    raise ValueError(f"unknown ODE method {method!r}; fixed-step: {sorted(FIXED_STEP_NFE)}, adaptive: {sorted(ADAPTIVE)}.")
+        return Grid(jnp.asarray([t0, t1], jnp.float32), float(t0), float(t1))
+
+    def solve(self, model, x0, grid, key, save_trajectory, unroll=1):
+        import diffrax
+
+        solver = diffrax_solver(self.solver)
+        stages, fsal = diffrax_stages(solver)
+        term = diffrax.ODETerm(lambda t, y, args: model.velocity(y, t))
+        kwargs = {} if self.adjoint is None else {"adjoint": self.adjoint}
+        t0, t1 = grid.times[0], grid.times[-1]
+        if self.adaptive:
+            save_ts = jnp.linspace(t0, t1, int(self.num_save), dtype=jnp.float32)
+            controller = diffrax.PIDController(rtol=self.rtol, atol=self.atol)
+            max_steps = int(self.max_steps)
+        else:
+            save_ts = grid.times
+            controller = diffrax.StepTo(ts=grid.times)
+            max_steps = grid.steps
+        saveat = diffrax.SaveAt(ts=save_ts) if save_trajectory else diffrax.SaveAt(t1=True)
+        sol = diffrax.diffeqsolve(term, solver, t0, t1, None, x0, stepsize_controller=controller, saveat=saveat,
+                                  max_steps=max_steps, **kwargs)
+        n = sol.stats["num_steps"] if self.adaptive else grid.steps
+        nfe = (stages - int(fsal)) * n + int(fsal)
+        ts = save_ts if (save_trajectory or not self.adaptive) else grid.times
+        return SampleResult(sol.ys[-1], nfe, ts, sol.ys if save_trajectory else None)
 
 
-def _fixed_diffrax(method, f, x0, grid, save_trajectory, nfe):
-    import diffrax
+for _cls in (Euler, Midpoint, Heun, RK4, Diffrax):
+    register(_cls.name, _cls)
+for _name in ADAPTIVE:
+    register(_name, lambda _n=_name, **kw: Diffrax(solver=_n, **kw))
 
-    solver = {"euler": diffrax.Euler, "midpoint": diffrax.Midpoint, "heun": diffrax.Heun}[method]()
-    term = diffrax.ODETerm(lambda t, y, args: f(y, t))
-    saveat = diffrax.SaveAt(ts=grid) if save_trajectory else diffrax.SaveAt(t1=True)
-    sol = diffrax.diffeqsolve(term, solver, grid[0], grid[-1], None, x0,
-                              stepsize_controller=diffrax.StepTo(ts=grid), saveat=saveat,
-                              max_steps=grid.shape[0] - 1)
-    traj = sol.ys if save_trajectory else None
-    return SampleResult(sol.ys[-1], nfe, grid, traj)
-
-
-def _adaptive_diffrax(method, f, x0, t0, t1, rtol, atol, max_steps, save_trajectory, num_save, adjoint):
-    import diffrax
-
-    name, stages = ADAPTIVE[method]
-    solver = getattr(diffrax, name)()
-    term = diffrax.ODETerm(lambda t, y, args: f(y, t))
-    save_ts = jnp.linspace(t0, t1, num_save, dtype=jnp.float32)
-    saveat = diffrax.SaveAt(ts=save_ts) if save_trajectory else diffrax.SaveAt(t1=True)
-    kwargs = {} if adjoint is None else {"adjoint": adjoint}
-    sol = diffrax.diffeqsolve(term, solver, t0, t1, None, x0,
-                              stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                              saveat=saveat, max_steps=max_steps, **kwargs)
-    n_steps = sol.stats["num_steps"]
-    # f(y0) once, then (stages - 1) new evaluations per attempted step (accepted or rejected); the
-    # initial step-size selection reuses f(y0) and the first trial. Verified against a counting
-    # callback in tests/test_samplers.py.
-    nfe = (stages - 1) * n_steps + 1
-    traj = sol.ys if save_trajectory else None
-    return SampleResult(sol.ys[-1], nfe, save_ts if save_trajectory else jnp.asarray([t0, t1], jnp.float32), traj)
+__all__ = ["Euler", "Midpoint", "Heun", "RK4", "Diffrax", "ADAPTIVE", "euler_step", "midpoint_step", "heun_step",
+           "rk4_step", "diffrax_stages", "diffrax_solver"]

@@ -1,8 +1,8 @@
 r"""UniPC: the unified predictor-corrector sampler (Zhao, Bai, Rao, Zhou, Lu 2023), data-prediction form.
 
-Same setting as :mod:`jaxgen.samplers.diffusion` (read its module docstring first): a Gaussian path
+Same setting as :mod:`jaxgen.samplers.ddim` (read its module docstring first): a Gaussian path
 ``x_t = alpha_t z + beta_t eps`` with t=0 noise and t=1 data, any field parameterisation decoded into the
-data prediction ``z_hat`` by :func:`jaxgen.fields.to_data_and_noise`, and the probability-flow ODE solved in
+data prediction ``z_hat`` by :meth:`jaxgen.samplers.Model.denoise`, and the probability-flow ODE solved in
 the half log-SNR ``lambda_t = log(alpha_t / beta_t)``. Its exact solution from ``s`` to ``t`` in data-prediction
 form (Lu et al. 2022b, eq. 8), Taylor-expanded in ``lambda`` around ``lambda_s`` with ``h = lambda_t - lambda_s``,
 is
@@ -67,12 +67,13 @@ first-order steps cap every order at 2: a DDIM step at an open end (``[0, 1]`` o
 2.05), and the final DDIM step of ``lower_order_final=True`` (local error ``O(h^2)``), whose constant is small
 where ``z_hat`` varies slowly near the data end (no visible effect on the measured slopes above).
 
-Gradients. :func:`unipc` can be differentiated (``jax.grad``) with respect to the field's parameters, ``x0``
+Gradients. :class:`UniPC` can be differentiated (``jax.grad``) with respect to the field's parameters, ``x0``
 and the time grid (a traced ``ts``), also where an end has ``alpha = 0`` or ``beta = 0``, as the samplers of
-:mod:`jaxgen.samplers.diffusion`: the infinite log-SNR there is a constant (derivative 0, no ``0 * inf = NaN``),
+:mod:`jaxgen.samplers.ddim`: the infinite log-SNR there is a constant (derivative 0, no ``0 * inf = NaN``),
 the coefficients are kept non-negative with derivative 1 where they vanish (``jnp.maximum``'s is 1/2), and the
 DDIM weight ``1 - e^{-h}`` of a step with infinite ``h`` is differentiated as
-``1 - alpha_s beta_t / (beta_s alpha_t)``, its exact value as a function of the path's coefficients. The
+``1 - alpha_s beta_t / (beta_s alpha_t)``, its exact value as a function of the path's coefficients
+(:func:`jaxgen.samplers.ddim.ddim_weight`). The
 derivative with respect to the last time where ``beta = 0`` is then the one-sided derivative of the samples,
 when the last step is first order on either side of that end (``lower_order_final=True``, the default, or
 ``order=1``; tested against differences in ``tests/test_unipc.py``); with ``lower_order_final=False`` and
@@ -85,24 +86,21 @@ sense. (The field's own derivative in ``t`` at an end is the field's business.)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import ClassVar
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 
 from jaxgen._checks import is_concrete
-from jaxgen.fields import canonical_prediction
-from jaxgen.paths.gaussian import GaussianPath, as_path
-from jaxgen.samplers.diffusion import (_Grid, _alpha_beta, _check_order, _check_start, _denoiser, _finish,
-                                       _time_grid, log_snr)
-from jaxgen.samplers.ode import SampleResult
+from jaxgen.paths.gaussian import log_snr, log_snr_from_coefficients
+from jaxgen.samplers.base import register
+from jaxgen.samplers.ddim import DiffusionSolver, check_order, ddim_weight
 
 Array = jax.Array
-
-__all__ = ["unipc", "unipc_psi", "unipc_b", "unipc_order_weights", "unipc_weights"]
 
 _VARIANTS = ("bh1", "bh2")
 _PSI_SERIES_BELOW = 1.0  # psi_n by its Taylor series for h below this, by the recursion above it
@@ -221,7 +219,7 @@ def unipc_weights(lambdas: Array, *, order: int, variant: str = "bh2", lower_ord
 
     and ``x^c_{i+1}`` the same with ``w^C`` plus ``w^C_{new} (z_hat_{i+1} - z_hat_i)``.
     """
-    order = _check_order(order, (1, 2, 3), "unipc")
+    order = check_order(order, (1, 2, 3), "unipc")
     _check_variant(variant)
     xp = _xp(lambdas)
     lam = xp.asarray(lambdas, np.float64 if xp is np else jnp.float32)
@@ -274,80 +272,29 @@ def unipc_weights(lambdas: Array, *, order: int, variant: str = "bh2", lower_ord
 # The sampler.
 # ---------------------------------------------------------------------------------------------------------
 
-def _ddim_weight(h: Array, alpha: Array, beta: Array) -> Array:
-    """DDIM's weight ``1 - e^{-h_i}`` of every step of a traced grid (``alpha``, ``beta``: the grid's ``N + 1``
-    coefficients, ``h``: the ``N`` log-SNR increments), the values of :func:`unipc_weights`' ``"ddim"``, but
-    differentiable at an infinite ``h`` (``alpha_i = 0`` or ``beta_{i+1} = 0``), where ``e^{-h}`` is computed as
-    ``alpha_i beta_{i+1} / (beta_i alpha_{i+1})`` (exactly 0 there; in ``lambda`` it would be a constant, of
-    derivative 0): as ``jaxgen.samplers.diffusion.dpm_solver_pp_2m_update`` with ``alpha_s``."""
-    finite = jnp.isfinite(h)
-    den = beta[:-1] * alpha[1:]
-    e_neg_h = alpha[:-1] * beta[1:] / jnp.where(den > 0, den, 1.0)  # double where: no division by 0
-    return jnp.where(finite, -jnp.expm1(-jnp.where(finite, h, 0.0)), 1.0 - e_neg_h)
 
-
-def _log_snr_with_safe_gradient(alpha: Array, beta: Array) -> Array:
-    """``lambda = log(alpha / beta)``, ``-inf`` where ``alpha = 0`` and ``+inf`` where ``beta = 0`` as constants,
-    so that differentiating with respect to a traced grid gives no ``0 * inf = NaN`` at an open end."""
-    a_pos, b_pos = alpha > 0, beta > 0
-    lam = jnp.log(jnp.where(a_pos, alpha, 1.0)) - jnp.log(jnp.where(b_pos, beta, 1.0))
-    return jnp.where(a_pos, jnp.where(b_pos, lam, jnp.inf), -jnp.inf)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_time_grid(path: GaussianPath, steps, t0, t1, spacing: str) -> tuple[_Grid, np.ndarray]:
-    """:func:`_time_grid` of concrete arguments and its log-SNR, run as one small compiled program (evaluated
-    op by op they cost ~1 s per new number of steps; the log-SNR spacing bisects inside it)."""
-    ends = {}
-
-    def build():
-        g = _time_grid(path, steps, t0, t1, None, spacing)  # raises on bad input, with concrete t0, t1
-        ends["first"], ends["last"] = g.first, g.last
-        return g.times, log_snr(path, g.times)
-
+@functools.lru_cache(maxsize=64)
+def _host_log_snr(path, times: bytes, n: int) -> np.ndarray:
+    """``lambda`` of a concrete grid in float64 NumPy (one small compiled program, cached per grid)."""
     with jax.ensure_compile_time_eval():
-        times, lam = jax.jit(build)()
-    return _Grid(times, ends["first"], ends["last"]), np.asarray(lam, np.float64)
+        t = jnp.asarray(np.frombuffer(times, np.float32).reshape(n))
+        return np.asarray(jax.jit(lambda s: log_snr(path, s))(t), np.float64)
 
 
-def _host_grid(path: GaussianPath, steps, t0, t1, ts, spacing: str) -> tuple[_Grid, np.ndarray] | None:
-    """``(grid, lambdas as float64 NumPy)`` when the grid is known at trace time (``steps`` with Python/NumPy
-    ``t0``, ``t1``, or a concrete ``ts``), so that UniPC's coefficients are computed once in NumPy instead
-    of inside every program (XLA compiles their few hundred scalar operations in ~0.5-1 s); ``None`` when
-    the grid is traced (e.g. ``ts`` or ``t0`` is a ``jit`` argument, or differentiated)."""
-    try:
-        if ts is None:
-            if not (is_concrete(t0) and is_concrete(t1)):
-                return None
-            return _cached_time_grid(path, steps, t0, t1, spacing)
-        if not is_concrete(ts):
-            return None
-        with jax.ensure_compile_time_eval():
-            g = _time_grid(path, steps, t0, t1, ts, spacing)
-            lam = jax.jit(functools.partial(log_snr, path))(g.times)
-        return g, np.asarray(lam, np.float64)
-    except TypeError:  # an unhashable path or argument: build the grid inside the program
+def _grid_log_snr(path, times: Array) -> np.ndarray | None:
+    """The grid's log-SNR as float64 NumPy when the grid is known at trace time, else ``None``."""
+    if not is_concrete(times):
         return None
+    arr = np.asarray(times, np.float32)
+    try:
+        return _host_log_snr(path, arr.tobytes(), arr.shape[0])
+    except TypeError:  # an unhashable path
+        with jax.ensure_compile_time_eval():
+            return np.asarray(log_snr(path, jnp.asarray(arr)), np.float64)
 
 
-def unipc(
-    field: Callable,
-    x0: Array,
-    *,
-    path: GaussianPath | str,
-    prediction: str = "velocity",
-    steps: int = 20,
-    order: int = 2,
-    variant: str = "bh2",
-    lower_order_final: bool = True,
-    corrector: bool = True,
-    t0: float | None = None,
-    t1: float | None = None,
-    ts: Array | None = None,
-    spacing: str = "time",
-    cond: dict | None = None,
-    save_trajectory: bool = False,
-) -> SampleResult:
+@dataclasses.dataclass(frozen=True)
+class UniPC(DiffusionSolver):
     r"""UniPC-``order`` multistep sampler (Zhao et al. 2023), data-prediction form, on any Gaussian path.
 
     Each step ``i`` evaluates the field once, at the predicted state ``x~_i``, decodes ``z_hat_i``, applies
@@ -361,75 +308,87 @@ def unipc(
 
     (coefficients and nodes in :func:`unipc_weights` and the module docstring). The last step is not
     corrected: NFE = ``steps``, and the result is ``x~_N``. ``order=1`` with ``corrector=False`` is DDIM;
-    ``order=2, variant="bh2", corrector=False`` is DPM-Solver++(2M) (:func:`~jaxgen.samplers.dpm_solver_pp`).
+    ``corrector=False`` with ``variant="bh2"`` is DPM-Solver++(2M) for ``order=2`` and (3M) for ``order=3``
+    (:class:`~jaxgen.samplers.DPMSolverPP`). The trajectory holds the corrected states at ``t_0 .. t_{N-1}`` and the
+    result at ``t_N``.
 
     Args:
-      field: ``field(x, t, **cond)`` predicting ``prediction`` on ``path``.
-      x0: samples of the path at ``t0``, shape ``(B, ...)``.
-      path: a :class:`~jaxgen.paths.GaussianPath` or schedule name.
-      prediction: ``velocity`` | ``score`` | ``eps`` | ``data`` | ``v`` (or an alias).
-      steps: number of steps (ignored when ``ts`` is given). NFE = ``steps``.
       order: ``p`` in 1..3: UniP-p predictor (order ``p``) + UniC-p corrector (order ``p + 1``).
       variant: ``"bh2"`` (``B(h) = e^h - 1``, default) or ``"bh1"`` (``B(h) = h``).
       lower_order_final: lower the order of the final steps to the number of steps left (the last one is
-        DDIM), whatever the number of steps, as :func:`~jaxgen.samplers.dpm_solver_pp`. It keeps few-step
-        sampling stable where the last steps are long in ``lambda`` (on the VP path's default grid, whose
-        last of 5-10 steps spans ~6 in ``lambda``, UniPC-2's error on a Gaussian mixture is 5x (``bh2``) to
-        40x (``bh1``) larger without it) but caps the global order at 2 (module docstring).
+        DDIM), whatever the number of steps. It keeps few-step sampling stable where the last steps are long in
+        ``lambda`` (on the VP path's default grid, whose last of 5-10 steps spans ~6 in ``lambda``, UniPC-2's error on
+        a Gaussian mixture is 5x (``bh2``) to 40x (``bh1``) larger without it) but caps the global order at 2 (module
+        docstring).
       corrector: apply UniC (default). ``False`` gives the predictor UniP-p alone (global order ``p``).
-      t0, t1, ts, spacing, cond, save_trajectory: as in :func:`~jaxgen.samplers.ddim`. The trajectory holds
-        the corrected states at ``t_0 .. t_{N-1}`` and the result at ``t_N``.
+      spacing: as :class:`~jaxgen.samplers.ddim.DiffusionSolver`.
     """
-    path = as_path(path)
-    prediction = canonical_prediction(prediction)
-    order = _check_order(order, (1, 2, 3), "unipc")
-    _check_variant(variant)
-    _check_flag(lower_order_final, "lower_order_final")
-    _check_flag(corrector, "corrector")
-    host = _host_grid(path, steps, t0, t1, ts, spacing)
-    g, lam = host if host is not None else (_time_grid(path, steps, t0, t1, ts, spacing), None)
-    _check_start(path, prediction, g.first)
-    zeps = _denoiser(field, path, prediction, cond)
-    grid = g.times
-    n = grid.shape[0] - 1
-    dt = x0.dtype
-    # path.coefficients' values, with derivative 1 (not 1/2) where alpha or beta is 0 (module docstring)
-    alpha, beta = _alpha_beta(path, grid)
-    w = unipc_weights(_log_snr_with_safe_gradient(alpha, beta) if lam is None else lam, order=order,
-                      variant=variant, lower_order_final=lower_order_final, corrector=corrector)
-    # a traced grid: DDIM's weight with the derivative of e^{-h} at an infinite h (a grid known at trace time
-    # is not differentiated: its weights are constants)
-    ddim = w["ddim"] if lam is not None else _ddim_weight(w["h"], alpha, beta)
-    hist_len = order  # z_hat_{i-1} .. z_hat_{i-order}: UniC of step i-1 uses up to z_hat_{i-order}
-    shift = lambda a: jnp.concatenate([jnp.zeros_like(a[:1]), a[:-1]])  # step i-1's coefficients at step i
-    inp = {
-        "t": grid[:-1],
-        "alpha_s": alpha[:-1],
-        "ratio": beta[1:] / beta[:-1],          # beta_i > 0 at every step's start
-        "alpha_t": alpha[1:],
-        "ddim": ddim,
-        "pred": w["pred"],
-        "corr_prev": jnp.concatenate([shift(w["corr_new"])[:, None], shift(w["corr"] - w["pred"])], axis=1),
-    }
-    inp = {k: v if k == "t" else v.astype(dt) for k, v in inp.items()}
 
-    def body(carry, c):
+    name: ClassVar[str] = "unipc"
+    default_steps: ClassVar[int] = 20
+    order: int = 2
+    variant: str = "bh2"
+    lower_order_final: bool = True
+    corrector: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_order(self.order, (1, 2, 3), "unipc")
+        _check_variant(self.variant)
+        _check_flag(self.lower_order_final, "lower_order_final")
+        _check_flag(self.corrector, "corrector")
+
+    def init(self, model, x0, grid):
+        return x0, tuple(jnp.zeros_like(x0) for _ in range(int(self.order)))  # z_hat_{i-1} .. z_hat_{i-order}
+
+    def step_inputs(self, model, grid):
+        path = model.path
+        times = grid.times
+        # path.coefficients' values, with derivative 1 (not 1/2) where alpha or beta is 0 (module docstring)
+        alpha, beta = path.schedule.values(times)
+        lam = _grid_log_snr(path, times)
+        w = unipc_weights(log_snr_from_coefficients(alpha, beta) if lam is None else lam, order=self.order,
+                          variant=self.variant, lower_order_final=self.lower_order_final, corrector=self.corrector)
+        # a traced grid: DDIM's weight with the derivative of e^{-h} at an infinite h (a grid known at trace time is
+        # not differentiated: its weights are constants)
+        ddim = w["ddim"] if lam is not None else ddim_weight(w["h"], alpha[:-1], beta[:-1], alpha[1:], beta[1:])
+        shift = lambda a: jnp.concatenate([jnp.zeros_like(a[:1]), a[:-1]])  # step i-1's coefficients at step i
+        return {
+            "t": times[:-1],
+            "alpha_s": alpha[:-1],
+            "ratio": beta[1:] / beta[:-1],          # beta_i > 0 at every step's start
+            "alpha_t": alpha[1:],
+            "ddim": jnp.asarray(ddim),
+            "pred": jnp.asarray(w["pred"]),
+            "corr_prev": jnp.concatenate([shift(jnp.asarray(w["corr_new"]))[:, None],
+                                          shift(jnp.asarray(w["corr"] - w["pred"]))], axis=1),
+        }
+
+    def step(self, model, carry, inp, key):
         x_pred, hist = carry
-        z, _ = zeps(x_pred, c["t"])
+        c = {k: v if k == "t" else jnp.asarray(v).astype(x_pred.dtype) for k, v in inp.items()}
+        z, _ = model.denoise(x_pred, c["t"])
         # UniC-p for the step that ended at t_i (all weights zero at i = 0 or where the corrector is off)
         z_last = hist[0]
         dc = c["corr_prev"][0] * (z - z_last)
-        for k in range(1, hist_len):
+        for k in range(1, int(self.order)):
             dc = dc + c["corr_prev"][k] * (hist[k] - z_last)
         x_corr = x_pred + c["alpha_s"] * dc
         # UniP-p from t_i to t_{i+1}
         dp = c["ddim"] * z
-        for k in range(order - 1):
+        for k in range(int(self.order) - 1):
             dp = dp + c["pred"][k] * (hist[k] - z)
         x_next = c["ratio"] * x_corr + c["alpha_t"] * dp
-        return (x_next, (z,) + hist[:-1]), (x_corr if save_trajectory else None)
+        return (x_next, (z,) + hist[:-1]), x_corr
 
-    hist0 = tuple(jnp.zeros_like(x0) for _ in range(hist_len))
-    (x, _), traj = jax.lax.scan(body, (x0, hist0), inp)
-    traj = traj[1:] if save_trajectory else None  # x^c_0 = x0 comes first in _finish
-    return _finish(x, traj, x0, grid, n, save_trajectory, (), (x,) if save_trajectory else ())
+    def finish(self, model, carry):
+        return carry[0]
+
+    def trajectory(self, x0, records, x):
+        corrected = jnp.concatenate(records, axis=0)[1:]  # x^c_0 = x0 comes first
+        return jnp.concatenate([x0[None], corrected, x[None]], axis=0)
+
+
+register(UniPC.name, UniPC)
+
+__all__ = ["UniPC", "unipc_psi", "unipc_b", "unipc_order_weights", "unipc_weights"]
