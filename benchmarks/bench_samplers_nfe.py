@@ -112,7 +112,7 @@ def bench_2d(args):
     from jaxgen.models import MLPField
     from jaxgen.paths import GaussianPath
     from jaxgen.samplers import ConsistencyMultistep, sample
-    from jaxgen.training import ConsistencyTrainer, Trainer
+    from jaxgen.training import Trainer
 
     path = GaussianPath.from_name("linear")
     tr = Trainer(MLPField(2, width=128, rngs=nnx.Rngs(0)), flow_matching_loss(path), optax.adam(1e-3),
@@ -136,8 +136,8 @@ def bench_2d(args):
     # consistency distillation from the trained field (Heun teacher), 1 and 2 NFE
     sigma_data = float(jnp.std(moons(jax.random.key(7), 4096)))
     cm = ConsistencyFunction(MLPField(2, width=128, rngs=nnx.Rngs(5)), path, sigma_data=sigma_data)
-    ctr = ConsistencyTrainer(cm, consistency_distillation_loss(path, field, num_scales=18, solver="heun"),
-                             optax.adam(1e-3), data=lambda key: moons(key, 256), target_decay=0.95)
+    ctr = Trainer(cm, consistency_distillation_loss(path, field, num_scales=18, solver="heun"), optax.adam(1e-3),
+                  data=lambda key: moons(key, 256), ema_decay=0.95, ema_warmup=False)
     cstate, _ = ctr.fit(ctr.init(0), args.cm_steps, progress=False)
     f = ctr.model(cstate)
     for ts, budget in (((0.0,), 1), ((0.0, 0.5), 2)):

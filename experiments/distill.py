@@ -72,7 +72,7 @@ def _build_trainer(cfg_key: str, teacher_dir: str, teacher_step):
 
     from experiments import images
     from jaxgen.losses import consistency_distillation_loss
-    from jaxgen.training import ConsistencyTrainer
+    from jaxgen.training import Trainer
     from jaxgen.data.images import device_sampler
     from jaxgen.fields import guided_field
 
@@ -88,8 +88,8 @@ def _build_trainer(cfg_key: str, teacher_dir: str, teacher_step):
         else optax.adam(cfg.learning_rate)
     student = build_student(cfg, tcfg, teacher, shape)
     train_set = images.load_dataset(tcfg, "train")
-    trainer = ConsistencyTrainer(student, loss, opt, data=device_sampler(train_set, cfg.batch_size),
-                                 target_decay=cfg.target_decay)
+    trainer = Trainer(student, loss, opt, data=device_sampler(train_set, cfg.batch_size), ema_decay=cfg.target_decay,
+                      ema_warmup=False)
     return trainer, tcfg, teacher, shape, w
 
 
@@ -111,8 +111,7 @@ def distill(cfg: DistillConfig, teacher_dir: str, out: str, *, progress: bool = 
     import jax
 
     from experiments.images import _plot_loss
-    from jaxgen.training import Checkpointer, train_with_checkpoints
-    from jaxgen.training import MetricWriter
+    from jaxgen.training import Checkpointer, Checkpointing, MetricWriter
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -127,9 +126,10 @@ def distill(cfg: DistillConfig, teacher_dir: str, out: str, *, progress: bool = 
 
     with Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=3) as ckpt:
         try:
-            state, losses = train_with_checkpoints(trainer, state, cfg.steps, ckpt, every=cfg.checkpoint_every,
-                                                   chunk=min(cfg.checkpoint_every, 100), progress=progress,
-                                                   callback=on_chunk)
+            state = ckpt.restore(state, missing_ok=True)
+            state, losses = trainer.fit(state, until_step=cfg.steps, chunk=min(cfg.checkpoint_every, 100),
+                                        progress=progress,
+                                        callbacks=[Checkpointing(ckpt, every=cfg.checkpoint_every), on_chunk])
         finally:
             writer.close()
     seconds = time.perf_counter() - t_start

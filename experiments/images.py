@@ -214,12 +214,13 @@ def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
             save_grid(imgs, os.path.join(out, f"samples_step{step:07d}.png"), nrow=8,
                       title=f"step {step}, w = {cfg.eval_guidance}")
 
-    from jaxgen.training import train_with_checkpoints
+    from jaxgen.training import Checkpointing
 
     with Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=cfg.keep_checkpoints) as ckpt:
         try:
-            state, losses = train_with_checkpoints(trainer, state, cfg.steps, ckpt, every=cfg.checkpoint_every,
-                                                   progress=progress, callback=on_chunk)
+            state = ckpt.restore(state, missing_ok=True)
+            state, losses = trainer.fit(state, until_step=cfg.steps, progress=progress,
+                                        callbacks=[Checkpointing(ckpt, every=cfg.checkpoint_every), on_chunk])
         finally:
             writer.close()
     train_seconds = time.perf_counter() - t_start

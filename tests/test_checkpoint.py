@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxgen.training import Checkpointer, train_with_checkpoints
+from jaxgen.training import Checkpointer, Checkpointing
 from jaxgen.data.toy2d import moons
 from jaxgen.losses import flow_matching_loss
 from jaxgen.models import MLPField
@@ -231,8 +231,9 @@ def _child(argv):
         time.sleep(pause)
 
     with Checkpointer(directory, max_to_keep=3) as ckpt:
-        state, _ = train_with_checkpoints(trainer, trainer.init(SEED), NUM_STEPS, ckpt, every=EVERY,
-                                          progress=False, callback=on_chunk)
+        state = ckpt.restore(trainer.init(SEED), missing_ok=True)
+        state, _ = trainer.fit(state, until_step=NUM_STEPS, progress=False,
+                               callbacks=[Checkpointing(ckpt, every=EVERY), on_chunk])
     print(f"DONE {int(state.step)}", flush=True)
 
 
@@ -286,8 +287,9 @@ def test_sigkill_mid_save_and_mid_training_then_resume_matches_an_uninterrupted_
     try:
         # meanwhile, in this process: the uninterrupted reference run (same seed, chunks, checkpoint interval)
         with Checkpointer(tmp_path / "reference") as ref_ckpt:
-            reference, ref_losses = train_with_checkpoints(trainer, trainer.init(SEED), NUM_STEPS, ref_ckpt,
-                                                           every=EVERY, progress=False)
+            reference, ref_losses = trainer.fit(ref_ckpt.restore(trainer.init(SEED), missing_ok=True),
+                                                until_step=NUM_STEPS, progress=False,
+                                                callbacks=[Checkpointing(ref_ckpt, every=EVERY)])
             assert ref_ckpt.all_steps() == [40, 50, 60]
         assert int(reference.step) == NUM_STEPS and ref_losses.shape == (NUM_STEPS,)
         rc = run.wait()
@@ -334,8 +336,8 @@ def test_sigkill_mid_save_and_mid_training_then_resume_matches_an_uninterrupted_
         assert ckpt.latest_step() == NUM_STEPS
         final = ckpt.restore(trainer.init(SEED))
         # a further call finds the run complete and trains nothing
-        done, losses = train_with_checkpoints(trainer, trainer.init(SEED), NUM_STEPS, ckpt, every=EVERY,
-                                              progress=False)
+        done, losses = trainer.fit(ckpt.restore(trainer.init(SEED), missing_ok=True), until_step=NUM_STEPS,
+                                   progress=False, callbacks=[Checkpointing(ckpt, every=EVERY)])
     assert losses.shape == (0,) and int(done.step) == NUM_STEPS
     _assert_same(final, reference, exact=False)  # 1e-6 (bitwise in practice)
     initial = trainer.init(SEED)

@@ -12,11 +12,10 @@ import optax
 from flax import nnx
 
 from jaxgen.fields import consistency_coefficients
-from jaxgen.losses import (consistency_distillation_loss, consistency_times, consistency_training_loss, ct_schedule,
-                           online_target)
+from jaxgen.losses import consistency_distillation_loss, consistency_times, consistency_training_loss, ct_schedule
 from jaxgen.models import ConsistencyFunction
 from jaxgen.samplers import ConsistencyMultistep, Euler, sample
-from jaxgen.training import ConsistencyTrainer
+from jaxgen.training import Trainer
 from jaxgen.fields import as_field
 from jaxgen.metrics import sliced_wasserstein
 from jaxgen.models import MLPField
@@ -156,13 +155,11 @@ def test_invalid_arguments_raise():
         consistency_training_loss(LINEAR, distance="lpips")
     with pytest.raises(ValueError, match="num_scales"):
         consistency_training_loss(LINEAR, num_scales=1)
-    with pytest.raises(ValueError, match="target_decay"):
-        ConsistencyTrainer(_net(), consistency_training_loss(LINEAR), optax.adam(1e-3), target_decay=1.0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        Trainer(_net(), consistency_training_loss(LINEAR), optax.adam(1e-3), ema_decay=1.0)
     with pytest.raises(ValueError, match="t_min"):  # an eps teacher has no velocity at alpha = 0
         consistency_distillation_loss(LINEAR, TEACHER, teacher_prediction="eps")
     consistency_distillation_loss(LINEAR, TEACHER, teacher_prediction="eps", t_min=1e-3)
-    with pytest.raises(ValueError, match="fixed num_scales"):  # the plain Trainer passes no step to a schedule
-        online_target(consistency_training_loss(LINEAR, num_scales=ct_schedule(100)[0]))
 
 
 # -- discretisation, schedule, sampler -------------------------------------------------------
@@ -232,7 +229,7 @@ def test_distillation_loss_vanishes_at_the_exact_flow_map():
 
     @jax.jit
     def losses(batch, key):
-        return heun(exact, None, batch, key), euler(exact, None, batch, key), heun(euler_map, None, batch, key)
+        return heun(exact, batch, key), euler(exact, batch, key), heun(euler_map, batch, key)
 
     l_exact_heun, l_exact_euler, l_euler_map = map(float, losses(_gm_sample(jax.random.key(0), 512), jax.random.key(1)))
     print(f"CD loss: exact map {l_exact_heun:.2e} (Heun teacher), {l_exact_euler:.2e} (Euler teacher); "
@@ -254,7 +251,7 @@ def _pairs(make_loss, batch, key):
     def run(batch, key):
         log = {}
         make_loss(lambda f: _recorder(log, "teacher", f))(
-            _recorder(log, "online", lambda x, t: x), _recorder(log, "target", lambda x, t: x), batch, key)
+            _recorder(log, "online", lambda x, t: x), batch, key, target=_recorder(log, "target", lambda x, t: x))
         return log
     return jax.tree.map(np.asarray, jax.jit(run)(batch, key))
 
@@ -298,8 +295,8 @@ def test_losses_compare_the_online_net_at_the_noisier_time_with_the_target_at_th
     # the target is under stopgrad: target=None differentiates only the online branch
     loss = consistency_training_loss(LINEAR, num_scales=n_scales)
     model = lambda w: (lambda x, t: w * x + t[:, None])
-    g_none, g_frozen = jax.jit(lambda w: (jax.grad(lambda w: loss(model(w), None, z, key))(w),
-                                          jax.grad(lambda w: loss(model(w), model(2.0), z, key))(w)))(2.0)
+    g_none, g_frozen = jax.jit(lambda w: (jax.grad(lambda w: loss(model(w), z, key))(w),
+                                          jax.grad(lambda w: loss(model(w), z, key, target=model(2.0)))(w)))(2.0)
     g_none, g_frozen = float(g_none), float(g_frozen)
     assert g_none == pytest.approx(g_frozen, rel=1e-6) and abs(g_none) > 1e-3
 
@@ -335,9 +332,9 @@ def test_target_network_is_an_ema_of_the_online_weights():
     data = lambda key: 2.0 * jax.random.normal(key, (64, 2))
     kernel = lambda m: m.network.lin.kernel[...]
     # a probe loss: moves the weights (sum), sees the target (gap) and the step (1000 step)
-    probe = lambda m, target, batch, key, step=0: (jnp.sum((kernel(m) - kernel(target)) ** 2) + jnp.sum(kernel(m))
-                                                   + 1000.0 * step)
-    tr = ConsistencyTrainer(f, probe, optax.sgd(1e-2), data=data, target_decay=0.5)
+    probe = lambda m, batch, key, *, target, step: (jnp.sum((kernel(m) - kernel(target)) ** 2) + jnp.sum(kernel(m))
+                                                    + 1000.0 * step)
+    tr = Trainer(f, probe, optax.sgd(1e-2), data=data, ema_decay=0.5, ema_warmup=False)
     s0 = tr.init(0)
     s1, _ = tr.step(s0)
     s2, value = tr.step(s1)
@@ -346,11 +343,16 @@ def test_target_network_is_an_ema_of_the_online_weights():
     online, target = np.asarray(kernel(tr.model(s1))), np.asarray(kernel(tr.model(s1, ema=True)))
     assert np.sum((online - target) ** 2) > 1e-6 and np.max(np.abs(online - np.asarray(kernel(f)))) > 1e-3
     assert float(value) == pytest.approx(np.sum((online - target) ** 2) + np.sum(online) + 1000.0, rel=1e-6)
-    # target=None (mu = 0) is the online network itself; online_target adapts the loss to the plain Trainer
+    # target=None (no EMA: mu = 0) is the online network itself
     loss = consistency_training_loss(LINEAR, num_scales=10)
     batch, key = data(jax.random.key(3)), jax.random.key(4)
-    values = jax.jit(lambda m: (loss(m, None, batch, key), loss(m, m, batch, key), online_target(loss)(m, batch, key)))(f)
-    assert float(values[0]) == float(values[1]) == float(values[2]) > 0
+    values = jax.jit(lambda m: (loss(m, batch, key), loss(m, batch, key, target=m)))(f)
+    assert float(values[0]) == float(values[1]) > 0
+    # without EMA the trainer passes target=None, and a schedule num_scales=f(step) sees the step
+    seen = []
+    steps_probe = lambda m, batch, key, *, target, step: (seen.append(target), jnp.sum(kernel(m)) * 0 + step)[1]
+    plain = Trainer(f, steps_probe, optax.sgd(1e-2), data=data)
+    assert float(plain.step(plain.step(plain.init(0))[0])[1]) == 1.0 and seen[0] is None
 
 
 class _DropoutNet(nnx.Module):
@@ -363,14 +365,18 @@ class _DropoutNet(nnx.Module):
 
 
 def test_trainer_runs_a_dropout_network_with_the_online_masks_in_the_target():
-    """A network in training mode (dropout RNG counters) trains under ConsistencyTrainer; the target applies the
-    online call's dropout masks (the reference implementation restores the RNG state), or none with target_eval."""
+    """A network in training mode (dropout RNG counters) trains with an EMA target; the target applies the online
+    call's dropout masks (the reference implementation restores the RNG state), or none in eval mode (the consistency
+    losses' target_eval)."""
     f = ConsistencyFunction(_DropoutNet(nnx.Rngs(0, dropout=1)), LINEAR)
     x, t = jnp.ones((64, 2)), jnp.full((64,), 0.3)
-    gap = lambda m, target, batch, key, step=0: jnp.sum((m.network(x, t) - target.network(x, t)) ** 2)
     for target_eval in (False, True):
-        tr = ConsistencyTrainer(f, gap, optax.sgd(1e-2), data=lambda key: jnp.zeros((8, 2)), target_decay=0.0,
-                                target_eval=target_eval)
+        def gap(m, batch, key, *, target, target_eval=target_eval):
+            if target_eval:
+                target.eval()
+            return jnp.sum((m.network(x, t) - target.network(x, t)) ** 2)
+
+        tr = Trainer(f, gap, optax.sgd(1e-2), data=lambda key: jnp.zeros((8, 2)), ema_decay=0.0, ema_warmup=False)
         state, value = tr.step(tr.init(0))
         state, value2 = tr.step(state)  # the RNG state has advanced: new masks, still shared
         if target_eval:  # dropout in the online call only
@@ -384,7 +390,7 @@ def test_trainer_runs_a_dropout_network_with_the_online_masks_in_the_target():
 def test_distillation_with_the_oracle_teacher_beats_one_step_euler(exact_map_at_noise):
     f = ConsistencyFunction(_net(0), LINEAR, sigma_data=SIGMA_DATA)
     loss = consistency_distillation_loss(LINEAR, TEACHER, num_scales=18, solver="heun")
-    tr = ConsistencyTrainer(f, loss, optax.adam(1e-3), data=DATA, target_decay=0.95)
+    tr = Trainer(f, loss, optax.adam(1e-3), data=DATA, ema_decay=0.95, ema_warmup=False)
     state, losses = tr.steps(tr.init(0), 800)
     cm = ConsistencyMultistep()
     cd1, cd2, euler1 = jax.jit(lambda m: (sample(m, X0, cm, prediction="data"),
@@ -411,7 +417,7 @@ def test_consistency_training_from_scratch_beats_one_step_euler_of_the_exact_flo
     n_fn, _ = ct_schedule(steps, s0=10, s1=40)
     f = ConsistencyFunction(_net(0), LINEAR, sigma_data=SIGMA_DATA)
     loss = consistency_training_loss(LINEAR, num_scales=n_fn, distance="pseudo_huber")
-    tr = ConsistencyTrainer(f, loss, optax.adam(1e-3), data=DATA, target_decay=0.0)
+    tr = Trainer(f, loss, optax.adam(1e-3), data=DATA, ema_decay=0.0, ema_warmup=False)
     init = tr.init(0)
     state, losses = tr.steps(init, steps)
 
@@ -433,3 +439,25 @@ def test_consistency_training_from_scratch_beats_one_step_euler_of_the_exact_flo
     assert np.mean(losses[-50:]) < 0.5 * np.mean(losses[:50])
     assert e_ct < 0.5 * e_init
     assert sw_ct < 0.45 * sw_euler1
+
+
+def test_consistency_training_with_microbatches_and_bfloat16():
+    """The one trainer runs consistency training with gradient accumulation and mixed precision: the online network,
+    the EMA target and the batch are cast to bfloat16 in the loss, the master weights, the EMA and the loss stay
+    float32, and training makes progress."""
+    seen = []
+    loss = consistency_training_loss(LINEAR, num_scales=10)
+
+    def probe(m, batch, key, *, target, step):
+        seen.append((m.network.layers[0].kernel.dtype, target.network.layers[0].kernel.dtype, batch.dtype))
+        return loss(m, batch, key, target=target, step=step)
+
+    f = ConsistencyFunction(_net(0), LINEAR, sigma_data=SIGMA_DATA)
+    tr = Trainer(f, probe, optax.adam(1e-3), data=DATA, ema_decay=0.9, ema_warmup=False, microbatches=2,
+                 compute_dtype=jnp.bfloat16)
+    state, losses = tr.steps(tr.init(0), 200)
+    assert {tuple(str(d) for d in s) for s in seen} == {("bfloat16", "bfloat16", "bfloat16")}
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves((state.params, state.ema_params)))
+    losses = np.asarray(losses)
+    assert losses.dtype == np.float32 and np.all(np.isfinite(losses))
+    assert losses[-50:].mean() < losses[:50].mean()

@@ -1,27 +1,11 @@
-r"""Sample-quality evaluation with learned features: a digits classifier and pluggable Fréchet distances.
+r"""Evaluation of digit samples with learned features: a digits classifier, guided-label accuracy and a report.
 
-For image models the standard metric is the Fréchet Inception Distance (FID): embed real and generated
-images with a fixed network :math:`\phi`, fit a Gaussian to each feature set and report
-
-.. math::
-
-    \mathrm{FD}_\phi = \|\mu_r - \mu_g\|^2
-        + \operatorname{tr}\!\left(C_r + C_g - 2\left(C_r^{1/2} C_g C_r^{1/2}\right)^{1/2}\right),
-
-(Heusel, Ramsauer, Unterthiner, Nessler & Hochreiter, "GANs trained by a two time-scale update rule
-converge to a local Nash equilibrium", NeurIPS 2017). This module keeps the feature extractor
-pluggable: :func:`frechet_distance_from_features` takes any ``feature_fn(images) -> (B, F)``.
-
-Nothing is downloaded here. For real FID on natural images, supply an Inception-v3 pool3 feature
-function yourself where the weights can be obtained (e.g. a JAX port of the pytorch-fid / TF-GAN
-weights) and pass it as ``feature_fn``; images are channels-last ``(B, H, W, C)`` in ``[-1, 1]``, so
-resize and rescale them inside your ``feature_fn`` as the weights expect.
-
-For the 8x8 scikit-learn digits (used as a small, CPU-friendly image benchmark) the module trains its
-own feature extractor: :class:`DigitsClassifier`, a small MLP whose penultimate layer provides the
-features (a "Fréchet classifier distance") and whose predictions measure how often a class-conditional
-(e.g. guided) sampler produces the requested digit. :func:`load_or_train_digits_classifier` caches the
-trained weights on disk, keyed by a hash of the training data and hyperparameters.
+For the 8x8 scikit-learn digits (a small, CPU-friendly image benchmark) FID's Inception network is replaced by a
+feature extractor trained here: :class:`~jaxgen.models.DigitsClassifier`, a small MLP whose penultimate layer provides
+the features of a Fréchet distance (:func:`jaxgen.metrics.frechet_distance_from_features`) and whose predictions
+measure how often a class-conditional (e.g. guided) sampler produces the requested digit. The classifier is trained
+with :class:`jaxgen.training.Trainer` and cached on disk with :class:`jaxgen.training.Checkpointer`, keyed by a hash of
+the training data and hyperparameters (:func:`load_or_train_digits_classifier`).
 
 Example::
 
@@ -36,7 +20,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +36,6 @@ from jaxgen.models.classifier import DigitsClassifier
 Array = jax.Array
 
 __all__ = [
-    "DigitsClassifier",
     "train_digits_classifier",
     "load_or_train_digits_classifier",
     "default_cache_dir",
@@ -65,7 +47,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the architecture or the training recipe changes, so stale caches are not reused.
-CACHE_VERSION = "digits-mlp-v1"
+CACHE_VERSION = "digits-mlp-v2"  # v2: trained by jaxgen.training.Trainer, cached as a checkpoint
 
 
 # ---------------------------------------------------------------------------
@@ -117,7 +99,7 @@ def train_digits_classifier(
     features: int = 64,
     num_classes: int = 10,
 ) -> DigitsClassifier:
-    r"""Train a :class:`DigitsClassifier` with cross-entropy; all ``steps`` run in one ``lax.scan``.
+    r"""Train a :class:`DigitsClassifier` with cross-entropy by :class:`jaxgen.training.Trainer`.
 
     The training set is held on device and minibatches are drawn inside the compiled program, so
     there is no host traffic: on 2 CPU cores the default 1500 steps take a few seconds. The optimiser
@@ -140,44 +122,41 @@ def train_digits_classifier(
     Returns:
       The trained classifier.
     """
+    trainer, state = _classifier_trainer(train_images, train_labels, steps=steps, batch_size=batch_size,
+                                         learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
+                                         augment=augment, hidden=hidden, features=features, num_classes=num_classes)
+    state, _ = trainer.fit(state, int(steps), progress=False, desc="digits classifier")
+    return trainer.model(state)
+
+
+def _classifier_trainer(train_images, train_labels, *, steps, batch_size, learning_rate, weight_decay, seed, augment,
+                        hidden, features, num_classes):
+    """The classifier's :class:`~jaxgen.training.Trainer` (cross-entropy, AdamW with a cosine-decayed learning rate,
+    minibatches drawn on the device) and its initial state."""
+    from jaxgen.training import Trainer
+
     x, y = _check_data(train_images, train_labels)
     if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{y.min()}, {y.max()}].")
-    steps = int(steps)
     key_init, key_train = jax.random.split(jax.random.key(seed))
-    model = DigitsClassifier(hidden=hidden, features=features, num_classes=num_classes,
-                             image_shape=x.shape[1:], rngs=nnx.Rngs(params=key_init))
-    graphdef, params = nnx.split(model)
-    params, _ = _fit(graphdef, params, jnp.asarray(x), jnp.asarray(y), key_train, steps=steps,
-                     batch_size=int(batch_size), learning_rate=float(learning_rate),
-                     weight_decay=float(weight_decay), augment=bool(augment))
-    return nnx.merge(graphdef, params)
+    model = DigitsClassifier(hidden=hidden, features=features, num_classes=num_classes, image_shape=x.shape[1:],
+                             rngs=nnx.Rngs(params=key_init))
+    xs, ys, n, bs = jnp.asarray(x), jnp.asarray(y), x.shape[0], int(batch_size)
 
+    def data(key):
+        idx = jax.random.randint(key, (bs,), 0, n)
+        return xs[idx], ys[idx]
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "batch_size", "learning_rate",
-                                             "weight_decay", "augment"))
-def _fit(graphdef, params, xs, ys, key, *, steps, batch_size, learning_rate, weight_decay, augment):
-    """All training steps as one program (module-level, so repeated trainings reuse the compilation)."""
-    tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, max(steps, 1)), weight_decay=weight_decay)
-    n = xs.shape[0]
-
-    def loss_fn(p, xb, yb):
-        logits = nnx.merge(graphdef, p)(xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    def step(carry, k):
-        p, opt_state = carry
-        k_idx, k_aug = jax.random.split(jax.random.fold_in(key, k))
-        idx = jax.random.randint(k_idx, (batch_size,), 0, n)
-        xb, yb = xs[idx], ys[idx]
+    def loss(model, batch, key):
+        xb, yb = batch
         if augment:
-            xb = _random_shift(k_aug, xb, 1)
-        value, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), value
+            xb = _random_shift(key, xb, 1)
+        return optax.softmax_cross_entropy_with_integer_labels(model(xb), yb).mean()
 
-    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(steps))
-    return params, losses
+    tx = optax.adamw(optax.cosine_decay_schedule(float(learning_rate), max(int(steps), 1)),
+                     weight_decay=float(weight_decay))
+    trainer = Trainer(model, loss, tx, data=data)
+    return trainer, trainer.init(key_train)
 
 
 # ---------------------------------------------------------------------------
@@ -202,42 +181,6 @@ def _cache_key(x: np.ndarray, y: np.ndarray, hparams: dict[str, Any]) -> str:
     return h.hexdigest()[:32]
 
 
-def _state_leaves(model: nnx.Module) -> tuple[Any, list[Array]]:
-    leaves, treedef = jax.tree.flatten(nnx.state(model))
-    return treedef, leaves
-
-
-def _save_params(model: nnx.Module, path: Path, meta: dict[str, Any]) -> None:
-    _, leaves = _state_leaves(model)
-    arrays = {f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __meta__=np.asarray(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _load_params(model: nnx.Module, path: Path, key: str) -> bool:
-    """Fill ``model`` from ``path``; False (model untouched) if the file is missing, corrupt or mismatched."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["__meta__"]))
-            if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
-                return False
-            treedef, leaves = _state_leaves(model)
-            loaded = [data[f"leaf_{i}"] for i in range(len(leaves))]
-    except Exception:  # noqa: BLE001 - any unreadable cache is simply retrained
-        return False
-    if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(loaded, leaves)):
-        return False
-    nnx.update(model, jax.tree.unflatten(treedef, [jnp.asarray(a) for a in loaded]))
-    return True
-
-
 def load_or_train_digits_classifier(
     train_images: ArrayLike,
     train_labels: ArrayLike,
@@ -245,12 +188,13 @@ def load_or_train_digits_classifier(
     cache_dir: str | os.PathLike | None = None,
     **train_kwargs: Any,
 ) -> DigitsClassifier:
-    """:func:`train_digits_classifier`, with the trained parameters cached on disk.
+    """:func:`train_digits_classifier`, with the trained state cached on disk.
 
-    The cache file is ``<cache_dir>/<key>.npz`` where ``key`` is a SHA-256 hash of the training images
-    and labels (values and shapes), of every training hyperparameter (defaults included) and of
-    :data:`CACHE_VERSION`; a change to any of them trains (and caches) a new classifier instead of
-    reusing a stale one. Files are written atomically; an unreadable or mismatched file is retrained.
+    The cache entry is the checkpoint folder ``<cache_dir>/<key>/`` (:class:`jaxgen.training.Checkpointer`), where
+    ``key`` is a SHA-256 hash of the training images and labels (values and shapes), of every training
+    hyperparameter (defaults included) and of :data:`CACHE_VERSION`; a change to any of them trains (and caches) a
+    new classifier instead of reusing a stale one. Checkpoints are committed atomically; an unreadable or mismatched
+    entry is removed and retrained.
 
     Args:
       train_images, train_labels: as for :func:`train_digits_classifier`.
@@ -262,6 +206,10 @@ def load_or_train_digits_classifier(
       The classifier (loaded from the cache when possible).
     """
     import inspect
+    import shutil
+    import warnings
+
+    from jaxgen.training import Checkpointer
 
     x, y = _check_data(train_images, train_labels)
     sig = inspect.signature(train_digits_classifier)
@@ -272,23 +220,27 @@ def load_or_train_digits_classifier(
     hparams = {**known, **train_kwargs}
     hparams = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in hparams.items()}
     key = _cache_key(x, y, hparams)
-    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = path / f"{key}.npz"
-
-    template = DigitsClassifier(hidden=hparams["hidden"], features=hparams["features"],
-                                num_classes=hparams["num_classes"], image_shape=x.shape[1:], rngs=nnx.Rngs(0))
-    if path.exists() and _load_params(template, path, key):
-        return template
-    model = train_digits_classifier(x, y, **train_kwargs)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    entry = root / key
     meta = {"key": key, "version": CACHE_VERSION, "hparams": hparams, "num_train": int(x.shape[0])}
-    try:
-        _save_params(model, path, meta)
-    except OSError as err:  # a read-only cache location must not break evaluation
-        import warnings
 
-        warnings.warn(f"could not cache the digits classifier in {path.parent} ({err}); it will be retrained "
-                      "next time. Set JAXGEN_CACHE to a writable folder.", stacklevel=2)
-    return model
+    trainer, state = _classifier_trainer(x, y, **hparams)
+    if entry.is_dir():
+        try:
+            with Checkpointer(entry, max_to_keep=1) as ckpt:
+                if ckpt.restore_metadata()["config"] == meta:
+                    return trainer.model(ckpt.restore(state))
+        except Exception:  # noqa: BLE001 - any unreadable cache is retrained
+            pass
+        shutil.rmtree(entry, ignore_errors=True)  # stale or corrupt: replaced below
+    state, _ = trainer.fit(state, int(hparams["steps"]), progress=False, desc="digits classifier")
+    try:
+        with Checkpointer(entry, max_to_keep=1) as ckpt:
+            ckpt.save(state, config=meta, force=True)
+    except Exception as err:  # noqa: BLE001 - a read-only or concurrently written cache must not break evaluation
+        warnings.warn(f"could not cache the digits classifier in {entry} ({err}); it will be retrained next time. "
+                      "Set JAXGEN_CACHE to a writable folder.", stacklevel=2)
+    return trainer.model(state)
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 x0 and v prediction, consistency, rectified flow)."""
 
 from jaxgen.losses.consistency import (consistency_distillation_loss, consistency_times, consistency_training_loss,
-                                       ct_schedule, online_target)
+                                       ct_schedule)
 from jaxgen.losses.rectified import distillation_loss, reflow_loss
 from jaxgen.losses.regression import (data_prediction_loss, denoising_score_matching_loss, flow_matching_loss,
                                       logit_normal_time, marginal_regression_loss, noise_prediction_loss,
@@ -12,5 +12,5 @@ __all__ = [
     "regression_loss", "flow_matching_loss", "denoising_score_matching_loss", "noise_prediction_loss",
     "data_prediction_loss", "v_prediction_loss", "marginal_regression_loss", "with_params", "split_batch",
     "uniform_time", "logit_normal_time", "consistency_distillation_loss", "consistency_training_loss",
-    "consistency_times", "ct_schedule", "online_target", "reflow_loss", "distillation_loss",
+    "consistency_times", "ct_schedule", "reflow_loss", "distillation_loss",
 ]

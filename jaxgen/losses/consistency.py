@@ -18,7 +18,7 @@ The consistency function is :class:`jaxgen.models.ConsistencyFunction` (precondi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +81,7 @@ def ct_schedule(total_steps: int, *, s0: int = 2, s1: int = 150, mu0: float = 0.
 
     so ``N`` grows from ``s0`` to ``s1 + 1`` over ``K = total_steps`` steps. Returns
     ``(num_scales(step), target_decay(step))``, to pass as ``num_scales=`` of the loss and
-    ``target_decay=`` of :class:`ConsistencyTrainer`.
+    ``ema_decay=`` of :class:`jaxgen.training.Trainer` (the EMA target's decay ``mu``).
     """
     if not (int(total_steps) >= 1 and 1 <= s0 <= s1 and 0.0 <= mu0 < 1.0):
         raise ValueError(f"ct_schedule needs total_steps >= 1, 1 <= s0 <= s1 and 0 <= mu0 < 1; got "
@@ -127,7 +127,7 @@ def _num_scales_fn(num_scales):
     return lambda step: jnp.asarray(n, jnp.int32)
 
 
-def _consistency_loss(path, make_pair, *, num_scales, distance, huber_c, rho, t_min, t_end, weighting):
+def _consistency_loss(path, make_pair, *, num_scales, distance, huber_c, rho, t_min, t_end, weighting, target_eval):
     """The shared body: draw ``n``, ``eps``, form the pair, compare online and target."""
     t_min, t_end = _time_range(path, t_min, t_end)
     d = _distance(distance, huber_c)
@@ -136,7 +136,7 @@ def _consistency_loss(path, make_pair, *, num_scales, distance, huber_c, rho, t_
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}.")
 
-    def loss(model, target, batch, key, step=0):
+    def loss(model, batch, key, *, target=None, step=0):
         z, cond = split_batch(batch)
         b = z.shape[0]
         k_n, k_eps = jax.random.split(key)
@@ -147,7 +147,12 @@ def _consistency_loss(path, make_pair, *, num_scales, distance, huber_c, rho, t_
         eps = jax.random.normal(k_eps, z.shape, z.dtype)
         x_n, x_next = make_pair(z, eps, t_n, t_next, cond)
         x_next = jax.lax.stop_gradient(x_next)
-        tgt_model = model if target is None else target
+        if target is None:
+            tgt_model = model
+        else:
+            tgt_model = target
+            if target_eval:
+                tgt_model.eval()  # no dropout in the target
         tgt = jax.lax.stop_gradient(tgt_model(x_next, t_next, **cond))
         out = model(x_n, t_n, **cond)
         per = d(out, tgt)
@@ -155,7 +160,6 @@ def _consistency_loss(path, make_pair, *, num_scales, distance, huber_c, rho, t_
             per = weighting(t_n, t_next) * per
         return jnp.mean(per)
 
-    loss.step_dependent = callable(num_scales)  # read by online_target
     return loss
 
 
@@ -172,6 +176,7 @@ def consistency_distillation_loss(
     t_end: float | None = None,
     weighting: Callable[[Array, Array], Array] | None = None,
     huber_c: float | None = None,
+    target_eval: bool = False,
 ) -> Callable:
     r"""Consistency distillation (Song et al. 2023, Algorithm 2), in jaxgen time.
 
@@ -198,9 +203,15 @@ def consistency_distillation_loss(
       rho: grid exponent of :func:`consistency_times`.
       t_min, t_end: the time range; default the schedule's domain.
       weighting: optional ``lambda(tau_n, tau_{n+1}) -> (B,)`` (default uniform, the paper's choice).
+      target_eval: run the target in evaluation mode (``target.eval()``: no dropout). By default a network in
+        training mode applies dropout in the target too, with the same masks as the online call (the trainer builds
+        the target from the step's RNG state, as Song et al.'s reference code does by restoring the RNG state
+        before the target call).
 
     Returns:
-      ``loss(model, target, batch, key, step=0)``; ``target=None`` uses ``stopgrad(model)``.
+      ``loss(model, batch, key, *, target=None, step=0)``: :class:`jaxgen.training.Trainer` passes the EMA target
+      ``theta^-`` (``ema_decay`` is the paper's ``mu``) and the step; ``target=None`` (no EMA: ``mu = 0``) uses
+      ``stopgrad(model)``.
     """
     path = as_path(path)
     solver = str(solver).lower()
@@ -232,7 +243,7 @@ def consistency_distillation_loss(
         return x_n, x_heun
 
     return _consistency_loss(path, make_pair, num_scales=num_scales, distance=distance, huber_c=huber_c,
-                             rho=rho, t_min=t_min, t_end=t_end, weighting=weighting)
+                             rho=rho, t_min=t_min, t_end=t_end, weighting=weighting, target_eval=target_eval)
 
 
 def consistency_training_loss(
@@ -245,6 +256,7 @@ def consistency_training_loss(
     t_end: float | None = None,
     weighting: Callable[[Array, Array], Array] | None = None,
     huber_c: float | None = None,
+    target_eval: bool = False,
 ) -> Callable:
     r"""Consistency training without a teacher (Song et al. 2023, Algorithm 3), in jaxgen time.
 
@@ -253,9 +265,12 @@ def consistency_training_loss(
     The second is the exact solution of the conditional ODE ``dx/dt = u_t(x | z)`` started at the first,
     which replaces the teacher step by the unbiased one-sample estimate of the marginal velocity
     (the paper's consistency-training estimator). Use ``num_scales=ct_schedule(K)[0]`` for the growing-``N`` curriculum.
+    Other arguments as :func:`consistency_distillation_loss`.
 
     Returns:
-      ``loss(model, target, batch, key, step=0)``; ``target=None`` uses ``stopgrad(model)``.
+      ``loss(model, batch, key, *, target=None, step=0)``: :class:`jaxgen.training.Trainer` passes the EMA target
+      ``theta^-`` (``ema_decay`` is the paper's ``mu``) and the step; ``target=None`` (no EMA: ``mu = 0``) uses
+      ``stopgrad(model)``.
     """
     path = as_path(path)
 
@@ -263,21 +278,8 @@ def consistency_training_loss(
         return path.sample(z, eps, t_n), path.sample(z, eps, t_next)
 
     return _consistency_loss(path, make_pair, num_scales=num_scales, distance=distance, huber_c=huber_c,
-                             rho=rho, t_min=t_min, t_end=t_end, weighting=weighting)
+                             rho=rho, t_min=t_min, t_end=t_end, weighting=weighting, target_eval=target_eval)
 
 
-def online_target(loss: Callable) -> Callable[[Any, Any, Array], Array]:
-    """``loss(model, batch, key)`` with the target ``stopgrad(model)`` (``mu = 0``), for :class:`jaxgen.train.Trainer`.
-
-    A fixed ``num_scales`` is required: the plain trainer does not pass the step (a schedule such as
-    ``ct_schedule(K)[0]`` would stay at ``N(0)``; use :class:`ConsistencyTrainer` with ``target_decay=0.0``).
-    """
-    if getattr(loss, "step_dependent", False):
-        raise ValueError("online_target needs a loss with a fixed num_scales: the plain Trainer does not pass the "
-                         "training step, so a schedule num_scales=f(step) would stay at f(0). Train it with "
-                         "ConsistencyTrainer(model, loss, optimizer, target_decay=0.0) instead.")
-    return lambda model, batch, key: loss(model, None, batch, key)
-
-
-__all__ = ["consistency_times", "ct_schedule", "consistency_distillation_loss", "consistency_training_loss",
-           "online_target", "SOLVERS", "DISTANCES"]
+__all__ = ["consistency_times", "ct_schedule", "consistency_distillation_loss", "consistency_training_loss", "SOLVERS",
+           "DISTANCES"]

@@ -32,23 +32,10 @@ the output is ``sd * F`` (pure network), at t = 1 it is ``x``. ``parameterizatio
 decodes a trained prediction field (``f = alpha_e z_hat + beta_e eps_hat``; see :class:`ConsistencyFunction`),
 so a flow-matching teacher's network is a sensible initial student.
 
-Training (the paper's Algorithms 2 and 3) compares the online network at the *noisier* of two
-neighbouring times ``tau_n < tau_{n+1}`` with a target network (an EMA ``theta^-`` of the online
-weights, with ``stopgrad``) at the *less noisy* one, which is closer to the boundary that anchors it:
-
-.. math:: \mathcal L = \mathbb E\, \lambda\, d\big(f_\theta(x_{\tau_n}, \tau_n),\ f_{\theta^-}(\hat x_{\tau_{n+1}}, \tau_{n+1})\big).
-
-* distillation (CD): ``x_{tau_n} = alpha z + beta eps`` from data, ``hat x_{tau_{n+1}}`` one
-  teacher ODE step (Euler or Heun) towards the data end;
-* training (CT): ``hat x_{tau_{n+1}} = alpha_{tau_{n+1}} z + beta_{tau_{n+1}} eps`` with the same
-  ``eps`` (the exact solution of the conditional ODE: the paper's unbiased CT estimator, sec. 5).
-
-The EMA target does not fit jaxgen's ``loss(model, batch, key)``: consistency losses here have the
-signature ``loss(model, target, batch, key, step=0)`` and :class:`ConsistencyTrainer` (a
-:class:`jaxgen.train.Trainer` whose ``TrainState.ema_params`` *is* ``theta^-``) trains them. With
-``target=None`` the online network under ``stopgrad`` is the target (``mu = 0``, as the improved
-recipe of Song & Dhariwal 2023 recommends); :func:`online_target` then makes a plain
-``loss(model, batch, key)`` for the ordinary :class:`~jaxgen.train.Trainer`.
+Training (the paper's Algorithms 2 and 3; :mod:`jaxgen.losses.consistency`) compares the online network with an
+EMA target ``theta^-``: :class:`jaxgen.training.Trainer` keeps the EMA (``ema_decay`` is the paper's ``mu``, a float
+or a schedule ``step -> mu``) and passes it to the loss as ``target``; without EMA the online network under
+``stopgrad`` is the target (``mu = 0``, as the improved recipe of Song & Dhariwal 2023 recommends).
 """
 
 from __future__ import annotations
@@ -92,7 +79,7 @@ class ConsistencyFunction(nnx.Module):
         ``eps``, ``score`` or ``v``); ignored by ``"edm"``.
 
     Call it as ``f(x, t, **cond)`` with ``t`` of shape ``(B,)`` (or a scalar). The parameters are the
-    network's, so :class:`ConsistencyTrainer` and :class:`jaxgen.train.Trainer` can train it.
+    network's, so :class:`jaxgen.training.Trainer` can train it.
     """
 
     def __init__(self, network: Callable, path: GaussianPath | str, *, sigma_data: float = 0.5,

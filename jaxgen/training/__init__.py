@@ -1,10 +1,11 @@
-"""Training: one compiled trainer, optimizers, checkpoints and metric writers."""
+"""Training: one compiled trainer and one loop for every objective, callbacks, checkpoints, optimizers and metric
+writers."""
 
-from jaxgen.training.checkpoint import Checkpointer, train_with_checkpoints
-from jaxgen.training.consistency import ConsistencyTrainer
+from jaxgen.training.callbacks import Callback, Checkpointing, Every, MetricLogger
+from jaxgen.training.checkpoint import Checkpointer
 from jaxgen.training.metric_writers import MetricWriter, read_jsonl
 from jaxgen.training.optim import adam_with_schedule
-from jaxgen.training.trainer import TrainState, Trainer, ema_update
+from jaxgen.training.trainer import TrainState, Trainer, Update, ema_update
 
-__all__ = ["Trainer", "TrainState", "ema_update", "adam_with_schedule", "Checkpointer", "train_with_checkpoints",
-           "ConsistencyTrainer", "MetricWriter", "read_jsonl"]
+__all__ = ["Trainer", "TrainState", "Update", "ema_update", "adam_with_schedule", "Checkpointer", "Callback",
+           "Checkpointing", "Every", "MetricLogger", "MetricWriter", "read_jsonl"]

@@ -1,4 +1,4 @@
-r"""Crash-safe, resumable checkpoints of a :class:`~jaxgen.train.TrainState` (orbax-checkpoint).
+r"""Crash-safe, resumable checkpoints of a :class:`~jaxgen.training.TrainState` (orbax-checkpoint).
 
 :class:`Checkpointer` wraps ``orbax.checkpoint.CheckpointManager`` (the V0 API with ``ocp.args``) and
 saves the *whole* training state: step, parameters, the model's other state, the optimizer state,
@@ -16,21 +16,22 @@ directories of a killed writer are removed when this process first saves. (Power
 matter: orbax does not ``fsync``; a kill of the process is covered, a crash of the machine may not
 be.) On object stores such as GCS orbax commits with the ``commit_success.txt`` marker instead.
 
-Resuming. :func:`train_with_checkpoints` restores the latest checkpoint (if any) into the state you
-pass as a template, trains in fused chunks with ``trainer.steps`` and saves every ``every`` steps and
-at the end. Step ``k`` of :class:`~jaxgen.train.Trainer` draws its randomness from
-``fold_in(state.key, k)``, and the chunks are cut at *absolute* step numbers (multiples of ``chunk``
-and of ``every``), so a run killed at any time and restarted replays exactly the same compiled
-programs on exactly the same inputs as an uninterrupted run: it ends with bitwise the same
-parameters (on the same hardware and software).
+Resuming. ``checkpointer.restore(template, missing_ok=True)`` restores the latest checkpoint (if any) into
+the state you pass as a template; :meth:`jaxgen.training.Trainer.fit` with ``until_step`` and a
+:class:`~jaxgen.training.Checkpointing` callback then trains to the end, saving every ``every`` steps and at the
+end. Step ``k`` of :class:`~jaxgen.training.Trainer` draws its randomness from ``fold_in(state.key, k)``, and
+``fit`` cuts its chunks at *absolute* step numbers (multiples of ``chunk`` and of ``every``), so a run killed at any
+time and restarted replays exactly the same compiled programs on exactly the same inputs as an uninterrupted run:
+it ends with bitwise the same parameters (on the same hardware and software).
 
 Example::
 
-    from jaxgen.training import Checkpointer, train_with_checkpoints
+    from jaxgen.training import Checkpointer, Checkpointing, Trainer
 
     trainer = Trainer(model, loss, optax.adam(1e-3), data=lambda key: moons(key, 256), ema_decay=0.999)
     with Checkpointer("runs/moons/checkpoints", max_to_keep=3) as ckpt:
-        state, losses = train_with_checkpoints(trainer, trainer.init(0), 10_000, ckpt, every=1000)
+        state = ckpt.restore(trainer.init(0), missing_ok=True)      # resume, or start
+        state, losses = trainer.fit(state, until_step=10_000, callbacks=[Checkpointing(ckpt, every=1000)])
 
     # later, elsewhere: restore into a state of the same model configuration
     with Checkpointer("runs/moons/checkpoints") as ckpt:
@@ -46,13 +47,13 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "train_with_checkpoints"]
+__all__ = ["Checkpointer"]
 
 _FORMAT = "jaxgen.checkpoint/1"
 _TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
@@ -150,7 +151,7 @@ def _listing(lines: list[str]) -> str:
 # -- the checkpointer ---------------------------------------------------------------------------------
 
 class Checkpointer:
-    """Save and restore :class:`~jaxgen.train.TrainState` s in a directory (orbax ``CheckpointManager``).
+    """Save and restore :class:`~jaxgen.training.TrainState` s in a directory (orbax ``CheckpointManager``).
 
     Args:
       directory: the checkpoint folder (made absolute; created if missing). One sub-folder per step.
@@ -267,7 +268,7 @@ class Checkpointer:
 
     def save(self, state: Any, *, metrics: Mapping[str, Any] | None = None, config: Any = None,
              force: bool = False) -> bool:
-        """Save ``state`` (a :class:`~jaxgen.train.TrainState`) as step ``int(state.step)``.
+        """Save ``state`` (a :class:`~jaxgen.training.TrainState`) as step ``int(state.step)``.
 
         Args:
           state: the training state; every leaf is stored, typed PRNG keys as their key data.
@@ -343,8 +344,10 @@ class Checkpointer:
             raise ValueError(f"step {step} in {self.directory} was not written by jaxgen.checkpoint.Checkpointer.")
         return meta
 
-    def restore(self, template_state: Any, step: int | None = None) -> Any:
+    def restore(self, template_state: Any, step: int | None = None, *, missing_ok: bool = False) -> Any:
         """Restore a step (default: the latest) into the structure, shapes and dtypes of ``template_state``.
+
+        With ``missing_ok`` and no checkpoint at all, ``template_state`` is returned (a run that starts).
 
         ``template_state`` is a state of the same model configuration, e.g. ``trainer.init(seed)``
         (or, allocating nothing, ``jax.eval_shape(trainer.init, jax.random.key(seed))``); only its
@@ -352,13 +355,15 @@ class Checkpointer:
         shardings (one device if it has none) and cast to its dtypes, and its keys' PRNG
         implementation re-wraps the stored key data. If the template keeps no EMA
         (``ema_params=None``), stored EMA weights are ignored. Any pytree with a ``step`` works, not
-        only a :class:`~jaxgen.train.TrainState`.
+        only a :class:`~jaxgen.training.TrainState`.
 
         Raises:
           FileNotFoundError: no such checkpoint.
           ValueError: the checkpoint does not fit the template (different shapes or a different tree:
             it was written by another model configuration); the message lists the leaves.
         """
+        if missing_ok and step is None and not self.all_steps():
+            return template_state
         step = self._resolve(step)
         meta = self.restore_metadata(step)
         saved: dict[str, dict] = meta["leaves"]
@@ -436,95 +441,3 @@ def _jaxgen_version() -> str:
         return str(__version__)
     except Exception:  # pragma: no cover
         return "unknown"
-
-
-# -- resumable training ---------------------------------------------------------------------------
-
-def train_with_checkpoints(
-    trainer,
-    state,
-    num_steps: int,
-    checkpointer: Checkpointer,
-    *,
-    every: int,
-    chunk: int | None = None,
-    progress: bool = True,
-    callback: Callable[[Any, np.ndarray], None] | None = None,
-    config: Any = None,
-    metrics_fn: Callable[[Any], Mapping[str, Any]] | None = None,
-):
-    """Train to step ``num_steps``, resuming from the latest checkpoint and saving every ``every`` steps.
-
-    If ``checkpointer`` holds a checkpoint, it is restored with ``state`` as the template (so ``state``
-    is typically ``trainer.init(seed)``); training then continues from its step. ``num_steps`` is the
-    *total* step count to reach (``state.step == num_steps`` at the end), not an increment, so running
-    the same call again after a crash, a kill or a pre-emption picks up where the last checkpoint left
-    off and does nothing once the run is complete.
-
-    Steps run fused (``trainer.steps``) in chunks cut at absolute step numbers that are multiples of
-    ``chunk`` or of ``every`` (default ``chunk = every``). Since step ``k`` uses ``fold_in(key, k)`` and
-    a checkpoint is always at a chunk boundary, a resumed run executes the same programs on the same
-    inputs as an uninterrupted one and reaches bitwise the same parameters. Keep ``every`` a multiple
-    of ``chunk`` so that a single chunk length is compiled (other combinations are correct too but
-    compile one program per distinct length), and compare interrupted and uninterrupted runs at the
-    same ``chunk``/``every``: fused programs of different lengths may differ in the last bits.
-
-    A checkpoint is saved (``force=True``: ``every`` decides, not the checkpointer's
-    ``save_interval_steps``) whenever the step reaches a multiple of ``every`` and at the end, with
-    ``metrics={"loss": mean loss since the previous save, **metrics_fn(state)}`` and ``config``.
-    After every chunk the losses come back to the host; a non-finite loss raises
-    ``FloatingPointError`` with the last good state in ``error.state`` (the checkpoints are kept).
-    ``callback(state, chunk_losses)`` runs after every chunk (and after that chunk's save). Pending
-    saves are awaited before returning (or raising).
-
-    Returns:
-      ``(state, losses)``: the final state and the losses of the steps run *by this call* (a resumed
-      run does not have the losses of the steps before its checkpoint).
-    """
-    from tqdm.auto import tqdm
-
-    num_steps, every = int(num_steps), int(every)
-    chunk = every if chunk is None else int(chunk)
-    if every < 1 or chunk < 1:
-        raise ValueError(f"every and chunk must be >= 1, got every={every}, chunk={chunk}.")
-
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state)
-    start = int(state.step)
-    losses: list[np.ndarray] = []
-    since_save: list[np.ndarray] = []
-    step = start
-    bar = tqdm(total=num_steps, initial=min(start, num_steps), desc="train", disable=not progress, unit="step",
-               dynamic_ncols=True)
-    try:
-        while step < num_steps:
-            nxt = min(num_steps, (step // chunk + 1) * chunk, (step // every + 1) * every)
-            n = nxt - step
-            new_state, chunk_losses = trainer.steps(state, n)
-            chunk_losses = np.asarray(chunk_losses)
-            if not np.all(np.isfinite(chunk_losses)):
-                bad = step + int(np.argmax(~np.isfinite(chunk_losses)))
-                err = FloatingPointError(
-                    f"the loss became {chunk_losses[~np.isfinite(chunk_losses)][0]} at step {bad}; training stopped "
-                    f"and the last good state (step {step}) is kept (the latest checkpoint is step "
-                    f"{checkpointer.latest_step()}). Lower the learning rate, add gradient clipping "
-                    "(optax.clip_by_global_norm), or check the data for NaN/inf.")
-                err.state = state
-                raise err
-            state, step = new_state, nxt
-            losses.append(chunk_losses)
-            since_save.append(chunk_losses)
-            bar.update(n)
-            bar.set_postfix(loss=f"{float(np.mean(chunk_losses[-min(50, n):])):.4f}")
-            if step % every == 0 or step == num_steps:
-                metrics = {"loss": float(np.mean(np.concatenate(since_save)))}
-                if metrics_fn is not None:
-                    metrics.update(metrics_fn(state))
-                checkpointer.save(state, metrics=metrics, config=config, force=True)
-                since_save = []
-            if callback is not None:
-                callback(state, chunk_losses)
-    finally:
-        bar.close()
-        checkpointer.wait()
-    return state, (np.concatenate(losses) if losses else np.zeros((0,), np.float32))

@@ -1,27 +1,37 @@
-r"""Training: an optax trainer whose step, or N fused steps, is one XLA program.
+r"""Training: one trainer whose step, or N fused steps, is one XLA program, and one loop around it.
 
-The model is split once into ``(graphdef, params, rest)`` (Flax NNX); the compiled step is a pure
-function of a :class:`TrainState` pytree, so it can be ``jit``-ed, ``lax.scan``-ned over many steps,
-sharded, and checkpointed with orbax as plain arrays. Data can be sampled *inside* the compiled step
-(``data(key) -> batch``, e.g. a synthetic distribution or a dataset held on device), which removes
-all host traffic, or passed in per step.
+The model is split once into ``(graphdef, params, rest)`` (Flax NNX); the compiled step is a pure function of a
+:class:`TrainState` pytree, so it can be ``jit``-ed, ``lax.scan``-ned over many steps, sharded, and checkpointed
+with orbax as plain arrays. Data can be sampled *inside* the compiled step (``data(key) -> batch``, e.g. a synthetic
+distribution or a dataset held on device), which removes all host traffic, or passed in per step.
 
-Randomness is reproducible and resumable: step ``k`` uses ``fold_in(state.key, k)``, so a run
-restarted from a checkpoint at step ``k`` continues exactly as an uninterrupted run.
+Every objective plugs into the same step:
+
+* a loss ``loss(model, batch, key) -> scalar`` (any :mod:`jaxgen.losses` loss);
+* a loss that asks for more by keyword: ``step=`` (the step number, for curricula), ``target=`` (the EMA model
+  ``theta^-`` under ``stopgrad``, e.g. consistency models; ``None`` without EMA) and ``state=`` (the objective's own
+  state carried in :attr:`TrainState.aux`, e.g. an EBM's replay buffer of Langevin negatives; the loss then returns
+  ``(value, new_state)`` and provides ``loss.init_state(key)``);
+* several :class:`Update` s taking turns in one step, each with its own loss, parameters and optimizer (a GAN's
+  critic and generator).
+
+Randomness is reproducible and resumable: step ``k`` uses ``fold_in(state.key, k)``, so a run restarted from a
+checkpoint at step ``k`` continues exactly as an uninterrupted run.
 
 Example::
 
     model = MLPField(2, rngs=nnx.Rngs(0))
     trainer = Trainer(model, flow_matching_loss("linear"), optax.adam(1e-3),
                       data=lambda key: moons(key, 256), ema_decay=0.999)
-    state = trainer.init(jax.random.key(0))
-    state, losses = trainer.fit(state, 5000)          # fused chunks + progress bar + NaN guard
+    state, losses = trainer.fit(trainer.init(0), 5000)     # fused chunks + progress bar + NaN guard
     model = trainer.model(state, ema=True)
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
+import inspect
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import jax
@@ -31,6 +41,8 @@ from flax import nnx
 
 Array = jax.Array
 
+_CONTEXT = ("step", "target", "state")
+
 
 class TrainState(NamedTuple):
     """Everything a run needs to continue: a pytree of arrays.
@@ -39,9 +51,10 @@ class TrainState(NamedTuple):
       step: number of optimizer steps taken (int32 scalar).
       params: the model's ``nnx.Param`` state.
       rest: the model's other state (e.g. dropout RNG counters, batch statistics).
-      opt_state: the optax state.
+      opt_state: the optax state (a dict of states, one per :class:`Update`, for several updates).
       ema_params: exponential moving average of ``params`` (same structure), or ``None``.
       key: the run's base PRNG key (step ``k`` uses ``fold_in(key, k)``).
+      aux: the objective's own state (e.g. a replay buffer), or ``None``.
     """
 
     step: Array
@@ -50,6 +63,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     ema_params: Any
     key: Array
+    aux: Any = None
 
 
 def ema_update(ema: Any, params: Any, decay: float | Array) -> Any:
@@ -57,55 +71,87 @@ def ema_update(ema: Any, params: Any, decay: float | Array) -> Any:
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """One gradient update of a training step: minimise ``loss`` over the parameters that ``params`` selects (an NNX
+    filter, e.g. ``nnx.PathContains("critic")``) with the optimizer named ``optimizer`` (a key of the trainer's
+    optimizer dict), ``repeats`` times. Updates run in order, each on the parameters the previous ones left (e.g.
+    five critic updates, then one generator update: WGAN's ``n_critic = 5``). The loss takes the same keywords as a
+    single objective's."""
+
+    loss: Callable
+    params: Any = nnx.Param
+    optimizer: str = "default"
+    repeats: int = 1
+    name: str | None = None
+
+
+def _accepts(fn: Callable) -> frozenset:
+    """The context keywords (``step``, ``target``, ``state``) that a loss accepts."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return frozenset(_CONTEXT)
+    return frozenset(k for k in _CONTEXT if k in params)
+
+
 class Trainer:
-    """Compiled training of a Flax NNX field with any jaxgen loss.
+    """Compiled training of a Flax NNX model with any objective.
 
     Args:
       model: an ``nnx.Module`` (its current values are the initial parameters).
-      loss_fn: ``loss_fn(model, batch, key) -> scalar`` (any :mod:`jaxgen.losses` loss).
-      optimizer: an ``optax.GradientTransformation`` (compose clipping and schedules with ``optax.chain``).
+      objective: a loss ``loss(model, batch, key, **context) -> scalar`` (module docstring), or a sequence of
+        :class:`Update` s.
+      optimizer: an ``optax.GradientTransformation`` (compose clipping and schedules with ``optax.chain``), or a dict
+        ``{name: transformation}`` for the updates' optimizers.
       data: optional ``data(key) -> batch`` sampled inside the compiled step.
-      ema_decay: decay of the EMA of the weights, or ``None`` for no EMA.
-      ema_warmup: if True, use ``min(decay, (1 + step) / (10 + step))`` so early averages are not
-        dominated by the random initialisation.
-      compute_dtype: mixed precision, e.g. ``jnp.bfloat16``: the forward and backward passes run with
-        parameters and floating-point inputs cast to this dtype, while the master weights, the
-        optimizer state, the EMA and the loss stay in float32.
-      fuse_steps: run :meth:`steps` as one ``lax.scan`` program (default). With ``False`` it dispatches
-        the jitted single step ``num_steps`` times (asynchronously, without host syncs); both give the
-        same result. Fusing is the faster form, with one caveat on CPU: XLA:CPU runs native
-        convolutions (``lax.conv_general_dilated``) inside a loop body through a much slower path
-        (a digits U-Net with them trained at 0.21 steps/s fused against 4.3 unfused).
-        :class:`jaxgen.models.UNetField` therefore computes its convolutions as matrix products on CPU
-        (7-8 steps/s fused); pass ``False`` for other convolutional models on CPU.
-      microbatches: split each batch into this many equal microbatches and accumulate their gradients
-        in a ``lax.scan`` inside the step (gradient accumulation): the update is the one of the full
-        batch, since every jaxgen loss is a mean over equal-size microbatches, with the loss's
-        randomness drawn per microbatch (``fold_in(key, i)``). Use it to fit a large batch in memory
-        (activations are kept for one microbatch at a time). The batch size must be divisible by
-        ``microbatches``.
+      ema_decay: decay of the EMA of the weights: a float in ``[0, 1)``, a function ``step -> decay`` (e.g. a
+        consistency model's target schedule), or ``None`` for no EMA. The EMA is updated after the optimizer step,
+        with the new parameters.
+      ema_warmup: if True (and ``ema_decay`` is a float), use ``min(decay, (1 + step) / (10 + step))`` so early
+        averages are not dominated by the random initialisation.
+      compute_dtype: mixed precision, e.g. ``jnp.bfloat16``: the forward and backward passes run with parameters
+        (the EMA target's too) and floating-point inputs cast to this dtype, while the master weights, the optimizer
+        state, the EMA and the loss stay in float32.
+      fuse_steps: run :meth:`steps` as one ``lax.scan`` program (default). With ``False`` it dispatches the jitted
+        single step ``num_steps`` times (asynchronously, without host syncs); both give the same result. Fusing is
+        the faster form, with one caveat on CPU: XLA:CPU runs native convolutions (``lax.conv_general_dilated``)
+        inside a loop body through a much slower path (a digits U-Net with them trained at 0.21 steps/s fused
+        against 4.3 unfused). :class:`jaxgen.models.UNetField` therefore computes its convolutions as matrix
+        products on CPU (7-8 steps/s fused); pass ``False`` for other convolutional models on CPU.
+      microbatches: split each batch into this many equal microbatches and accumulate their gradients in a
+        ``lax.scan`` inside the step (gradient accumulation): the update is the one of the full batch, since every
+        jaxgen loss is a mean over equal-size microbatches, with the loss's randomness drawn per microbatch
+        (``fold_in(key, i)``). Use it to fit a large batch in memory (activations are kept for one microbatch at a
+        time). The batch size must be divisible by ``microbatches``.
     """
 
     def __init__(
         self,
         model: nnx.Module,
-        loss_fn: Callable,
-        optimizer: optax.GradientTransformation,
+        objective: Callable | Sequence[Update],
+        optimizer: optax.GradientTransformation | dict[str, optax.GradientTransformation],
         *,
         data: Callable[[Array], Any] | None = None,
-        ema_decay: float | None = None,
+        ema_decay: float | Callable[[Array], Array] | None = None,
         ema_warmup: bool = True,
         compute_dtype: Any = None,
         fuse_steps: bool = True,
         microbatches: int = 1,
     ):
-        if not isinstance(microbatches, int) or microbatches < 1:
+        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
             raise ValueError(f"microbatches must be a positive int, got {microbatches!r}.")
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
+        if ema_decay is not None and not callable(ema_decay) and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (or a function step -> decay), got {ema_decay}.")
+        if compute_dtype is not None and not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
+            raise ValueError(f"compute_dtype must be a floating-point dtype (e.g. jnp.bfloat16), got {compute_dtype!r}.")
+        self.updates = self._updates(objective, optimizer)
+        self.optimizers = optimizer if isinstance(optimizer, dict) else {"default": optimizer}
+        self.multi = len(self.updates) > 1 or isinstance(optimizer, dict)
         self.graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
-        self.loss_fn = loss_fn
-        self.optimizer = optimizer
+        self.loss_fn = self.updates[0].loss if len(self.updates) == 1 else None
         self.data = data
         self.ema_decay = ema_decay
         self.ema_warmup = ema_warmup
@@ -115,14 +161,55 @@ class Trainer:
         self.step = jax.jit(self._step)
         self._steps = jax.jit(self._scan, static_argnums=1)
 
-    # -- state -------------------------------------------------------------------------------
+    @staticmethod
+    def _updates(objective, optimizer) -> tuple[Update, ...]:
+        if callable(objective) and not isinstance(objective, Update):
+            updates = (Update(objective),)
+        else:
+            updates = tuple(objective)
+            if not updates or not all(isinstance(u, Update) for u in updates):
+                raise ValueError("objective must be a loss loss(model, batch, key) or a non-empty sequence of "
+                                 "jaxgen.training.Update.")
+        names = set(optimizer) if isinstance(optimizer, dict) else {"default"}
+        used = [u.optimizer for u in updates]
+        if len(set(used)) != len(used):
+            raise ValueError(f"every update needs its own optimizer (its own optimizer state), got {used}: pass "
+                             "optimizer={name: optax transformation, ...} with one name per update.")
+        for u in updates:
+            if u.optimizer not in names:
+                raise ValueError(f"an update uses the optimizer {u.optimizer!r}, but the trainer has {sorted(names)}: "
+                                 "pass optimizer={name: optax transformation, ...} with every update's optimizer.")
+            if isinstance(u.repeats, bool) or not isinstance(u.repeats, int) or u.repeats < 1:
+                raise ValueError(f"an update's repeats must be a positive int, got {u.repeats!r}.")
+        stateful = [u for u in updates if "state" in _accepts(u.loss)]
+        if len(stateful) > 1:
+            raise ValueError("at most one update's loss may carry the objective state (state=...).")
+        return updates
+
+    # -- state -------------------------------------------------------------------------------------------
+    def _subset(self, params, update: Update):
+        return nnx.filter_state(params, update.params) if update.params is not nnx.Param else params
+
     def init(self, key: Array | int) -> TrainState:
         """Initial state from the model's parameters and a PRNG key (or an integer seed)."""
         if isinstance(key, int):
             key = jax.random.key(key)
         params = jax.tree.map(jnp.asarray, self._params)
         ema = jax.tree.map(jnp.copy, params) if self.ema_decay is not None else None
-        return TrainState(jnp.zeros((), jnp.int32), params, self._rest, self.optimizer.init(params), ema, key)
+        if self.multi:
+            opt_state = {}
+            for u in self.updates:
+                if u.optimizer not in opt_state:
+                    opt_state[u.optimizer] = self.optimizers[u.optimizer].init(self._subset(params, u))
+        else:
+            opt_state = self.optimizers["default"].init(params)
+        aux = None
+        for u in self.updates:
+            if "state" in _accepts(u.loss):
+                if not hasattr(u.loss, "init_state"):
+                    raise ValueError("a loss that takes state= must provide loss.init_state(key) -> initial state.")
+                aux = u.loss.init_state(jax.random.fold_in(key, 0xFFFFFFFF))  # a key no step k uses
+        return TrainState(jnp.zeros((), jnp.int32), params, self._rest, opt_state, ema, key, aux)
 
     def model(self, state: TrainState, *, ema: bool = False) -> nnx.Module:
         """The NNX module holding the state's parameters (or their EMA)."""
@@ -130,17 +217,36 @@ class Trainer:
             raise ValueError("this trainer keeps no EMA (ema_decay=None); call model(state) without ema=True.")
         return nnx.merge(self.graphdef, state.ema_params if ema else state.params, state.rest)
 
-    def loss(self, params: Any, rest: Any, batch: Any, key: Array) -> tuple[Array, Any]:
-        """The loss at ``params`` and the module's updated non-parameter state."""
-        if self.compute_dtype is not None:
-            cast = lambda v: v.astype(self.compute_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
-            params, batch = jax.tree.map(cast, params), jax.tree.map(cast, batch)
-        model = nnx.merge(self.graphdef, params, rest)
-        value = self.loss_fn(model, batch, key).astype(jnp.float32)
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        return value, new_rest
+    # -- the loss -----------------------------------------------------------------------------------------
+    def _cast(self, tree):
+        if self.compute_dtype is None:
+            return tree
+        cast = lambda v: v.astype(self.compute_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+        return jax.tree.map(cast, tree)
 
-    # -- compiled steps ----------------------------------------------------------------------
+    def loss(self, params: Any, rest: Any, batch: Any, key: Array, *, loss_fn: Callable | None = None,
+             step: Array | None = None, ema_params: Any = None, aux: Any = None) -> tuple[Array, tuple[Any, Any]]:
+        """The loss at ``params``: ``(value, (the module's updated non-parameter state, the new objective state))``."""
+        loss_fn = self.loss_fn if loss_fn is None else loss_fn
+        wants = _accepts(loss_fn)
+        params, batch = self._cast(params), self._cast(batch)
+        model = nnx.merge(self.graphdef, params, rest)
+        kwargs = {}
+        if "step" in wants:
+            kwargs["step"] = jnp.zeros((), jnp.int32) if step is None else step
+        if "target" in wants:
+            # Built at this trace level: a stateful network (dropout RNG counters) may only be mutated where it was
+            # traced. Its own copy of `rest`: the same dropout masks as the online call.
+            kwargs["target"] = None if ema_params is None else nnx.merge(
+                self.graphdef, self._cast(jax.lax.stop_gradient(ema_params)), jax.tree.map(lambda v: v, rest))
+        if "state" in wants:
+            kwargs["state"] = aux
+        out = loss_fn(model, batch, key, **kwargs)
+        value, new_aux = out if "state" in wants else (out, aux)
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return jnp.asarray(value).astype(jnp.float32), (new_rest, new_aux)
+
+    # -- compiled steps ----------------------------------------------------------------------------------
     def _batch_and_loss_key(self, state: TrainState, batch: Any) -> tuple[Any, Array]:
         """The step's batch (sampled with ``data`` when not given) and the loss's key, from ``fold_in(key, step)``."""
         key = jax.random.fold_in(state.key, state.step)
@@ -152,30 +258,25 @@ class Trainer:
             batch = self.data(k_data)
         return batch, k_loss
 
-    def _step(self, state: TrainState, batch: Any = None) -> tuple[TrainState, Array]:
-        batch, k_loss = self._batch_and_loss_key(state, batch)
-        # Differentiate with respect to (params, rest) and keep the params' gradient: stateful modules
-        # (dropout RNG counters) must be traced at the level where they are mutated, which a closed-over
-        # `rest` is not. Integer/key leaves get float0 gradients (allow_int), which XLA drops.
-        value_and_grad = jax.value_and_grad(
-            lambda pr, b, k: self.loss(pr[0], pr[1], b, k), has_aux=True, allow_int=True
-        )
-        if self.microbatches == 1:
-            (value, rest), (grads, _) = value_and_grad((state.params, state.rest), batch, k_loss)
-        else:
-            value, rest, grads = self._accumulate(value_and_grad, state.params, state.rest, batch, k_loss)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None:
-            decay = self.ema_decay
-            if self.ema_warmup:
-                s = state.step.astype(jnp.float32)
-                decay = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
-            ema = ema_update(ema, params, decay)
-        return TrainState(state.step + 1, params, rest, opt_state, ema, state.key), value
+    def _value_and_grad(self, update: Update, params, rest, batch, key, step, ema_params, aux):
+        """Loss, updated ``rest``/``aux`` and the gradient with respect to the update's parameters."""
+        whole = update.params is nnx.Param
 
-    def _accumulate(self, value_and_grad, params, rest, batch, key):
+        def f(train, rest, b, k, aux):
+            full = train if whole else nnx.merge_state(params, train)
+            return self.loss(full, rest, b, k, loss_fn=update.loss, step=step, ema_params=ema_params, aux=aux)
+
+        # Differentiate with respect to (params, rest) and keep the params' gradient: stateful modules (dropout RNG
+        # counters) must be traced at the level where they are mutated, which a closed-over `rest` is not.
+        # Integer/key leaves get float0 gradients (allow_int), which XLA drops.
+        vg = jax.value_and_grad(lambda pr, b, k, a: f(pr[0], pr[1], b, k, a), has_aux=True, allow_int=True)
+        train = params if whole else nnx.filter_state(params, update.params)
+        if self.microbatches == 1:
+            (value, (rest, aux)), (grads, _) = vg((train, rest), batch, key, aux)
+            return value, rest, aux, grads
+        return self._accumulate(vg, train, rest, batch, key, aux)
+
+    def _accumulate(self, vg, train, rest, batch, key, aux):
         """Mean loss and gradient over ``self.microbatches`` equal slices of ``batch`` (a ``lax.scan``)."""
         k = self.microbatches
         sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree.leaves(batch)}
@@ -185,22 +286,58 @@ class Trainer:
         split = jax.tree.map(lambda a: a.reshape((k, a.shape[0] // k) + a.shape[1:]), batch)
 
         def body(carry, inputs):
-            rest, value_sum, grad_sum = carry
+            rest, aux, value_sum, grad_sum = carry
             micro, i = inputs
-            (value, rest), (grads, _) = value_and_grad((params, rest), micro, jax.random.fold_in(key, i))
-            return (rest, value_sum + value, jax.tree.map(jnp.add, grad_sum, grads)), None
+            (value, (rest, aux)), (grads, _) = vg((train, rest), micro, jax.random.fold_in(key, i), aux)
+            return (rest, aux, value_sum + value, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (rest, value_sum, grad_sum), _ = jax.lax.scan(
-            body, (rest, jnp.zeros((), jnp.float32), zeros), (split, jnp.arange(k)))
-        return value_sum / k, rest, jax.tree.map(lambda g: g / k, grad_sum)
+        zeros = jax.tree.map(jnp.zeros_like, train)
+        (rest, aux, value_sum, grad_sum), _ = jax.lax.scan(
+            body, (rest, aux, jnp.zeros((), jnp.float32), zeros), (split, jnp.arange(k)))
+        return value_sum / k, rest, aux, jax.tree.map(lambda g: g / k, grad_sum)
+
+    def _ema_decay(self, step: Array):
+        if callable(self.ema_decay):
+            return self.ema_decay(step)
+        decay = self.ema_decay
+        if self.ema_warmup:
+            s = step.astype(jnp.float32)
+            decay = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
+        return decay
+
+    def _step(self, state: TrainState, batch: Any = None) -> tuple[TrainState, Array]:
+        batch, k_loss = self._batch_and_loss_key(state, batch)
+        ema_params = state.ema_params
+        params, rest, opt_state, aux = state.params, state.rest, state.opt_state, state.aux
+        values = []
+        for u_index, update in enumerate(self.updates):
+            opt = self.optimizers[update.optimizer]
+            for r in range(update.repeats):
+                key = k_loss if (u_index, r) == (0, 0) else jax.random.fold_in(k_loss, 1000 * u_index + r)
+                value, rest, aux, grads = self._value_and_grad(update, params, rest, batch, key, state.step,
+                                                               ema_params, aux)
+                if self.multi:
+                    train = params if update.params is nnx.Param else nnx.filter_state(params, update.params)
+                    updates, new_opt = opt.update(grads, opt_state[update.optimizer], train)
+                    train = optax.apply_updates(train, updates)
+                    params = train if update.params is nnx.Param else nnx.merge_state(params, train)
+                    opt_state = {**opt_state, update.optimizer: new_opt}
+                else:
+                    updates, opt_state = opt.update(grads, opt_state, params)
+                    params = optax.apply_updates(params, updates)
+            values.append(value)
+        if ema_params is not None:
+            ema_params = ema_update(ema_params, params, self._ema_decay(state.step))
+        value = values[0] if len(values) == 1 else jnp.stack(values)
+        return TrainState(state.step + 1, params, rest, opt_state, ema_params, state.key, aux), value
 
     def _scan(self, state: TrainState, num_steps: int) -> tuple[TrainState, Array]:
         return jax.lax.scan(lambda s, _: self._step(s), state, None, length=num_steps)
 
     def steps(self, state: TrainState, num_steps: int) -> tuple[TrainState, Array]:
-        """``num_steps`` steps, fused into one XLA program (``lax.scan``) unless ``fuse_steps=False``; returns
-        the per-step losses. Both forms give the same result."""
+        """``num_steps`` steps, fused into one XLA program (``lax.scan``) unless ``fuse_steps=False``; returns the
+        per-step losses (shape ``(num_steps,)``, or ``(num_steps, len(updates))`` for several updates). Both forms
+        give the same result."""
         if self.data is None:
             raise ValueError("fused steps sample their batches inside the program: build Trainer(..., data=...).")
         if self.fuse_steps:
@@ -209,54 +346,94 @@ class Trainer:
         for _ in range(int(num_steps)):
             state, value = self.step(state)
             losses.append(value)
-        return state, jnp.stack(losses) if losses else jnp.zeros((0,), jnp.float32)
+        if not losses:
+            return state, jnp.zeros((0,) + ((len(self.updates),) if len(self.updates) > 1 else ()), jnp.float32)
+        return state, jnp.stack(losses)
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------------------
     def fit(
         self,
         state: TrainState,
-        num_steps: int,
+        num_steps: int | None = None,
         *,
+        until_step: int | None = None,
         chunk: int = 500,
+        callbacks: Sequence[Any] = (),
         progress: bool = True,
-        callback: Callable[[TrainState, np.ndarray], None] | None = None,
         desc: str = "train",
     ) -> tuple[TrainState, np.ndarray]:
-        """Run ``num_steps`` steps in fused chunks of ``chunk`` with a progress bar and a NaN guard.
+        """Train ``num_steps`` more steps, or until ``state.step == until_step``, in fused chunks, with a progress
+        bar, a NaN guard and callbacks.
 
-        After each chunk the losses come back to the host; a non-finite loss stops training with a
-        ``FloatingPointError`` that names the step, keeping the last good state in ``error.state``.
-        ``callback(state, chunk_losses)`` runs after every chunk (logging, checkpoints, samples).
+        Chunks end at the absolute step numbers that are multiples of ``chunk`` and of every callback's ``every``
+        (so a run resumed from a checkpoint executes the same programs on the same inputs as an uninterrupted one,
+        and reaches bitwise the same parameters). After each chunk the losses come back to the host; a non-finite
+        loss stops training with a ``FloatingPointError`` that names the step, keeping the last good state in
+        ``error.state``. ``until_step`` at or below the current step trains nothing (a finished run).
+
+        Callbacks (:mod:`jaxgen.training.callbacks`; or plain functions ``f(state, chunk_losses)``, called after every
+        chunk) run in the order given: ``on_losses`` after each chunk, ``on_chunk`` after each chunk (those with
+        ``every`` only at its multiples and at the end), ``on_end`` after the last, and ``close`` always, also when
+        training stops with an error.
+
+        Returns:
+          ``(state, losses)``: the final state and the losses of the steps run by this call.
         """
         from tqdm.auto import tqdm
 
-        num_steps = int(num_steps)
-        losses = []
-        done = 0
-        bar = tqdm(total=num_steps, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+        from jaxgen.training.callbacks import as_callback
+
+        if (num_steps is None) == (until_step is None):
+            raise ValueError("pass either num_steps (steps to train now) or until_step (the step to reach).")
+        for name, v in (("num_steps", num_steps), ("until_step", until_step), ("chunk", chunk)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise ValueError(f"{name} must be an int, got {v!r}.")
+        if num_steps is not None and num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}.")
+        callbacks = [as_callback(c) for c in callbacks]
+        start = int(state.step)
+        target = start + int(num_steps) if num_steps is not None else max(int(until_step), start)
+        intervals = [int(chunk)] + [int(c.every) for c in callbacks if getattr(c, "every", None)]
+        losses: list[np.ndarray] = []
+        bar = tqdm(total=target, initial=start, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+        step = start
         try:
-            while done < num_steps:
-                n = min(chunk, num_steps - done)
+            for c in callbacks:
+                c.on_start(self, state)
+            while step < target:
+                nxt = min([target] + [(step // n + 1) * n for n in intervals])
+                n = nxt - step
                 new_state, chunk_losses = self.steps(state, n)
                 chunk_losses = np.asarray(chunk_losses)
                 if not np.all(np.isfinite(chunk_losses)):
-                    bad = int(state.step) + int(np.argmax(~np.isfinite(chunk_losses)))
+                    bad_rows = ~np.isfinite(chunk_losses.reshape(n, -1)).all(-1)
+                    bad = step + int(np.argmax(bad_rows))
                     err = FloatingPointError(
                         f"the loss became {chunk_losses[~np.isfinite(chunk_losses)][0]} at step {bad}; training "
-                        f"stopped and the last good state (step {int(state.step)}) is kept. Lower the learning "
-                        "rate, add gradient clipping (optax.clip_by_global_norm), or check the data for NaN/inf.")
+                        f"stopped and the last good state (step {step}) is kept. Lower the learning rate, add "
+                        "gradient clipping (optax.clip_by_global_norm), or check the data for NaN/inf.")
                     err.state = state
                     raise err
-                state = new_state
+                state, step = new_state, nxt
                 losses.append(chunk_losses)
-                done += n
                 bar.update(n)
-                bar.set_postfix(loss=f"{float(np.mean(chunk_losses[-min(50, n):])):.4f}")
-                if callback is not None:
-                    callback(state, chunk_losses)
+                recent = chunk_losses[-min(50, n):]
+                bar.set_postfix(loss=" ".join(f"{v:.4f}" for v in np.atleast_1d(recent.mean(0))))
+                for c in callbacks:
+                    c.on_losses(self, state, chunk_losses)
+                    every = getattr(c, "every", None)
+                    if not every or step % every == 0 or step == target:
+                        c.on_chunk(self, state, chunk_losses)
+            for c in callbacks:
+                c.on_end(self, state)
         finally:
             bar.close()
-        return state, (np.concatenate(losses) if losses else np.zeros((0,), np.float32))
+            for c in callbacks:
+                c.close()
+        empty = np.zeros((0,) + ((len(self.updates),) if len(self.updates) > 1 else ()), np.float32)
+        return state, (np.concatenate(losses) if losses else empty)
 
 
-__all__ = ["TrainState", "Trainer", "ema_update"]
+__all__ = ["TrainState", "Trainer", "Update", "ema_update"]
