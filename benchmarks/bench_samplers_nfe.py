@@ -5,7 +5,7 @@ W2 distance (and energy distance) of 2,048 samples to fresh data. A consistency 
 field (Heun teacher) is compared at 1 and 2 NFE.
 Digits (``--digits RUN_DIR``, e.g. the output of ``./run.sh``): the trained U-Net, guided at w = 2, and the
 digits classifier's Fréchet distance of 500 samples (``--per-class 50``) to the held-out digits. A consistency
-model of that guided field (``jaxgen distill``, ``--cd-steps``) is compared at 1 and 2 NFE.
+model of that guided field (``jaxgen train digits_cd``, ``--cd-steps``) is compared at 1 and 2 NFE.
 
 Every sampler gets the NFE budgets {1, 2, 4, 8, 16, 32, 100}; a sampler that cannot spend a budget exactly
 takes the most steps within it (a budget that adds no step is skipped), and the NFE it reports is printed. Writes
@@ -186,8 +186,8 @@ def bench_digits(args):
     from jaxgen.samplers import ConsistencyMultistep, sample
 
     cd_out = args.cd_out or os.path.join(args.out, "digits_cd")
-    cd_cfg = configs.get_distill_config("consistency", [f"steps={args.cd_steps}", "guidance=2.0"])
-    distill.distill(cd_cfg, args.digits, cd_out, progress=False)
+    cd_cfg = configs.get_config("digits_cd", [f"steps={args.cd_steps}", "guidance=2.0", f"teacher={args.digits}"])
+    distill.train(cd_cfg, cd_out, progress=False)
     f, _, _, _ = distill.load_run(cd_out)
     for ts in ((0.0,), (0.0, 0.5)):
         res = jax.jit(lambda x, y, ts=ts: sample(f, x, ConsistencyMultistep(), prediction="data", path=path,

@@ -1,34 +1,34 @@
-"""2-D flow matching end to end: train, sample (Euler and adaptive), evaluate, plot.
+"""2-D flow matching end to end: train, sample (Euler, adaptive, Euler-Maruyama), evaluate, plot.
 
-Configs follow score_sde's habit of one named config per experiment, with every field overridable
-from the command line::
+Run it through the shared command line (configs ``experiments/configs/toy2d_*.py``)::
 
-    python -m experiments.toy2d                                    # 8gaussians_to_moons
-    python -m experiments.toy2d --config gaussian_to_moons --out runs/g2m
-    python -m experiments.toy2d --target checkerboard --steps 30000 --schedule cosine
-    python -m experiments.toy2d --list                             # show the configs
+    jaxgen train toy2d_8gaussians_to_moons --out runs/toy2d                 # ./run.sh toy2d
+    jaxgen train toy2d_gaussian_to_checkerboard --set steps=30000 --set schedule=cosine
+    jaxgen sample --checkpoint runs/toy2d --sampler dpm_solver_pp --steps 8
+    jaxgen evaluate --checkpoint runs/toy2d --sampler heun --steps 16
 
-Outputs in ``--out``: ``samples.npy`` (Euler samples), ``samples_adaptive.npy``, ``metrics.json``,
-``samples.png`` (source / samples / target scatter), ``trajectories.png``, ``loss.png``,
-``config.json``.
+Outputs in the run directory: ``samples.npy`` (Euler samples), ``samples_adaptive.npy``, ``metrics.json``,
+``samples.png`` (source / samples / target scatter), ``trajectories.png``, ``loss.png``, ``config.json``,
+``checkpoints/``, ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import sys
-import time
+from typing import ClassVar
 
 import numpy as np
+
+from experiments import common
 
 
 @dataclasses.dataclass
 class Toy2DConfig:
-    """One 2-D flow-matching experiment."""
+    """One 2-D flow-matching experiment (:mod:`experiments.toy2d`)."""
 
+    experiment: ClassVar[str] = "toy2d"
+    name: str = "toy2d_8gaussians_to_moons"
     source: str = "8gaussians"  # "gaussian" (N(0, I)) or any jaxgen.data.toy2d distribution
     target: str = "moons"
     schedule: str = "linear"  # probability path (linear = CondOT)
@@ -47,56 +47,45 @@ class Toy2DConfig:
     num_samples: int = 2048
     sde_sigma: float = 0.5  # Euler-Maruyama noise level (Gaussian source only)
     chunk: int = 1000
+    checkpoint_every: int = 5000
 
 
-CONFIGS: dict[str, Toy2DConfig] = {
-    # TorchCFM's recipe (8 Gaussians -> moons, SELU MLP w=64, batch 256, Adam 1e-3), trained longer
-    # (20k steps instead of 2k) with a cosine decay of the learning rate and an EMA of the weights.
-    "8gaussians_to_moons": Toy2DConfig(),
-    "gaussian_to_moons": Toy2DConfig(source="gaussian", target="moons"),
-    "gaussian_to_8gaussians": Toy2DConfig(source="gaussian", target="8gaussians"),
-    "gaussian_to_checkerboard": Toy2DConfig(source="gaussian", target="checkerboard", steps=30_000, width=128),
-    "gaussian_to_spirals": Toy2DConfig(source="gaussian", target="spirals", steps=30_000, width=128),
-}
+# Fields that may change when a run is resumed.
+FREE_FIELDS = frozenset({"steps", "euler_steps", "adaptive_method", "adaptive_tol", "num_samples", "sde_sigma",
+                         "chunk", "checkpoint_every"})
 
 
-def parse_args(argv=None) -> tuple[Toy2DConfig, str, bool, bool]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="8gaussians_to_moons", help=f"named config: {', '.join(CONFIGS)}")
-    p.add_argument("--out", default="runs/toy2d", help="output folder")
-    p.add_argument("--list", action="store_true", help="list the configs and exit")
-    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    for f in dataclasses.fields(Toy2DConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=None,
-                       help=f"override config.{f.name}")
-    a = p.parse_args(argv)
-    if a.list:
-        for name, cfg in CONFIGS.items():
-            print(f"{name}: {dataclasses.asdict(cfg)}")
-        sys.exit(0)
-    if a.config not in CONFIGS:
-        p.error(f"unknown config {a.config!r}; choose from {', '.join(CONFIGS)}")
-    overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(Toy2DConfig) if getattr(a, f.name) is not None}
-    cfg = dataclasses.replace(CONFIGS[a.config], **overrides)
-    return cfg, a.out, not a.no_progress, a.config
+def check_config(cfg: Toy2DConfig) -> None:
+    """Clear errors for a bad config, before any work."""
+    from jaxgen.data.toy2d import get_distribution
+    from jaxgen.paths import get_schedule
+
+    common.check_fields(cfg, {
+        "steps": lambda v: v >= 0, "batch_size": lambda v: v >= 1, "width": lambda v: v >= 1,
+        "euler_steps": lambda v: v >= 1, "num_samples": lambda v: v >= 2, "chunk": lambda v: v >= 1,
+        "checkpoint_every": lambda v: v >= 1, "learning_rate": lambda v: v > 0, "sde_sigma": lambda v: v >= 0,
+    }, {
+        "steps": "must be >= 0", "batch_size": "must be >= 1", "width": "must be >= 1", "euler_steps": "must be >= 1",
+        "num_samples": "must be >= 2", "chunk": "must be >= 1", "checkpoint_every": "must be >= 1",
+        "learning_rate": "must be > 0", "sde_sigma": "must be >= 0",
+    })
+    get_distribution(cfg.target)
+    if cfg.source not in ("gaussian", "normal", "standard_normal"):
+        get_distribution(cfg.source)
+    get_schedule(cfg.schedule)
+    common.check_sampler(cfg.adaptive_method)
 
 
-def run(cfg: Toy2DConfig, out: str, progress: bool = True, name: str = "custom") -> dict:
-    import jax
+def _setup(cfg: Toy2DConfig):
+    """``(path, target sampler, source sampler, gaussian_source, trainer)``."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxgen import metrics
     from jaxgen.data.toy2d import get_distribution
     from jaxgen.losses import flow_matching_loss
     from jaxgen.models import MLPField
     from jaxgen.paths import GaussianPath
-    from jaxgen.samplers import Euler, EulerMaruyama, get_solver, sample
     from jaxgen.training import Trainer, adam_with_schedule
-
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as fh:
-        json.dump({"name": name, **dataclasses.asdict(cfg)}, fh, indent=2)
 
     path = GaussianPath.from_name(cfg.schedule)
     target = get_distribution(cfg.target)
@@ -110,24 +99,53 @@ def run(cfg: Toy2DConfig, out: str, progress: bool = True, name: str = "custom")
         # x_0 = alpha_0 z + beta_0 x_source: beta_0 = 1 except for VE/EDM, whose prior is scaled up.
         beta0 = float(path.coefficients(jnp.zeros(())).beta)
         source_sampler = lambda key, n: beta0 * raw_source(key, n)
-
     model = MLPField(2, width=cfg.width, hidden_layers=cfg.hidden_layers, activation=cfg.activation,
                      rngs=nnx.Rngs(cfg.seed))
     optimizer = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
     trainer = Trainer(model, loss, optimizer, data=lambda key: target(key, cfg.batch_size),
                       ema_decay=cfg.ema_decay if cfg.ema_decay > 0 else None)
-    state = trainer.init(jax.random.key(cfg.seed))
-    t_start = time.perf_counter()
-    state, losses = trainer.fit(state, cfg.steps, chunk=cfg.chunk, progress=progress,
-                                desc=f"{cfg.source}->{cfg.target}")
-    train_seconds = time.perf_counter() - t_start
-    field = trainer.model(state, ema=trainer.ema_decay is not None)
+    return path, target, source_sampler, gaussian_source, trainer
 
+
+def train(cfg: Toy2DConfig, out: str, *, progress: bool = True) -> dict:
+    """Train (resuming from ``out/checkpoints``), then sample with Euler, an adaptive solver and Euler-Maruyama, and
+    write the metrics and plots."""
+    import jax
+
+    check_config(cfg)
+    out = os.path.abspath(out)
+    common.check_resume(out, cfg, FREE_FIELDS)
+    path, target, source_sampler, gaussian_source, trainer = _setup(cfg)
+    common.write_config(out, cfg)
+    state, losses, seconds = common.train(trainer, trainer.init(jax.random.key(cfg.seed)), out=out, steps=cfg.steps,
+                                          checkpoint_every=cfg.checkpoint_every, chunk=cfg.chunk, progress=progress,
+                                          config=common.config_record(cfg))
+    report = evaluate(cfg, out, trainer, state, losses=losses)
+    report["train"] = {"steps": cfg.steps, "steps_this_session": int(len(losses)), "seconds": round(seconds, 2),
+                       "steps_per_second": round(len(losses) / seconds, 1) if len(losses) else None,
+                       "final_loss_mean_last_500": float(np.mean(losses[-500:])) if len(losses) else None}
+    common.write_json(os.path.join(out, "metrics.json"), report)
+    return report
+
+
+def evaluate(cfg: Toy2DConfig, out: str, trainer, state, *, losses=None, sampler: str | None = None,
+             steps: int | None = None) -> dict:
+    """Samples of the trained field with Euler (or ``sampler``), the adaptive solver and (Gaussian source)
+    Euler-Maruyama, their distances to fresh target samples, and the plots."""
+    import jax
+
+    from jaxgen import metrics
+    from jaxgen.samplers import Euler, EulerMaruyama, get_solver, sample
+
+    path, target, source_sampler, gaussian_source, _ = _setup(cfg)
+    field = trainer.model(state, ema=trainer.ema_decay is not None)
     keys = jax.random.split(jax.random.key(cfg.seed + 1), 5)
     n = cfg.num_samples
     x0 = source_sampler(keys[0], n)
-    euler = jax.jit(lambda f, x: sample(f, x, Euler(), steps=cfg.euler_steps, save_trajectory=True))
-    res = euler(field, x0)
+    solver = get_solver(sampler) if sampler else Euler()
+    n_steps = (steps or cfg.euler_steps) if solver.takes_steps() else None
+    fixed = jax.jit(lambda f, x: sample(f, x, solver, path=path, steps=n_steps, key=keys[4], save_trajectory=True))
+    res = fixed(field, x0)
     adaptive = sample(field, x0, get_solver(cfg.adaptive_method, rtol=cfg.adaptive_tol, atol=cfg.adaptive_tol))
     ref = target(keys[1], n)
     ref2 = target(keys[2], n)
@@ -140,13 +158,13 @@ def run(cfg: Toy2DConfig, out: str, progress: bool = True, name: str = "custom")
             "w2_exact_1024": float(metrics.wasserstein2_exact(np.asarray(x[:1024]), np.asarray(ref[:1024]))),
         }
 
+    name = sampler or "euler"
     report = {
-        "config": name,
-        "train": {"steps": cfg.steps, "seconds": round(train_seconds, 2),
-                  "steps_per_second": round(cfg.steps / train_seconds, 1),
-                  "final_loss_mean_last_500": float(np.mean(losses[-500:]))},
-        "euler": {"nfe": int(res.nfe), **quality(res.x)},
-        "adaptive": {"method": cfg.adaptive_method, "tol": cfg.adaptive_tol, "nfe": int(adaptive.nfe), **quality(adaptive.x)},
+        "config": cfg.name,
+        "step": int(state.step),
+        "euler" if sampler is None else name: {"nfe": int(res.nfe), **quality(res.x)},
+        "adaptive": {"method": cfg.adaptive_method, "tol": cfg.adaptive_tol, "nfe": int(adaptive.nfe),
+                     **quality(adaptive.x)},
         "reference_two_target_sets": quality(ref2),
         "source_to_target": quality(x0),
         "notes": "metrics compare num_samples generated points with as many fresh target points; "
@@ -156,16 +174,81 @@ def run(cfg: Toy2DConfig, out: str, progress: bool = True, name: str = "custom")
         sde = sample(field, x0, EulerMaruyama(cfg.sde_sigma), path=path, key=keys[4], steps=cfg.euler_steps, t0=0.0,
                      t1=1.0)
         report["euler_maruyama"] = {"sigma": cfg.sde_sigma, "nfe": int(sde.nfe), **quality(sde.x)}
-
     np.save(os.path.join(out, "samples.npy"), np.asarray(res.x))
     np.save(os.path.join(out, "samples_adaptive.npy"), np.asarray(adaptive.x))
-    with open(os.path.join(out, "metrics.json"), "w") as fh:
-        json.dump(report, fh, indent=2)
-    _plots(out, np.asarray(x0), np.asarray(res.x), np.asarray(ref), np.asarray(res.trajectory), losses, cfg, report)
+    if losses is None or not len(losses):
+        losses = np.load(os.path.join(out, "losses.npy")) if os.path.exists(os.path.join(out, "losses.npy")) else None
+    traj = res.trajectory if res.trajectory is not None else jax.numpy.stack([x0, res.x])
+    _plots(out, np.asarray(x0), np.asarray(res.x), np.asarray(ref), np.asarray(traj), losses, cfg, report,
+           label=f"{name} {n_steps or ''} (NFE {int(res.nfe)})".replace("  ", " "),
+           key="euler" if sampler is None else name)
     return report
 
 
-def _plots(out, x0, x1, ref, traj, losses, cfg, report):
+def load_run(run_dir: str, *, step: int | None = None):
+    """Restore a run: ``(cfg, trainer, state)``."""
+    import jax
+
+    from jaxgen.training import Checkpointer
+
+    run_dir = common.run_dir_of(run_dir)
+    cfg = common.config_from_record(Toy2DConfig, common.read_config(run_dir))
+    trainer = _setup(cfg)[-1]
+    with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints yet.")
+        state = ckpt.restore(trainer.init(jax.random.key(cfg.seed)), step=step)
+    return cfg, trainer, state
+
+
+def sample_command(run_dir: str, args) -> str:
+    """``jaxgen sample`` on a 2-D run: ``--num`` samples with the chosen sampler, as a scatter plot and an array."""
+    import jax
+
+    from jaxgen.samplers import get_solver, sample
+
+    cfg, trainer, state = load_run(run_dir, step=args.step)
+    path, target, source_sampler, _, _ = _setup(cfg)
+    solver = get_solver(args.sampler or "euler")
+    steps = (args.steps or cfg.euler_steps) if solver.takes_steps() else None
+    k0, k1 = jax.random.split(jax.random.key(args.seed))
+    res = sample(trainer.model(state, ema=trainer.ema_decay is not None), source_sampler(k0, args.num), solver,
+                 path=path, steps=steps, key=k1)
+    out = args.out or "samples.png"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    stem = os.path.splitext(out)[0]
+    np.save(stem + "_samples.npy", np.asarray(res.x))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = np.asarray(target(jax.random.key(args.seed + 1), args.num))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(*ref.T, s=2, c="C7", alpha=0.4, label=f"target: {cfg.target}")
+    ax.scatter(*np.asarray(res.x).T, s=2, c="C1", alpha=0.6, label="samples")
+    ax.set_title(f"{args.sampler or 'euler'} (NFE {int(res.nfe)})")
+    ax.set_aspect("equal")
+    ax.legend(markerscale=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return f"wrote {out} ({args.num} samples, NFE {int(res.nfe)}) and {stem}_samples.npy"
+
+
+def evaluate_command(run_dir: str, args) -> str:
+    """``jaxgen evaluate`` on a 2-D run: the metrics of a sampler (default Euler) and of the adaptive solver."""
+    import json
+
+    cfg, trainer, state = load_run(run_dir, step=args.step)
+    out = args.out or common.run_dir_of(run_dir)
+    os.makedirs(out, exist_ok=True)
+    report = evaluate(cfg, out, trainer, state, sampler=args.sampler, steps=args.steps)
+    common.write_json(os.path.join(out, "metrics.json"), report)
+    return json.dumps({k: v for k, v in report.items() if k != "notes"}, indent=2)
+
+
+def _plots(out, x0, x1, ref, traj, losses, cfg, report, *, label, key):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,7 +258,7 @@ def _plots(out, x0, x1, ref, traj, losses, cfg, report):
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), sharex=True, sharey=True)
     for ax, pts, title, color in zip(
         axes, (x0, x1, ref),
-        (f"source: {cfg.source}", f"samples (Euler {cfg.euler_steps} steps)\nsliced W2 = {report['euler']['sliced_w2']:.3f}",
+        (f"source: {cfg.source}", f"samples ({label})\nsliced W2 = {report[key]['sliced_w2']:.3f}",
          f"target: {cfg.target}"),
         ("tab:gray", "tab:blue", "tab:orange")):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color=color)
@@ -192,13 +275,15 @@ def _plots(out, x0, x1, ref, traj, losses, cfg, report):
     ax.plot(traj[:, :m, 0], traj[:, :m, 1], color="olive", alpha=0.25, lw=0.6)
     ax.scatter(traj[0, :m, 0], traj[0, :m, 1], s=4, color="black", label="t = 0 (source)", zorder=3)
     ax.scatter(traj[-1, :m, 0], traj[-1, :m, 1], s=4, color="tab:blue", label="t = 1 (samples)", zorder=3)
-    ax.set_title("flow trajectories (Euler)")
+    ax.set_title(f"flow trajectories ({label})")
     ax.legend(loc="upper right")
     ax.set_aspect("equal")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "trajectories.png"), dpi=120)
     plt.close(fig)
 
+    if losses is None:
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(losses, color="lightsteelblue", lw=0.5, label="per step")
     w = max(1, len(losses) // 100)
@@ -212,19 +297,3 @@ def _plots(out, x0, x1, ref, traj, losses, cfg, report):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"), dpi=120)
     plt.close(fig)
-
-
-def main(argv=None) -> None:
-    cfg, out, progress, name = parse_args(argv)
-    report = run(cfg, out, progress, name)
-    e, a = report["euler"], report["adaptive"]
-    print(f"[toy2d] {name}: trained {cfg.steps} steps in {report['train']['seconds']} s "
-          f"({report['train']['steps_per_second']} steps/s)")
-    print(f"[toy2d] Euler-{e['nfe']}: sliced W2 {e['sliced_w2']:.4f}, energy distance {e['energy_distance']:.4f}")
-    print(f"[toy2d] {a['method']} (NFE {a['nfe']}): sliced W2 {a['sliced_w2']:.4f}")
-    print(f"[toy2d] floor (two target sets): sliced W2 {report['reference_two_target_sets']['sliced_w2']:.4f}")
-    print(f"[toy2d] wrote samples.npy, metrics.json, samples.png, trajectories.png, loss.png to {os.path.abspath(out)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import numpy as np
 import pytest
 import jax
@@ -19,11 +20,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxgen.training import Checkpointer, Checkpointing
 from jaxgen.data.toy2d import moons
 from jaxgen.losses import flow_matching_loss
 from jaxgen.models import MLPField
-from jaxgen.training import Trainer, TrainState
+from jaxgen.training import Checkpointer, Checkpointing, Trainer, TrainState
 
 SEED = 3
 NUM_STEPS, EVERY = 60, 10
@@ -60,14 +60,12 @@ def _scramble(state: TrainState, seed: int) -> TrainState:
 
 
 def _assert_same(a, b, exact=True):
-    la, lb = jax.tree.leaves(_plain(a)), jax.tree.leaves(_plain(b))
-    assert jax.tree.structure(_plain(a)) == jax.tree.structure(_plain(b))
-    for x, y in zip(la, lb):
-        assert x.shape == y.shape and x.dtype == y.dtype
-        if exact:
-            np.testing.assert_array_equal(x, y)
-        else:
-            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    a, b = _plain(a), _plain(b)
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)  # also the structure
+    if exact:
+        chex.assert_trees_all_equal(a, b)
+    else:
+        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ give good 1-step samples."""
 
 import functools
 
+import chex
 import numpy as np
 import pytest
 import jax
@@ -338,8 +339,8 @@ def test_target_network_is_an_ema_of_the_online_weights():
     s0 = tr.init(0)
     s1, _ = tr.step(s0)
     s2, value = tr.step(s1)
-    for e0, p1, p2, e2 in zip(*(jax.tree.leaves(v) for v in (s0.ema_params, s1.params, s2.params, s2.ema_params))):
-        np.testing.assert_allclose(e2, 0.5 * (0.5 * e0 + 0.5 * p1) + 0.5 * p2, rtol=1e-5, atol=1e-7)
+    want = jax.tree.map(lambda e0, p1, p2: 0.5 * (0.5 * e0 + 0.5 * p1) + 0.5 * p2, s0.ema_params, s1.params, s2.params)
+    chex.assert_trees_all_close(s2.ema_params, want, rtol=1e-5, atol=1e-7)
     online, target = np.asarray(kernel(tr.model(s1))), np.asarray(kernel(tr.model(s1, ema=True)))
     assert np.sum((online - target) ** 2) > 1e-6 and np.max(np.abs(online - np.asarray(kernel(f)))) > 1e-3
     assert float(value) == pytest.approx(np.sum((online - target) ** 2) + np.sum(online) + 1000.0, rel=1e-6)

@@ -34,9 +34,14 @@ def test_resume_continues_from_last_checkpoint(run_dir):
     assert json.loads((run_dir / "report.json").read_text())["step"] == 30
 
 
-def test_a_different_config_in_the_same_directory_is_refused(run_dir):
-    with pytest.raises(ValueError, match="different configuration"):
-        cli.main(["train", "digits_smoke", "--out", str(run_dir), "--no-progress", "--set", "channels=16"])
+def test_a_different_config_in_the_same_directory_is_refused(run_dir, capsys):
+    before = (run_dir / "config.json").read_text()
+    assert cli.main(["train", "digits_smoke", "--out", str(run_dir), "--no-progress", "--set", "channels=16"]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "channels" in err and len(err.strip().splitlines()) == 1
+    assert (run_dir / "config.json").read_text() == before  # nothing written
+    with pytest.raises(ValueError, match="different configuration"):  # --debug: the exception itself
+        cli.main(["train", "digits_smoke", "--out", str(run_dir), "--no-progress", "--set", "channels=16", "--debug"])
 
 
 def test_sample_command_writes_grid_and_arrays(run_dir, tmp_path):
@@ -48,21 +53,67 @@ def test_sample_command_writes_grid_and_arrays(run_dir, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "grid_labels.npy"), np.full(8, 3))
 
 
-def test_cli_errors(capsys):
+def test_cli_errors(capsys, tmp_path):
     assert cli.main(["train", "nope"]) == 2
     assert "unknown experiment" in capsys.readouterr().err
     assert cli.main(["list"]) == 0
-    assert "digits_cfm" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "digits_cfm" in listed and "toy2d_8gaussians_to_moons" in listed and "dpm_solver_pp" in listed
+    for bad, match in ((["--set", "sampler=rk99"], "unknown sampler 'rk99'"), (["--set", "steps=-5"], "steps"),
+                       (["--set", "compute_dtype=float16"], "compute_dtype"), (["--set", "batch_size=0"], "batch_size"),
+                       (["--set", "stepz=3"], "unknown config field 'stepz'")):
+        out = tmp_path / "never"
+        assert cli.main(["train", "digits_smoke", "--out", str(out), *bad]) == 2
+        assert match in capsys.readouterr().err
+        assert not out.exists()  # refused before anything is written
 
 
-# -- consistency distillation of the trained run (`jaxgen distill`) -------------------------------------------
+def test_a_python_config_file_with_overrides(tmp_path):
+    from experiments import configs
+
+    path = tmp_path / "wide.py"
+    path.write_text("from experiments.images import ImageConfig\n\n"
+                    "def get_config():\n    return ImageConfig(name='wide', channels=48, sampler='dpm_solver_pp:order=3')\n")
+    cfg = configs.get_config(str(path), ["steps=7", "guidance_scales=0,1.5"])
+    assert (cfg.name, cfg.channels, cfg.steps, cfg.guidance_scales) == ("wide", 48, 7, (0.0, 1.5))
+    assert cfg.sampler == "dpm_solver_pp:order=3"
+    with pytest.raises(ValueError, match="get_config"):
+        (tmp_path / "empty.py").write_text("x = 1\n")
+        configs.load(str(tmp_path / "empty.py"))
+
+
+# -- every sampler by name on the trained digits model --------------------------------------------------------
+
+SAMPLER_STEPS = {"pc": 25, "predictor_corrector": 25}  # the VP SDE's discrete betas need N > beta_max = 20
+
+
+@pytest.mark.slow
+def test_every_sampler_runs_by_name_through_the_cli(run_dir, tmp_path, capsys):
+    from jaxgen.samplers import SOLVERS
+
+    for name in sorted(SOLVERS):
+        out = tmp_path / f"{name}.png"
+        args = ["sample", "--checkpoint", str(run_dir), "--sampler", name, "--label", "1", "--num", "2", "--out", str(out)]
+        if name not in ("tsit5", "dopri5", "dopri8", "bosh3", "diffrax"):
+            args += ["--steps", str(SAMPLER_STEPS.get(name, 3))]
+        assert cli.main(args) == 0, (name, capsys.readouterr().err)
+        line = capsys.readouterr().out
+        assert "NFE" in line, line
+        x = np.load(tmp_path / f"{name}_samples.npy")
+        assert x.shape == (2, 8, 8, 1) and np.all(np.isfinite(x)), name
+    assert cli.main(["evaluate", "--checkpoint", str(run_dir), "--sampler", "dpm_solver_pp:order=3", "--steps", "4",
+                     "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["sampler"] == "dpm_solver_pp:order=3"
+
+
+# -- consistency distillation of the trained run (`jaxgen train digits_cd_smoke --set teacher=RUN`) -----------
 
 
 def test_distill_at_step_zero_is_the_teachers_euler_jump(run_dir, tmp_path):
     """Initialised from the teacher in the denoiser parameterisation, f(x, 0) = x + u(x, 0): one consistency
     step is exactly the teacher's one Euler step (at w = 1, the conditional field the student network computes)."""
     out = tmp_path / "cd0"
-    assert cli.main(["distill", "consistency_smoke", "--teacher", str(run_dir), "--out", str(out), "--no-progress",
+    assert cli.main(["train", "digits_cd_smoke", "--set", f"teacher={run_dir}", "--out", str(out), "--no-progress",
                      "--set", "steps=0", "--set", "guidance=1", "--set", "sample_ts=0"]) == 0
     row = json.loads((out / "report.json").read_text())["rows"][0]
     assert row["nfe"] == 1
@@ -71,7 +122,8 @@ def test_distill_at_step_zero_is_the_teachers_euler_jump(run_dir, tmp_path):
 
 def test_distill_trains_resumes_and_refuses_other_settings(run_dir, tmp_path):
     out = tmp_path / "cd"
-    assert cli.main(["distill", "consistency_smoke", "--teacher", str(run_dir), "--out", str(out), "--no-progress"]) == 0
+    teacher = ["--set", f"teacher={run_dir}"]
+    assert cli.main(["train", "digits_cd_smoke", *teacher, "--out", str(out), "--no-progress"]) == 0
     for f in ("config.json", "metrics.jsonl", "loss.png", "report.json", "report.md", "samples.npy", "labels.npy",
               "samples_1step.png", "samples_2step.png"):
         assert (out / f).stat().st_size > 0, f
@@ -79,17 +131,20 @@ def test_distill_trains_resumes_and_refuses_other_settings(run_dir, tmp_path):
     assert report["step"] == 10 and [r["nfe"] for r in report["rows"]] == [1, 2]
     assert all(np.isfinite(r["fd"]) and 0.0 <= r["accuracy"] <= 1.0 for r in report["rows"])
     assert np.load(out / "samples.npy").shape == (40, 8, 8, 1)
-    assert cli.main(["distill", "consistency_smoke", "--teacher", str(run_dir), "--out", str(out), "--no-progress",
+    assert cli.main(["train", "digits_cd_smoke", *teacher, "--out", str(out), "--no-progress",
                      "--set", "steps=15", "--set", "sample_ts=0"]) == 0  # sampling settings may change
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15]  # resumed from the step-10 checkpoint, no step trained twice
-    with pytest.raises(ValueError, match="different settings"):
-        cli.main(["distill", "consistency_smoke", "--teacher", str(run_dir), "--out", str(out), "--no-progress",
-                  "--set", "num_scales=6"])
+    with pytest.raises(ValueError, match="different configuration"):
+        cli.main(["train", "digits_cd_smoke", *teacher, "--out", str(out), "--no-progress", "--set", "num_scales=6",
+                  "--debug"])
+    assert cli.main(["sample", "--checkpoint", str(out), "--label", "2", "--num", "3",
+                     "--out", str(tmp_path / "cd.png")]) == 0  # consistency sampling of the student
+    assert np.load(tmp_path / "cd_samples.npy").shape == (3, 8, 8, 1)
 
 
 def test_distill_cli_errors(capsys, tmp_path):
-    assert cli.main(["distill", "nope", "--teacher", str(tmp_path)]) == 2
-    assert "unknown distillation config" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="not a jaxgen run directory"):
-        cli.main(["distill", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"])
+    out = tmp_path / "o"
+    assert cli.main(["train", "digits_cd_smoke", "--set", f"teacher={tmp_path / 'missing'}", "--out", str(out)]) == 2
+    assert "not a jaxgen run directory" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,41 +1,66 @@
-"""The 2-D experiment end to end: outputs, CLI, and the quality target of the default recipe."""
+"""The 2-D experiment end to end through the shared CLI: outputs, resume, sampling, and the quality target of the
+default recipe."""
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from experiments import toy2d
+from experiments import cli, configs, toy2d
 
 
-def test_short_run_writes_every_output(tmp_path):
-    cfg = dataclasses.replace(toy2d.CONFIGS["gaussian_to_moons"], steps=300, num_samples=256, euler_steps=20, chunk=150)
-    report = toy2d.run(cfg, str(tmp_path), progress=False, name="smoke")
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy2d")
+    assert cli.main(["train", "toy2d_gaussian_to_moons", "--out", str(out), "--no-progress", "--set", "steps=300",
+                     "--set", "num_samples=256", "--set", "euler_steps=20", "--set", "chunk=150",
+                     "--set", "checkpoint_every=150"]) == 0
+    return out
+
+
+def test_short_run_writes_every_output(short_run):
     for f in ("samples.npy", "samples_adaptive.npy", "metrics.json", "config.json", "samples.png",
-              "trajectories.png", "loss.png"):
-        assert (tmp_path / f).stat().st_size > 0, f
-    samples = np.load(tmp_path / "samples.npy")
+              "trajectories.png", "loss.png", "metrics.jsonl"):
+        assert (short_run / f).stat().st_size > 0, f
+    samples = np.load(short_run / "samples.npy")
     assert samples.shape == (256, 2) and np.all(np.isfinite(samples))
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    saved = json.loads((short_run / "metrics.json").read_text())
     assert saved["euler"]["nfe"] == 20 and saved["adaptive"]["nfe"] > 0
     assert {"sliced_w2", "energy_distance", "mmd_rbf", "w2_exact_1024"} <= set(saved["euler"])
     assert "euler_maruyama" in saved  # Gaussian source: the SDE sampler runs too
-    assert report["train"]["steps"] == 300
+    assert saved["train"]["steps"] == 300 and saved["step"] == 300
 
 
-def test_cli_overrides_and_errors(capsys):
-    cfg, out, progress, name = toy2d.parse_args(["--config", "gaussian_to_moons", "--steps", "7", "--out", "x"])
-    assert cfg.steps == 7 and cfg.source == "gaussian" and out == "x" and name == "gaussian_to_moons"
-    with pytest.raises(SystemExit):
-        toy2d.parse_args(["--config", "nope"])
-    assert "unknown config" in capsys.readouterr().err
+def test_resume_sample_and_evaluate_with_any_sampler(short_run, tmp_path):
+    assert cli.main(["train", "toy2d_gaussian_to_moons", "--out", str(short_run), "--no-progress", "--set", "steps=450",
+                     "--set", "num_samples=256", "--set", "euler_steps=20", "--set", "chunk=150",
+                     "--set", "checkpoint_every=150"]) == 0
+    steps = [json.loads(l)["step"] for l in (short_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [150, 300, 450]  # resumed from the step-300 checkpoint
+    out = tmp_path / "s.png"
+    assert cli.main(["sample", "--checkpoint", str(short_run), "--sampler", "dpm_solver_pp:order=3", "--steps", "6",
+                     "--num", "64", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0 and np.load(tmp_path / "s_samples.npy").shape == (64, 2)
+    assert cli.main(["evaluate", "--checkpoint", str(short_run), "--sampler", "heun", "--steps", "8",
+                     "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["heun"]["nfe"] == 16 and report["step"] == 450
 
 
+def test_configs_and_overrides():
+    cfg = configs.get_config("toy2d_gaussian_to_moons", ["steps=7", "schedule=cosine"])
+    assert isinstance(cfg, toy2d.Toy2DConfig) and cfg.steps == 7 and cfg.source == "gaussian"
+    assert cfg.schedule == "cosine"
+    with pytest.raises(ValueError, match="unknown experiment"):
+        configs.load("nope")
+    with pytest.raises(ValueError, match="unknown config field"):
+        configs.get_config("toy2d_gaussian_to_moons", ["stepz=3"])
+
+
+@pytest.mark.slow
 def test_default_recipe_reaches_sliced_w2_target(tmp_path):
     """Issue target: 8 Gaussians -> moons, Euler-100 samples, sliced W2 (256 directions, 2048 vs 2048 fresh) < 0.15."""
-    cfg = toy2d.CONFIGS["8gaussians_to_moons"]
-    report = toy2d.run(cfg, str(tmp_path), progress=False, name="8gaussians_to_moons")
+    report = toy2d.train(configs.load("toy2d_8gaussians_to_moons"), str(tmp_path), progress=False)
     assert report["euler"]["nfe"] == 100
     assert report["euler"]["sliced_w2"] < 0.15, report["euler"]
     assert report["source_to_target"]["sliced_w2"] > 1.0  # the metric does separate distributions

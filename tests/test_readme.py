@@ -10,18 +10,31 @@ def _python_blocks():
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
 
 
-def test_readme_tour_and_oracle_snippets_run():
+def test_readme_python_snippets_run_in_order():
     blocks = _python_blocks()
-    assert len(blocks) >= 2
-    tour = blocks[0]
+    assert len(blocks) == 4, "each README python block is run here: add the new one's assertions"
+    tour, oracle, new_sampler, diffusion = blocks
     assert "10_000" in tour
     ns: dict = {}
     exec(compile(tour.replace("10_000", "200"), "README tour", "exec"), ns)
     assert ns["ode"].nfe == 100 and ns["ode"].x.shape == (2048, 2)
     assert ns["score"].shape == (2048, 2)
-    exec(compile(blocks[1], "README oracle", "exec"), ns)
+    exec(compile(oracle, "README oracle", "exec"), ns)
     assert ns["x1"].shape == (2048, 2)
-    exec(compile(blocks[2], "README diffusion samplers", "exec"), ns)
+    from jaxgen.samplers import SOLVERS
+
+    try:
+        exec(compile(new_sampler, "README new sampler", "exec"), ns)
+        assert ns["ral"].nfe == 40 and ns["ral"].x.shape == (2048, 2)
+        # Ralston is second order: on the trained field its 20-step sample is as close to RK4's as Heun's is
+        ref = ns["sample"](ns["field"], ns["x0"], "rk4", steps=20).x
+        heun = ns["sample"](ns["field"], ns["x0"], "heun", steps=20).x
+        err_ral = float(abs(ns["ral"].x - ref).max())
+        err_heun = float(abs(heun - ref).max())
+        assert err_ral < 3 * err_heun + 1e-5, (err_ral, err_heun)
+    finally:
+        SOLVERS.pop("ralston", None)
+    exec(compile(diffusion, "README diffusion samplers", "exec"), ns)
     assert ns["pp"].nfe == 8 and ns["edm"].nfe == 35 and ns["ll"].log_prob.shape == (256,)
 
 

@@ -1,5 +1,6 @@
 """Trainer: one-step and fused steps agree, seeded runs reproduce, EMA is exact, the NaN guard stops cleanly."""
 
+import chex
 import numpy as np
 import pytest
 import jax
@@ -34,24 +35,21 @@ def test_single_steps_equal_fused_steps(trainer):
         losses1.append(float(l))
     s2, losses2 = trainer.steps(trainer.init(0), 5)
     np.testing.assert_allclose(losses1, losses2, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(s1.params, s2.params, rtol=1e-5, atol=1e-6)
     assert int(s1.step) == int(s2.step) == 5
 
 
 def test_same_seed_same_run_and_resume_continues_exactly(trainer):
     a, _ = trainer.steps(trainer.init(3), 20)
     b, _ = trainer.steps(trainer.init(3), 20)
-    for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.ema_params)), jax.tree.leaves((b.params, b.opt_state, b.ema_params))):
-        np.testing.assert_array_equal(x, y)
+    chex.assert_trees_all_equal((a.params, a.opt_state, a.ema_params), (b.params, b.opt_state, b.ema_params))
     # 20 steps = 12 steps, a host round trip of the whole state (as a checkpoint), then 8 more
     mid, _ = trainer.steps(trainer.init(3), 12)
     host = jax.tree.map(np.asarray, mid._replace(key=jax.random.key_data(mid.key)))
     restored = jax.tree.map(jnp.asarray, host)
     restored = restored._replace(key=jax.random.wrap_key_data(restored.key))
     c, _ = trainer.steps(restored, 8)
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(c.params)):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(a.params, c.params, rtol=1e-6, atol=1e-7)
     d, _ = trainer.steps(trainer.init(4), 20)
     assert not np.allclose(jax.tree.leaves(a.params)[0], jax.tree.leaves(d.params)[0])
 
@@ -68,8 +66,7 @@ def test_ema_is_polyak_average():
     s0 = tr.init(0)
     s1, _ = tr.step(s0)
     want = ema_update(s0.params, s1.params, 0.5)
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(s1.ema_params)):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
+    chex.assert_trees_all_close(want, s1.ema_params, rtol=1e-6)
     m = tr.model(s1, ema=True)
     np.testing.assert_allclose(m.out.kernel[...], s1.ema_params["out"]["kernel"][...], rtol=1e-6)
     plain = _trainer(ema=None)
