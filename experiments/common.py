@@ -159,6 +159,27 @@ def save_grid(images, path: str, *, nrow: int, title: str | None = None, row_lab
     plt.close(fig)
 
 
+def sample_labels(args, num_classes: int) -> tuple[list[int], np.ndarray]:
+    """``jaxgen sample``'s labels (``--label``, default every class), checked, and each repeated ``--num`` times."""
+    labels = args.label if args.label is not None else list(range(num_classes))
+    bad = [l for l in labels if not 0 <= l < num_classes]
+    if bad:
+        raise ValueError(f"labels {bad} lie outside [0, {num_classes - 1}]; pass --label values in that range.")
+    return labels, np.repeat(np.asarray(labels), args.num)
+
+
+def write_samples(images, labels, out: str | None, *, nrow: int, title: str, what: str) -> str:
+    """``jaxgen sample``'s outputs: a PNG grid at ``out`` (default ``samples.png``) and ``<stem>_samples.npy`` /
+    ``<stem>_labels.npy``; returns the line to print (``what`` says how they were sampled)."""
+    out = out or "samples.png"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_grid(images, out, nrow=nrow, title=title)
+    stem = os.path.splitext(out)[0]
+    np.save(stem + "_samples.npy", np.asarray(images))
+    np.save(stem + "_labels.npy", np.asarray(labels).astype(np.int32))
+    return f"wrote {out} ({len(labels)} images, {what}) and {stem}_samples.npy"
+
+
 def write_json(path: str, obj) -> None:
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2)

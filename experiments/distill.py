@@ -260,22 +260,13 @@ def sample_command(run_dir: str, args) -> str:
     import jax
 
     f, cfg, tcfg, shape = load_run(run_dir, step=args.step)
-    labels = args.label if args.label is not None else list(range(tcfg.num_classes))
-    bad = [l for l in labels if not 0 <= l < tcfg.num_classes]
-    if bad:
-        raise ValueError(f"labels {bad} lie outside [0, {tcfg.num_classes - 1}].")
-    lab = np.repeat(np.asarray(labels), args.num)
+    labels, lab = common.sample_labels(args, tcfg.num_classes)
     sampler = args.sampler or "consistency"
     ts = cfg.sample_ts[0] if sampler == "consistency" and not args.steps else None
     imgs, nfe = sample(f, tcfg, lab, shape, jax.random.key(args.seed), ts=ts, sampler=sampler,
                        steps=args.steps or (None if ts else 1))
-    out = args.out or "samples.png"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    common.save_grid(imgs, out, nrow=min(args.num, 16), title=f"labels {labels}, {sampler} (NFE {nfe})")
-    stem = os.path.splitext(out)[0]
-    np.save(stem + "_samples.npy", imgs)
-    np.save(stem + "_labels.npy", lab.astype(np.int32))
-    return f"wrote {out} ({len(lab)} images, {sampler}, NFE {nfe}) and {stem}_samples.npy"
+    return common.write_samples(imgs, lab, args.out, nrow=min(args.num, 16),
+                                title=f"labels {labels}, {sampler} (NFE {nfe})", what=f"{sampler}, NFE {nfe}")
 
 
 def evaluate_command(run_dir: str, args) -> str:

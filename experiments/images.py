@@ -337,22 +337,13 @@ def sample_command(run_dir: str, args) -> str:
 
     cfg, trainer, state, shape = load_run(run_dir, step=args.step)
     model = trainer.model(state, ema=trainer.ema_decay is not None)
-    labels = args.label if args.label is not None else list(range(cfg.num_classes))
-    bad = [l for l in labels if not 0 <= l < cfg.num_classes]
-    if bad:
-        raise ValueError(f"labels {bad} lie outside [0, {cfg.num_classes - 1}].")
-    lab = np.repeat(np.asarray(labels), args.num)
+    labels, lab = common.sample_labels(args, cfg.num_classes)
     w = cfg.eval_guidance if args.guidance is None else args.guidance
     sampler = args.sampler or cfg.sampler
     imgs, nfe = generate(model, cfg, lab, w, jax.random.key(args.seed), sampler=sampler, steps=args.steps,
                          shape=shape)
-    out = args.out or "samples.png"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    common.save_grid(imgs, out, nrow=min(args.num, 16), title=f"labels {labels}, w = {w:g}, {sampler} (NFE {nfe})")
-    stem = os.path.splitext(out)[0]
-    np.save(stem + "_samples.npy", imgs)
-    np.save(stem + "_labels.npy", lab.astype(np.int32))
-    return f"wrote {out} ({len(lab)} images, {sampler}, NFE {nfe}) and {stem}_samples.npy"
+    return common.write_samples(imgs, lab, args.out, nrow=min(args.num, 16),
+                                title=f"labels {labels}, w = {w:g}, {sampler} (NFE {nfe})", what=f"{sampler}, NFE {nfe}")
 
 
 def evaluate_command(run_dir: str, args) -> str:

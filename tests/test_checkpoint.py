@@ -278,6 +278,7 @@ class _Run:
         self.proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_and_mid_training_then_resume_matches_an_uninterrupted_run(trainer, tmp_path):
     ckdir = tmp_path / "run"
     # 1. killed by SIGKILL inside the commit of step 20 (written to the temporary folder, not yet renamed)

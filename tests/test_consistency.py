@@ -220,6 +220,7 @@ def test_multistep_sampler_counts_calls_and_renoises_to_the_path(name):
 
 # -- losses and the EMA target --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_distillation_loss_vanishes_at_the_exact_flow_map():
     """The teacher step goes towards the data: the true consistency function (the oracle's ODE flow map to
     t = 1) has a near-zero CD loss, far below that of a one-Euler-step map; Heun beats Euler as the teacher."""
@@ -265,6 +266,7 @@ def _teacher_steps(u, x, t0, t1):
     return x + 0.5 * h * (k1 + u(x + h * k1, t1))
 
 
+@pytest.mark.slow
 def test_losses_compare_the_online_net_at_the_noisier_time_with_the_target_at_the_next():
     """Algorithms 2-3 in jaxgen time: the online f_theta sees x_{tau_n} = alpha z + beta eps at tau_n, the target
     the teacher's Heun step (CD) or the same eps (CT) at tau_{n+1} > tau_n; labels reach every network; the
@@ -302,6 +304,7 @@ def test_losses_compare_the_online_net_at_the_noisier_time_with_the_target_at_th
     assert g_none == pytest.approx(g_frozen, rel=1e-6) and abs(g_none) > 1e-3
 
 
+@pytest.mark.slow
 def test_a_denoiser_teacher_takes_an_euler_step_into_the_data_end():
     """A data-prediction teacher has no velocity at t = 1 (beta = 0): the last interval is an Euler step (EDM's
     Algorithm 1 at sigma = 0), which on the linear path lands on the denoiser's output; the others are Heun."""
@@ -388,6 +391,7 @@ def test_trainer_runs_a_dropout_network_with_the_online_masks_in_the_target():
 
 # -- end to end on a 2-D Gaussian mixture ----------------------------------------------------
 
+@pytest.mark.slow
 def test_distillation_with_the_oracle_teacher_beats_one_step_euler(exact_map_at_noise):
     f = ConsistencyFunction(_net(0), LINEAR, sigma_data=SIGMA_DATA)
     loss = consistency_distillation_loss(LINEAR, TEACHER, num_scales=18, solver="heun")
@@ -411,6 +415,7 @@ def test_distillation_with_the_oracle_teacher_beats_one_step_euler(exact_map_at_
     assert sw_cd2 < sw_cd1 + 0.1  # multistep is not worse beyond estimator noise
 
 
+@pytest.mark.slow
 def test_consistency_training_from_scratch_beats_one_step_euler_of_the_exact_flow(exact_map_at_noise):
     """CT with the iCT recipe (pseudo-Huber, mu = 0, N growing 10 -> 41): no teacher, one network call, and closer
     to the data than one Euler step of the exact marginal velocity (the flow-matching optimum)."""
@@ -442,6 +447,7 @@ def test_consistency_training_from_scratch_beats_one_step_euler_of_the_exact_flo
     assert sw_ct < 0.45 * sw_euler1
 
 
+@pytest.mark.slow
 def test_consistency_training_with_microbatches_and_bfloat16():
     """The one trainer runs consistency training with gradient accumulation and mixed precision: the online network,
     the EMA target and the batch are cast to bfloat16 in the loss, the master weights, the EMA and the loss stay

@@ -137,6 +137,7 @@ def test_q_sample_moments():
     np.testing.assert_allclose(LINEAR.q_sample(x0[:2], 0, jnp.ones((2, 2))), x0[:2])  # n = 0 is the data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sched", [LINEAR, COSINE], ids=["linear", "cosine"])
 def test_path_goes_through_every_step(sched):
     """alpha_{t_n} = sqrt(abar_n), beta_{t_n} = sqrt(1 - abar_n) at t_n = 1 - n_orig / T_orig."""
@@ -268,6 +269,7 @@ def mixture_reference():
     return ref, max(3 * max(floors), 3e-3)
 
 
+@pytest.mark.slow
 def test_respaced_ancestral_sampling_reproduces_mixture(mixture_reference, prediction="velocity", variance="posterior"):
     """50 of 1000 steps with a velocity field (the eps oracle converted by the field algebra, decoded back by the
     sampler); eps is tested on Gaussian data above, a data prediction in the discretised bound below."""
@@ -364,6 +366,7 @@ def _gap(sched, variance, gauss_data):
     return cache[id(sched), variance]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variance", ["beta", "posterior"])
 def test_elbo_bounds_the_exact_nll_and_matches_the_analytic_gap(gauss_data, variance):
     """E[-ELBO(x0)] >= E[-log p(x0)] for the oracle model with the continuous Gaussian decoder, and the measured
@@ -378,6 +381,7 @@ def test_elbo_bounds_the_exact_nll_and_matches_the_analytic_gap(gauss_data, vari
     assert np.all(np.asarray(bound.prior) >= 0) and np.all(np.asarray(bound.diffusion) > 0)
 
 
+@pytest.mark.slow
 def test_elbo_gap_shrinks_with_more_steps(gauss_data):
     """With sigma_n^2 = beta_tilde_n the gap is measurable: T = 100 -> 1000 (rescaled linear betas) it drops
     from 2.61 to 1.15 nats (closed form). With sigma_n^2 = beta_n it is 0.0124 -> 0.0012: below the Monte Carlo error
@@ -420,6 +424,7 @@ def test_discretized_likelihood_is_a_distribution_over_bins():
     np.testing.assert_allclose(float(got[2]), centre, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_discretized_elbo_bounds_the_entropy_of_discrete_data():
     """8-bit data on three levels: -ELBO with the decoder of eq. 13 is a bound on a discrete NLL, so averaged over
     the data it is >= the entropy of the levels (the oracle is a mixture of components much narrower than a bin)."""

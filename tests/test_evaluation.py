@@ -62,6 +62,7 @@ def corrupted(digits):
     return noise, shuffled
 
 
+@pytest.mark.slow
 def test_classifier_generalises(clf, digits):
     xtr, ytr, xte, yte = digits
     assert ev.classifier_accuracy(clf, xte, yte) >= 0.95
@@ -86,6 +87,7 @@ def test_cache_hit_is_identical_and_fast(trained, digits, cache_dir):
     assert len(_entries(cache_dir)) == 1
 
 
+@pytest.mark.slow
 def test_cache_is_keyed_on_data_hparams_and_version(digits, tmp_path, monkeypatch):
     xtr, ytr, _, _ = digits
     x, y = xtr[:300], ytr[:300]

@@ -15,6 +15,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_outputs(run_dir):
     for f in ("config.json", "metrics.jsonl", "samples_per_class.png", "guidance_sweep.png", "loss.png",
               "report.json", "report.md", "samples.npy", "labels.npy"):
@@ -27,6 +28,7 @@ def test_train_writes_outputs(run_dir):
     assert report["step"] == 20 and 0.0 <= report["accuracy"] <= 1.0 and set(report["guidance_sweep"]) == {"0.0", "2.0"}
 
 
+@pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(run_dir):
     assert cli.main(["train", "digits_smoke", "--out", str(run_dir), "--no-progress", "--set", "steps=30"]) == 0
     steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -34,6 +36,7 @@ def test_resume_continues_from_last_checkpoint(run_dir):
     assert json.loads((run_dir / "report.json").read_text())["step"] == 30
 
 
+@pytest.mark.slow
 def test_a_different_config_in_the_same_directory_is_refused(run_dir, capsys):
     before = (run_dir / "config.json").read_text()
     assert cli.main(["train", "digits_smoke", "--out", str(run_dir), "--no-progress", "--set", "channels=16"]) == 2
@@ -44,6 +47,7 @@ def test_a_different_config_in_the_same_directory_is_refused(run_dir, capsys):
         cli.main(["train", "digits_smoke", "--out", str(run_dir), "--no-progress", "--set", "channels=16", "--debug"])
 
 
+@pytest.mark.slow
 def test_sample_command_writes_grid_and_arrays(run_dir, tmp_path):
     out = tmp_path / "grid.png"
     assert cli.main(["sample", "--checkpoint", str(run_dir), "--label", "3", "--guidance", "2", "--sampler", "euler",
@@ -109,6 +113,7 @@ def test_every_sampler_runs_by_name_through_the_cli(run_dir, tmp_path, capsys):
 # -- consistency distillation of the trained run (`jaxgen train digits_cd_smoke --set teacher=RUN`) -----------
 
 
+@pytest.mark.slow
 def test_distill_at_step_zero_is_the_teachers_euler_jump(run_dir, tmp_path):
     """Initialised from the teacher in the denoiser parameterisation, f(x, 0) = x + u(x, 0): one consistency
     step is exactly the teacher's one Euler step (at w = 1, the conditional field the student network computes)."""
@@ -120,6 +125,7 @@ def test_distill_at_step_zero_is_the_teachers_euler_jump(run_dir, tmp_path):
     np.testing.assert_allclose(row["fd"], row["teacher_euler_same_nfe"]["fd"], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_distill_trains_resumes_and_refuses_other_settings(run_dir, tmp_path):
     out = tmp_path / "cd"
     teacher = ["--set", f"teacher={run_dir}"]

@@ -18,6 +18,7 @@ def short_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_short_run_writes_every_output(short_run):
     for f in ("samples.npy", "samples_adaptive.npy", "metrics.json", "config.json", "samples.png",
               "trajectories.png", "loss.png", "metrics.jsonl"):
@@ -31,6 +32,7 @@ def test_short_run_writes_every_output(short_run):
     assert saved["train"]["steps"] == 300 and saved["step"] == 300
 
 
+@pytest.mark.slow
 def test_resume_sample_and_evaluate_with_any_sampler(short_run, tmp_path):
     assert cli.main(["train", "toy2d_gaussian_to_moons", "--out", str(short_run), "--no-progress", "--set", "steps=450",
                      "--set", "num_samples=256", "--set", "euler_steps=20", "--set", "chunk=150",

@@ -132,6 +132,7 @@ def convergence():
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_converges_at_its_order(convergence, name):
     order, errs, slope, _ = convergence[name]
@@ -143,6 +144,7 @@ NFE_PER_STEP = {"ddim": 1, "dpm_solver_2": 2, "dpm_solver_3": 3, "dpm_solver_pp_
                 "dpm_solver_pp_3m": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_reported_nfe_is_exact(convergence, name):
     """NFE = steps * order for the single-step solvers, steps for DDIM and 2M, 2 N - 1 for EDM (Heun + final
@@ -161,6 +163,7 @@ def test_first_order_solvers_are_ddim():
     np.testing.assert_allclose(outs[2], outs[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_edm_sampler_depends_on_the_path_only_through_sigma():
     """On the scaled state x / alpha the EDM ODE only sees sigma = beta / alpha: the linear path (bisected
     Karras times) and the EDM path (whose uniform times are the Karras levels) give the same samples."""
@@ -192,6 +195,7 @@ SAMPLERS = {  # default grids of the VP path (t from 0 to 1 - 1e-5)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_every_parameterisation_gives_the_same_samples(name):
     x0 = jax.random.normal(jax.random.key(1), (32, 2))
@@ -220,6 +224,7 @@ GRAD_SAMPLERS = {
 SMOOTH_AT_THE_DATA_END = ("ddim", "ddim_eta", "dpm_solver_1", "dpm_solver_pp_2m", "dpm_solver_pp_3m")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(GRAD_SAMPLERS))
 def test_gradient_with_respect_to_a_grid_with_open_ends(name):
     """jax.grad of the samples with respect to a traced grid ts = linspace(0, 1, 7) of the linear path, whose ends
@@ -269,6 +274,7 @@ def _assert_moments(x, gm, n_se=4.0):
 N_SAMPLES = 4000
 
 
+@pytest.mark.slow
 def test_ddim_eta_one_samples_the_target():
     """Ancestral sampling (DDPM posterior noise) with the exact eps prediction, linear path from t0 = 1e-3."""
     x0 = LINEAR.sample_prior(jax.random.key(2), (N_SAMPLES, 2))
@@ -277,6 +283,7 @@ def test_ddim_eta_one_samples_the_target():
     _assert_moments(run(x0, jax.random.key(3)), MIX)
 
 
+@pytest.mark.slow
 def test_edm_churn_samples_the_target():
     steps = 64
     # x0 drawn exactly from p_t at the first noise level sigma_max = 80 of the VP path

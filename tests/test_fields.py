@@ -27,6 +27,7 @@ def _inputs(path, lo=0.1, hi=0.9, seed=0):
     return x, t
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_round_trips_all_pairs(name):
     """A -> B -> A is the identity for every pair of parameterisations (to 1e-5 relative)."""
@@ -39,6 +40,7 @@ def test_round_trips_all_pairs(name):
         np.testing.assert_allclose(back, out, atol=1e-5 * scale, rtol=1e-5, err_msg=f"{name}: {a}->{b}->{a}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_conversions_agree_with_oracle(name):
     """Converting any oracle prediction gives the oracle's other predictions.
@@ -148,6 +150,7 @@ def test_conversion_rejects_mismatched_shapes():
         convert(path, jnp.ones((4, 2)), jnp.ones((4, 3)), 0.5, source="eps", target="velocity")
 
 
+@pytest.mark.slow
 def test_velocity_decoding_where_the_determinant_vanishes():
     """polynomial(2) has alpha = d_alpha = d_beta = 0 at t = 0 (u_0 = 0 for every z): eps = x, score = -x."""
     path = GaussianPath.from_name("polynomial", n=2.0)
@@ -164,6 +167,7 @@ def test_conversions_accept_schedule_names():
                                convert(PATHS["linear"], x, x, 0.5, source="eps", target="data"))
 
 
+@pytest.mark.slow
 def test_classifier_guidance_with_the_exact_classifier_gives_the_conditional_field():
     """With p(y|x_t) from the oracle (component posterior) and w = 1, the guided score is the score of
     the y-th component's path."""
@@ -198,6 +202,7 @@ def test_label_dropout_replaces_labels_with_null():
         flow_matching_loss("linear", label_dropout=0.1)
 
 
+@pytest.mark.slow
 def test_chunked_field_equals_the_field_with_padding_and_split_conditions():
     w = jax.random.normal(jax.random.key(0), (3, 3))
 
@@ -220,6 +225,7 @@ def test_chunked_field_equals_the_field_with_padding_and_split_conditions():
 
 @pytest.mark.parametrize("source,target,prediction", [("linear", "vp", "eps"), ("cosine", "ve", "velocity"),
                                                       ("vp", "linear", "data"), ("linear", "edm", "v")])
+@pytest.mark.slow
 def test_change_path_gives_the_oracle_field_of_the_other_path(source, target, prediction):
     """The same data on two Gaussian paths: the field of one path, moved onto the other by log-SNR matching and
     scaling, is the other path's exact field (the oracle's, in the same parameterisation)."""

@@ -58,6 +58,7 @@ def exact_f32():
 
 # -- exactness against the analytic density ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_float32_diagonal_mixture_linear_velocity(exact_f32):
     x, res, truth, count = exact_f32
     err = np.abs(np.asarray(res.log_prob) - np.asarray(truth)) / 2  # nats per dimension
@@ -72,6 +73,7 @@ def test_float32_diagonal_mixture_linear_velocity(exact_f32):
     assert int(res.nfe) == 2 * count
 
 
+@pytest.mark.slow
 def test_float64_linear_velocity_matches_analytic_log_prob():
     with jax.enable_x64(True):
         fn = _ll_jit(lambda g: g.field(LINEAR, "velocity"), path=LINEAR, rtol=1e-9, atol=1e-9)
@@ -83,6 +85,7 @@ def test_float64_linear_velocity_matches_analytic_log_prob():
             assert err.max() < 1e-6, err.max()  # measured ~2e-8; the brief's bar is 1e-3
 
 
+@pytest.mark.slow
 def test_vp_eps_prediction_with_exact_endpoint_prior():
     """eps prediction on VP, integrated over [t_min, t_max] = [0, 1 - 1e-5]; the VP t=0 marginal is
     not exactly N(0, I) (alpha_0 = e^{-5.025}), so the exact marginal is passed as the prior."""
@@ -107,6 +110,7 @@ def test_vp_eps_prediction_with_exact_endpoint_prior():
 
 # -- Hutchinson -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hutchinson_is_unbiased_over_probes(exact_f32):
     x, exact, _, _ = exact_f32
     keys = jax.random.split(jax.random.key(7), 48)
@@ -157,6 +161,7 @@ def _linear_closed_form(params, x):
     return jnp.mean(-0.5 * jnp.sum(x0**2, -1) - 0.5 * d * jnp.log(2 * jnp.pi) - a * d)
 
 
+@pytest.mark.slow
 def test_gradient_through_the_solve_matches_finite_differences_and_closed_form():
     with jax.enable_x64(True):
         x = jnp.array([[0.3, -1.2], [1.1, 0.4], [-0.6, 0.9]], jnp.float64)
@@ -194,6 +199,7 @@ def test_uniform_density_on_the_data_range_is_exactly_8_bits():
     np.testing.assert_allclose(bits_per_dim(jnp.zeros(()), d), 7.0)
 
 
+@pytest.mark.slow
 def test_histogram_density_gives_the_discrete_code_length():
     """If the model density is constant on each bin, q(y) = P(floor y), bits/dim of every dequantised
     point is exactly the discrete -log2 P(k) / D (Theis et al. 2016)."""
@@ -236,6 +242,7 @@ def test_dequantized_points_stay_inside_their_bins():
         assert x.min() >= lo and x.max() < hi
 
 
+@pytest.mark.slow
 def test_image_bits_per_dim_on_gaussian_data_field():
     """Images 8x8x1; the field is the exact linear-path velocity of data N(0, s^2 I),
     u_t(x) = (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2) x, so log p_1 = log N(x; 0, s^2 I)."""

@@ -75,6 +75,7 @@ def test_custom_weighting_and_time_sampler():
     assert np.isfinite(float(ln(lambda x, t: x, BATCH[:16], KEY)))
 
 
+@pytest.mark.slow
 def test_non_gaussian_source_and_validation():
     loss = losses.flow_matching_loss("linear", source=eight_gaussians)
     assert np.isfinite(float(loss(lambda x, t: jnp.zeros_like(x), BATCH[:32], KEY)))
@@ -103,6 +104,7 @@ def test_conditioning_from_dict_batch():
         losses.flow_matching_loss("linear")(field, {"data": BATCH[:4]}, KEY)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", ["velocity", "eps", "v"])
 def test_gradients_through_nnx_module_and_params_adapter(prediction):
     model = MLPField(2, width=16, hidden_layers=2, rngs=nnx.Rngs(0))
@@ -121,6 +123,7 @@ def test_gradients_through_nnx_module_and_params_adapter(prediction):
     assert jax.tree.structure(gp) == jax.tree.structure(params)
 
 
+@pytest.mark.slow
 def test_loss_vmaps_over_keys():
     loss = losses.flow_matching_loss("linear")
     vals = jax.vmap(lambda k: loss(lambda x, t: jnp.zeros_like(x), BATCH[:32], k))(jax.random.split(KEY, 4))

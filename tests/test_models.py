@@ -24,6 +24,7 @@ def test_field_signature_shapes_and_time_dependence():
     np.testing.assert_allclose(m(x, 0.0), a)  # a scalar t broadcasts
 
 
+@pytest.mark.slow
 def test_class_conditional_mlp():
     m = MLPField(2, width=16, num_classes=3, rngs=nnx.Rngs(0))
     x = jnp.ones((4, 2))

@@ -35,6 +35,7 @@ def _code_cells(path: pathlib.Path) -> list[str]:
     return cells
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_runs(name):
     old, new = NOTEBOOKS[name]

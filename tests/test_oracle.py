@@ -42,6 +42,7 @@ def test_score_is_gradient_of_marginal_log_density(gm, name):
     np.testing.assert_allclose(jax.jit(lambda xx: gm.marginal_score(path, xx, t))(x), g, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gm", [GM, FULL], ids=["isotropic", "full_cov"])
 @pytest.mark.parametrize("name", ["linear", "cosine", "vp", "ve"])
 def test_marginal_field_solves_continuity_equation(gm, name):
@@ -66,6 +67,7 @@ def test_marginal_field_solves_continuity_equation(gm, name):
     np.testing.assert_allclose(dlogp_dt, rhs, rtol=2e-3, atol=2e-3 * float(jnp.abs(dlogp_dt).max()))
 
 
+@pytest.mark.slow
 def test_log_prob_at_data_end_is_mixture_density():
     path = PATHS["linear"]
     x = GM.sample(jax.random.key(3), 16)
@@ -74,12 +76,14 @@ def test_log_prob_at_data_end_is_mixture_density():
     np.testing.assert_allclose(GM.marginal_log_prob(path, x, jnp.zeros(16)), path.prior_log_prob(x), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampling_moments():
     x = FULL.sample(jax.random.key(4), 200_000)
     np.testing.assert_allclose(x.mean(0), FULL.mean(), atol=0.01)
     np.testing.assert_allclose(jnp.cov(x.T), FULL.covariance(), atol=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["linear", "cosine", "vp", "ve"])
 def test_oracle_ode_reproduces_mixture(name, reference):
     ref, floor = reference
@@ -92,6 +96,7 @@ def test_oracle_ode_reproduces_mixture(name, reference):
     assert float(metrics.energy_distance(x0, ref)) > 10 * _bound(floor)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["linear", "vp", "ve"])
 def test_oracle_sde_reproduces_mixture_for_any_sigma(name, reference):
     ref, floor = reference
@@ -104,6 +109,7 @@ def test_oracle_sde_reproduces_mixture_for_any_sigma(name, reference):
         assert ed < _bound(floor), (name, sigma, ed, floor)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["linear", "vp"])
 def test_annealed_langevin_on_oracle_score_reproduces_mixture(name, reference):
     ref, floor = reference
@@ -117,6 +123,7 @@ def test_annealed_langevin_on_oracle_score_reproduces_mixture(name, reference):
     assert ed < 3 * _bound(floor), (name, ed, floor)
 
 
+@pytest.mark.slow
 def test_conditional_and_marginal_flow_matching_differ_by_a_constant():
     """L_FM(theta) = L_CFM(theta) + C with C independent of theta (notes sec. 4.1.2).
 
@@ -161,12 +168,14 @@ def test_mixture_validation():
         GM.marginal_score(PATHS["linear"], jnp.zeros((4, 3)), 0.5)
 
 
+@pytest.mark.slow
 def test_oracle_is_a_pytree_and_jits():
     f = jax.jit(lambda gm, x, t: gm.marginal_velocity(PATHS["cosine"], x, t))
     out = f(GM, jnp.zeros((4, 2)), jnp.full((4,), 0.5))
     np.testing.assert_allclose(out, GM.marginal_velocity(PATHS["cosine"], jnp.zeros((4, 2)), 0.5), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_oracle_differentiates_with_respect_to_the_mixture():
     path = PATHS["linear"]
     x = jnp.array([[0.3, -0.2]])

@@ -106,6 +106,7 @@ def test_conditional_velocity_is_time_derivative_of_path(name):
     np.testing.assert_allclose(path.conditional_velocity_from_noise(z, eps, t), dxt, rtol=1e-5, atol=1e-5 * float(jnp.abs(dxt).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["linear", "vp", "ve"])
 def test_conditional_score_is_gradient_of_log_density(name):
     path = PATHS[name]

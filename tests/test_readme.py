@@ -1,5 +1,6 @@
 """The README's code runs as written (with fewer training steps)."""
 
+import pytest
 import pathlib
 import re
 
@@ -10,6 +11,7 @@ def _python_blocks():
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_python_snippets_run_in_order():
     blocks = _python_blocks()
     assert len(blocks) == 4, "each README python block is run here: add the new one's assertions"

@@ -33,6 +33,7 @@ def _curve(ts, a, offsets):
                                       a * jnp.sin(jnp.pi * ts)[:, None] * jnp.ones(offsets.shape[0])], -1)
 
 
+@pytest.mark.slow
 def test_straightness_is_zero_for_straight_lines():
     ts = jnp.sort(jnp.concatenate([jnp.array([0.0, 1.0]), jax.random.uniform(jax.random.key(0), (30,))]))
     x0, x1 = jax.random.normal(jax.random.key(1), (2, 16, 3))
@@ -45,6 +46,7 @@ def test_straightness_is_zero_for_straight_lines():
     assert float(straightness(bent, ts)) > 0.1
 
 
+@pytest.mark.slow
 def test_straightness_of_a_sine_curve_matches_its_closed_form():
     a = 0.7
     ts = jnp.linspace(0.0, 1.0, 2001)
@@ -74,6 +76,7 @@ def _swirl(x, t, **_):
     return jnp.tanh(x[:, ::-1]) * jnp.array([1.0, -1.0]) + (1.0 + t)[:, None] * 0.3
 
 
+@pytest.mark.slow
 def test_reflow_couplings_loss_and_coupling_hook_agree():
     x0 = SOURCE(jax.random.key(0), 64)
     model = MLPField(2, width=16, hidden_layers=2, rngs=nnx.Rngs(0))
@@ -160,6 +163,7 @@ def test_labels_reach_the_field_and_the_pair_is_noise_at_t0_data_at_t1():
 
 # -- 2-rectified flow and distillation on the oracle's couplings ------------------------------------
 
+@pytest.mark.slow
 def test_reflow_on_oracle_couplings_straightens_and_improves_one_step_samples():
     pairs = jax.jit(lambda k: reflow_couplings(V1, k, 2048, SOURCE, solver="heun", steps=32))(jax.random.key(0))
     data = pair_sampler(pairs, 256)

@@ -24,6 +24,7 @@ def errors():
     return {m: [float(jnp.abs(run(X0, m, n) - EXACT).max()) for n in (8, 16, 32)] for m in ("euler", "midpoint", "heun")}
 
 
+@pytest.mark.slow
 def test_rk4_is_fourth_order():
     # in float64: in float32 RK4 reaches round-off (~1e-6) at 32 steps
     with jax.enable_x64(True):
@@ -33,6 +34,7 @@ def test_rk4_is_fourth_order():
     assert np.all(np.abs(slopes - 4) < 0.25), (e, slopes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,order", [("euler", 1), ("midpoint", 2), ("heun", 2)])
 def test_fixed_step_convergence_order(errors, method, order):
     e = np.array(errors[method])
@@ -70,6 +72,7 @@ def test_reported_nfe_equals_counted_evaluations(method, steps):
     assert count[0] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["euler", "midpoint", "heun"])
 def test_scan_and_diffrax_agree(method):
     ts = jnp.array([0.0, 0.1, 0.25, 0.5, 0.8, 1.0])  # non-uniform grid
@@ -93,6 +96,7 @@ def test_gradient_through_euler_matches_closed_form():
     np.testing.assert_allclose(g, 3.0 * n * h * (1 + 0.7 * h) ** (n - 1), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_through_adaptive_solver_matches_exact_flow():
     x0 = jnp.array([[1.0, 2.0]])
     g = jax.grad(lambda th: sample(lambda x, t: th * x, x0, Diffrax(rtol=1e-7, atol=1e-7)).x.sum())(0.7)
@@ -108,6 +112,7 @@ def test_euler_maruyama_on_ornstein_uhlenbeck():
     assert abs(float(res.x.var()) - (1 - np.exp(-2))) < 0.03
 
 
+@pytest.mark.slow
 def test_sde_with_any_sigma_reaches_gaussian_target():
     for sigma in (0.0, 0.8, lambda t: 2.0 * (1.0 - t)):
         res = sample(FIELD, jax.random.normal(jax.random.key(2), (20000, 2)), EulerMaruyama(sigma), path=PATH,
@@ -116,6 +121,7 @@ def test_sde_with_any_sigma_reaches_gaussian_target():
         np.testing.assert_allclose(res.x.std(0), S, atol=0.03)
 
 
+@pytest.mark.slow
 def test_sde_from_eps_parameterisation():
     path = GaussianPath.from_name("vp")
     res = sample(GAUSS.field(path, "eps"), jax.random.normal(jax.random.key(2), (20000, 2)), EulerMaruyama(0.5),
@@ -168,6 +174,7 @@ def test_bad_sampler_input():
         sample(FIELD, X0, "tsit5", steps=10)
 
 
+@pytest.mark.slow
 def test_final_euler_never_evaluates_at_t1():
     seen = []
 
@@ -199,6 +206,7 @@ def test_langevin_vmaps_over_step_size():
     assert out.shape == (2, 64, 1)
 
 
+@pytest.mark.slow
 def test_solvers_of_one_process_sample_a_field_of_another_path():
     """DDPM ancestral sampling and score_sde's predictor-corrector sampler, given a velocity field of the linear path,
     move it onto their own path (log-SNR matching): the samples equal those of the exact field of their path."""

@@ -55,6 +55,7 @@ def _score_sde_marginal(name, tau):
     return m, (np.sqrt(1 - np.exp(2 * log_m)) if name == "vp" else 1 - np.exp(2 * log_m))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vp", "sub_vp", "ve"])
 def test_marginal_prob_reproduces_score_sde_and_jaxgen_path(name):
     sde = SDES[name]
@@ -79,6 +80,7 @@ def test_known_numbers():
     np.testing.assert_allclose(SDES["ve"].marginal_coeffs(jnp.array(0.5))[1], math.sqrt(0.5), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vp", "sub_vp", "ve"])
 def test_drift_and_diffusion_generate_the_marginals(name):
     """For dx = c x d tau + g dW the kernel N(m x0, v) has dm/dtau = c m and dv/dtau = 2 c v + g^2 (the moment
@@ -236,6 +238,7 @@ def _score_sde_update(name, predictor, corrector, x, z, tau, n_steps, snr):
 @pytest.mark.parametrize("name,predictor,corrector", [("vp", "reverse_diffusion", "none"), ("ve", "reverse_diffusion", "none"),
                                                       ("vp", "none", "langevin"), ("sub_vp", "none", "langevin"),
                                                       ("ve", "none", "langevin"), ("sub_vp", "euler_maruyama", "none")])
+@pytest.mark.slow
 def test_pc_steps_are_score_sde_updates(name, predictor, corrector):
     """Every transition of a 25-step pc_sample equals score_sde's update at tau_i = linspace(1, 1e-3, 25)[i], with the
     documented noise fold_in(fold_in(key, i), 1) (corrector) / fold_in(fold_in(key, i), 0) (predictor)."""

@@ -39,6 +39,7 @@ def test_single_steps_equal_fused_steps(trainer):
     assert int(s1.step) == int(s2.step) == 5
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_resume_continues_exactly(trainer):
     a, _ = trainer.steps(trainer.init(3), 20)
     b, _ = trainer.steps(trainer.init(3), 20)
@@ -97,6 +98,7 @@ def test_step_with_external_batch_and_missing_data():
         tr.step(tr.init(0))
 
 
+@pytest.mark.slow
 def test_adam_with_schedule_warms_up_and_decays():
     opt = adam_with_schedule(1e-2, total_steps=100, warmup_steps=10, clip_norm=1.0)
     params = {"w": jnp.ones(3)}
@@ -124,6 +126,7 @@ class _DropoutField(nnx.Module):
         return self.drop(self.lin(jnp.concatenate([x, t[:, None]], -1)))
 
 
+@pytest.mark.slow
 def test_stateful_dropout_module_trains_and_its_rng_state_advances():
     tr = Trainer(_DropoutField(nnx.Rngs(0)), LOSS, optax.adam(1e-3), data=DATA)
     s0 = tr.init(0)
@@ -136,6 +139,7 @@ def test_stateful_dropout_module_trains_and_its_rng_state_advances():
     assert counts and any((a != b).any() for a, b in zip(counts, counts0))  # dropout masks change per step
 
 
+@pytest.mark.slow
 def test_unfused_steps_equal_fused_steps(trainer):
     unfused = _trainer(fuse_steps=False)
     a, la = trainer.steps(trainer.init(5), 4)
@@ -145,6 +149,7 @@ def test_unfused_steps_equal_fused_steps(trainer):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_microbatches_accumulate_the_full_batch_gradient():
     """With a loss whose randomness does not matter (a fixed target), k microbatches give the full-batch update."""
     def loss(model, batch, key):
@@ -210,6 +215,7 @@ def test_two_players_take_turns_with_their_own_optimizers():
         Trainer(_Players(), [Update(critic_loss, optimizer="critic")], optax.sgd(0.1))
 
 
+@pytest.mark.slow
 def test_objective_state_is_carried_through_the_compiled_steps():
     """An objective with its own state (an EBM's replay buffer of sampler outputs): init_state builds it, the loss
     reads and replaces it, it lives in TrainState.aux through fused steps and microbatches."""
@@ -229,6 +235,7 @@ def test_objective_state_is_carried_through_the_compiled_steps():
         Trainer(MLPField(2, width=8, rngs=nnx.Rngs(0)), lambda m, b, k, *, state: (0.0, state), optax.sgd(0.1)).init(0)
 
 
+@pytest.mark.slow
 def test_fit_until_a_step_with_callbacks_at_their_intervals():
     """fit(until_step=...) trains to that step (a finished run trains nothing); chunks end at the multiples of
     chunk and of every callback's `every`; callbacks see those steps; bad arguments raise before any work."""

@@ -57,6 +57,7 @@ def test_parameter_count_matches_torchcfm():
     assert n == TORCHCFM_8X8_PARAMS  # same layers as ADM/TorchCFM, so the count is exact
 
 
+@pytest.mark.slow
 def test_shape_jit_and_conditioning(model, batch):
     x, t, y = batch
     model.eval()
@@ -81,6 +82,7 @@ def test_output_shapes_of_other_configurations(image_size, in_channels, channel_
     assert out.shape == x.shape and out.dtype == x.dtype
 
 
+@pytest.mark.slow
 def test_train_mode_dropout_and_finite_flow_matching_gradients(model, batch):
     x, _, y = batch
     loss = flow_matching_loss("linear")
@@ -99,6 +101,7 @@ def test_train_mode_dropout_and_finite_flow_matching_gradients(model, batch):
     assert sum(bool(jnp.any(g != 0)) for g in leaves) > 0.9 * len(leaves)
 
 
+@pytest.mark.slow
 def test_zero_init_and_group_norm():
     k = nnx.jit(lambda: UNetField(1, channels=8, channel_mult=(1,), attention_resolutions=(), image_size=4,
                                   rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))).conv_out.kernel[...])()
@@ -137,6 +140,7 @@ def _lax_conv(x, k, stride):
 
 @pytest.mark.parametrize("size,cin,cout,ksize,stride", [
     (8, 3, 5, 3, 1), (7, 4, 6, 3, 2), (8, 4, 6, 3, 2), (5, 2, 3, 1, 1), (9, 2, 3, 5, 1), (9, 2, 3, 5, 2)])
+@pytest.mark.slow
 def test_matmul_convolution_equals_xla_convolution_and_its_gradients(size, cin, cout, ksize, stride):
     """The matrix-product convolution is the same function as lax.conv ('same' padding), values and both gradients."""
     x = jax.random.normal(jax.random.key(size), (2, size, size, cin))
@@ -149,6 +153,7 @@ def test_matmul_convolution_equals_xla_convolution_and_its_gradients(size, cin, 
         np.testing.assert_allclose(a, b, atol=5e-5)
 
 
+@pytest.mark.slow
 def test_conv2d_impls_agree_and_match_nnx_conv_initialisation():
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
     convs = {impl: Conv2d(3, 4, 3, stride=2, impl=impl, rngs=nnx.Rngs(7)) for impl in ("auto", "xla", "matmul")}

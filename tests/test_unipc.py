@@ -111,6 +111,7 @@ def convergence():
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_converges_at_its_order(convergence, name):
     errs, slope, _ = convergence[name]
@@ -119,6 +120,7 @@ def test_converges_at_its_order(convergence, name):
     assert errs[-1] < largest, (name, errs)
 
 
+@pytest.mark.slow
 def test_corrector_and_order_reduce_the_error(convergence):
     """At 64 steps on VP: UniPC-3 < UniPC-2 (bh2) < UniP-2 (no corrector: DPM-Solver++(2M)), by factors > 3."""
     e3, e2, p2 = (convergence[name][2][64] for name in ("unipc3_bh2_vp_eps", "unipc2_bh2_vp_eps", "unip2_vp_eps"))
@@ -165,6 +167,7 @@ def test_traced_coefficients_match_the_float64_ones():
 
 # -- 2. every parameterisation gives the same samples -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_parameterisation_gives_the_same_samples():
     """UniPC-2 and -3 on the VP path's default grid (t from 0 to 1 - 1e-5), 10 steps, exact mixture fields."""
     x0 = jax.random.normal(jax.random.key(1), (32, 2))
@@ -192,6 +195,7 @@ NFE_CASES = {  # name -> (sampler(field, x), steps)
 }
 
 
+@pytest.mark.slow
 def test_reported_nfe_equals_steps_and_counted_evaluations():
     fields = {name: counting(lambda x, t: -0.5 * x) for name in NFE_CASES}
     x0 = jnp.ones((3, 2))
@@ -209,6 +213,7 @@ def test_reported_nfe_equals_steps_and_counted_evaluations():
             np.testing.assert_array_equal(res.trajectory[-1], res.x)
 
 
+@pytest.mark.slow
 def test_predictor_alone_is_ddim_and_dpm_solver_pp_2m():
     """Without the corrector, UniP-1 is DDIM and UniP-2 with B(h) = e^h - 1 is DPM-Solver++(2M) (same nodes and
     a_1 = 1/2), also across open ends; bh1 is a different method, and the corrector changes the result."""
@@ -287,6 +292,7 @@ def few_step_errors():
     return out
 
 
+@pytest.mark.slow
 def test_unipc_beats_dpm_solver_pp_on_the_linear_path(few_step_errors):
     """Flow-matching default (linear path, velocity field, uniform times): UniPC-2 (bh2), which is
     DPM-Solver++(2M) plus the corrector, has a smaller error at every step count from 5 to 10 (measured: by
@@ -297,6 +303,7 @@ def test_unipc_beats_dpm_solver_pp_on_the_linear_path(few_step_errors):
     assert e["unipc2", 10] < 0.6 * e["dpm++2m", 10]
 
 
+@pytest.mark.slow
 def test_unipc_is_not_uniformly_better_on_vp_logsnr(few_step_errors):
     """VP with an eps field on a log-SNR grid (lambda from -5 to 3.8, steps of h = 1.8 to 0.9): UniPC-2 is
     better at 5, 8, 9, 10 steps (by 8 %, 4 %, 13 %, 22 %) but worse at 6 and 7 (by 5 % and 3 %): within 10 %
@@ -309,6 +316,7 @@ def test_unipc_is_not_uniformly_better_on_vp_logsnr(few_step_errors):
 
 # -- 5. gradients and bad input -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gradient_through_the_sampler_matches_finite_differences():
     """d/ds of a loss of the samples, s shifting the mixture's means: UniPC-3 on VP (eps) and UniPC-2 across the
     open ends of the linear path (velocity)."""
@@ -355,6 +363,7 @@ def test_bad_input_raises_clear_errors():
 GRID_01 = np.linspace(0.0, 1.0, 7, dtype=np.float32)  # linear path: alpha = 0 at t=0, beta = 0 at t=1
 
 
+@pytest.mark.slow
 def test_gradient_with_respect_to_a_grid_with_open_ends():
     """jax.grad of UniPC-2's samples with respect to a traced grid ts = linspace(0, 1, 7) of the linear path, whose
     ends have lambda = -inf (alpha = 0) and +inf (beta = 0): finite at every time; along random directions of the

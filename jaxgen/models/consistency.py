@@ -6,27 +6,11 @@ point at the data end. In jaxgen's time (t = 0 noise, t = 1 data) it is defined 
 ``t_end`` is the path's ``t_max``, i.e. 1 for linear/cosine, ``1 - 1e-5`` for VP), and one network
 call ``f(x_{t_min}, t_min)`` turns noise into a sample.
 
-Parameterisation (the paper's skip parameterisation, sec. 3 and Appendix C; EDM, Karras et al. 2022, Table 1): with
-``x_t = alpha_t z + beta_t eps`` the rescaled ``x_t / alpha_t = z + sigma_t eps`` is an EDM variable
-of noise level ``sigma_t = beta_t / alpha_t``. Writing the paper's
-
-.. math:: f = c_{skip}(\sigma) \frac{x}{\alpha_t} + c_{out}(\sigma) F_\theta, \quad
-   c_{skip} = \frac{\sigma_d^2}{(\sigma - \sigma_e)^2 + \sigma_d^2}, \quad
-   c_{out} = \frac{(\sigma - \sigma_e)\sigma_d}{\sqrt{\sigma^2 + \sigma_d^2}}, \quad
-   c_{in} = \frac{1}{\sqrt{\sigma^2 + \sigma_d^2}}
-
-in ``x`` units at the data end (times ``alpha_e``) and multiplying through by ``alpha_t`` gives
-formulas without any division by ``alpha_t`` (zero at t = 0), with
-``b_t = (beta_t alpha_e - alpha_t beta_e) / alpha_e = alpha_t (sigma_t - sigma_e)``:
-
-.. math:: f_\theta(x, t) = c_{skip}(t)\, x + c_{out}(t)\, F_\theta(c_{in}(t)\, x, t), \qquad
-   c_{skip} = \frac{\alpha_e \alpha_t \sigma_d^2}{\alpha_t^2 \sigma_d^2 + b_t^2}, \quad
-   c_{out} = \frac{\alpha_e b_t \sigma_d}{\sqrt{\alpha_t^2 \sigma_d^2 + \beta_t^2}}, \quad
-   c_{in} = \frac{1}{\sqrt{\alpha_t^2 \sigma_d^2 + \beta_t^2}}.
-
-``b_t = 0`` at ``t_end``, so ``c_skip = 1`` and ``c_out = 0`` there: the boundary condition holds
-exactly (also enforced with a ``where`` for schedules whose coefficients are clamped). For the
-linear path (``alpha = t``, ``beta = 1 - t``, ``t_end = 1``) this is
+Parameterisation: the paper's skip parameterisation (sec. 3 and Appendix C; EDM, Karras et al. 2022, Table 1),
+``f_theta(x, t) = c_skip(t) x + c_out(t) F_theta(c_in(t) x, t)``, written in jaxgen time without any division by
+``alpha_t`` (:func:`jaxgen.fields.consistency_coefficients`, whose docstring derives it). ``c_skip = 1`` and
+``c_out = 0`` at ``t_end``, so the boundary condition holds exactly (also enforced with a ``where`` for schedules
+whose coefficients are clamped). For the linear path (``alpha = t``, ``beta = 1 - t``, ``t_end = 1``) this is
 ``c_skip = t sd^2 / (t^2 sd^2 + (1-t)^2)``, ``c_out = (1-t) sd / sqrt(t^2 sd^2 + (1-t)^2)``: at t = 0
 the output is ``sd * F`` (pure network), at t = 1 it is ``x``. ``parameterization="denoiser"`` instead
 decodes a trained prediction field (``f = alpha_e z_hat + beta_e eps_hat``; see :class:`ConsistencyFunction`),

@@ -162,26 +162,10 @@ def _vp_beta(tau, beta_min, beta_max):
     return beta_min + tau * (beta_max - beta_min)
 
 
-def _vp_discrete_betas(sde) -> np.ndarray:
-    """score_sde's ``linspace(beta_min / N, beta_max / N, N)``, i.e. DDPM's ``beta_i = beta_min / N + i (beta_max -
-    beta_min) / (N (N - 1))``, ``i = 0..N-1`` (Song et al. 2021's DDPM betas), checked to be a valid chain (every ``beta_i < 1``)."""
-    if sde.beta_max / sde.N >= 1.0:
-        raise ValueError(
-            f"{type(sde).__name__}'s discrete betas linspace(beta_min/N, beta_max/N, N) reach beta_max/N = "
-            f"{sde.beta_max}/{sde.N} >= 1, so sqrt(1 - beta_i) and the Langevin factor 1 - beta_i are invalid (NaN "
-            f"samples). Use N (the predictor-corrector sampler's steps) > beta_max, e.g. >= {math.floor(sde.beta_max) + 1}, or the "
-            "'euler_maruyama' predictor with corrector='none', which do not use the discrete betas.")
-    return np.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N)
-
-
 @dataclasses.dataclass(frozen=True)
-class VPSDE(SDE):
-    r"""Variance-preserving SDE ``dx = -1/2 beta(tau) x d tau + sqrt(beta(tau)) dW`` (Song et al. eq. 11).
-
-    ``beta(tau) = beta_min + tau (beta_max - beta_min)``; the kernel is ``N(m x_0, (1 - m^2) I)`` with
-    ``log m = -1/4 tau^2 (beta_max - beta_min) - 1/2 tau beta_min`` (eq. 29). Its DDPM discretisation has
-    ``beta_i = linspace(beta_min / N, beta_max / N, N)``, i.e. Ho et al.'s ``1e-4 .. 0.02`` for the defaults.
-    """
+class _VPFamily(SDE):
+    """What VP and sub-VP share: ``beta(tau) = beta_min + tau (beta_max - beta_min)``, the drift ``-1/2 beta(tau) x``,
+    score_sde's discrete betas and the Langevin factor ``alpha_i = 1 - beta_i``."""
 
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -190,10 +174,39 @@ class VPSDE(SDE):
     def __post_init__(self):
         super().__post_init__()
         if not 0 <= self.beta_min < self.beta_max:
-            raise ValueError(f"VPSDE needs 0 <= beta_min < beta_max, got ({self.beta_min}, {self.beta_max}).")
+            raise ValueError(f"{type(self).__name__} needs 0 <= beta_min < beta_max, got ({self.beta_min}, "
+                             f"{self.beta_max}).")
 
     def drift_coeff(self, tau):
         return -0.5 * _vp_beta(tau, self.beta_min, self.beta_max)
+
+    @property
+    def discrete_betas(self) -> np.ndarray:
+        """score_sde's ``linspace(beta_min / N, beta_max / N, N)`` (float64), index ``i = 0 .. N-1``, i.e. DDPM's
+        ``beta_i = beta_min / N + i (beta_max - beta_min) / (N (N - 1))`` (Ho et al.'s ``1e-4 .. 0.02`` for the
+        defaults), checked to be a valid chain (every ``beta_i < 1``)."""
+        if self.beta_max / self.N >= 1.0:
+            raise ValueError(
+                f"{type(self).__name__}'s discrete betas linspace(beta_min/N, beta_max/N, N) reach beta_max/N = "
+                f"{self.beta_max}/{self.N} >= 1, so sqrt(1 - beta_i) and the Langevin factor 1 - beta_i are invalid "
+                f"(NaN samples). Use N (the predictor-corrector sampler's steps) > beta_max, e.g. >= "
+                f"{math.floor(self.beta_max) + 1}, or the 'euler_maruyama' predictor with corrector='none', which do "
+                "not use the discrete betas.")
+        return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
+
+    def langevin_alpha(self, tau):
+        """``alpha_i = 1 - beta_i`` at ``i = int(tau (N - 1))`` (score_sde's ``sde.alphas[timestep]``)."""
+        return 1.0 - jnp.asarray(self.discrete_betas, jnp.float32)[self.timestep_index(tau)]
+
+
+@dataclasses.dataclass(frozen=True)
+class VPSDE(_VPFamily):
+    r"""Variance-preserving SDE ``dx = -1/2 beta(tau) x d tau + sqrt(beta(tau)) dW`` (Song et al. eq. 11).
+
+    ``beta(tau) = beta_min + tau (beta_max - beta_min)``; the kernel is ``N(m x_0, (1 - m^2) I)`` with
+    ``log m = -1/4 tau^2 (beta_max - beta_min) - 1/2 tau beta_min`` (eq. 29). Its DDPM discretisation has
+    ``beta_i = linspace(beta_min / N, beta_max / N, N)``, i.e. Ho et al.'s ``1e-4 .. 0.02`` for the defaults.
+    """
 
     def diffusion(self, tau):
         return jnp.sqrt(_vp_beta(tau, self.beta_min, self.beta_max))
@@ -205,12 +218,6 @@ class VPSDE(SDE):
     @property
     def path(self):
         return GaussianPath.from_name("vp", beta_min=self.beta_min, beta_max=self.beta_max)
-
-    @property
-    def discrete_betas(self) -> np.ndarray:
-        """DDPM betas ``linspace(beta_min / N, beta_max / N, N)`` (float64), index ``i = 0 .. N-1``
-        (ValueError if ``beta_max / N >= 1``)."""
-        return _vp_discrete_betas(self)
 
     @property
     def alphas(self) -> np.ndarray:
@@ -230,30 +237,16 @@ class VPSDE(SDE):
         beta = jnp.asarray(self.discrete_betas, x.dtype)[self.timestep_index(tau)]
         return expand_like(jnp.sqrt(1.0 - beta) - 1.0, x) * x, jnp.sqrt(beta)
 
-    def langevin_alpha(self, tau):
-        """``alpha_i = 1 - beta_i`` at ``i = int(tau (N - 1))`` (score_sde's ``sde.alphas[timestep]``)."""
-        return 1.0 - jnp.asarray(self.discrete_betas, jnp.float32)[self.timestep_index(tau)]
-
 
 @dataclasses.dataclass(frozen=True)
-class SubVPSDE(SDE):
+class SubVPSDE(_VPFamily):
     r"""Sub-VP SDE (Song et al. eq. 12): drift as VP, ``g(tau)^2 = beta(tau) (1 - exp(-2 int_0^tau beta))``.
 
     The kernel is ``N(m x_0, (1 - m^2)^2 I)`` with ``m`` as VP (eq. 30): score_sde's ``marginal_prob``
-    returns ``std = 1 - m^2``. Its ``discretize`` is Euler-Maruyama (score_sde defines none).
+    returns ``std = 1 - m^2``. Its ``discretize`` is Euler-Maruyama (score_sde defines none). Its Langevin factor
+    ``alpha_i = 1 - beta_i`` is VP's of the same ``beta(tau)``: score_sde's corrector reads ``sde.alphas``, which its
+    ``subVPSDE`` lacks, so Langevin correction of sub-VP raises there.
     """
-
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    N: int = 1000
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.beta_min < self.beta_max:
-            raise ValueError(f"SubVPSDE needs 0 <= beta_min < beta_max, got ({self.beta_min}, {self.beta_max}).")
-
-    def drift_coeff(self, tau):
-        return -0.5 * _vp_beta(tau, self.beta_min, self.beta_max)
 
     def diffusion(self, tau):
         discount = -jnp.expm1(-2.0 * self.beta_min * tau - (self.beta_max - self.beta_min) * tau**2)
@@ -266,16 +259,6 @@ class SubVPSDE(SDE):
     @property
     def path(self):
         return GaussianPath.from_name("sub_vp", beta_min=self.beta_min, beta_max=self.beta_max)
-
-    @property
-    def discrete_betas(self) -> np.ndarray:
-        """The VP betas of the same ``beta(tau)`` (used only for the Langevin factor ``alpha_i``)."""
-        return _vp_discrete_betas(self)
-
-    def langevin_alpha(self, tau):
-        """``1 - beta_i`` as for VP. (score_sde's corrector reads ``sde.alphas``, which its ``subVPSDE``
-        lacks, so Langevin correction of sub-VP raises there; we use the VP factor of the same ``beta(tau)``.)"""
-        return 1.0 - jnp.asarray(self.discrete_betas, jnp.float32)[self.timestep_index(tau)]
 
 
 @dataclasses.dataclass(frozen=True)
