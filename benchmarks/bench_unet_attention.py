@@ -5,7 +5,8 @@ are printed.
 
 Usage: python benchmarks/bench_unet_attention.py [digits] [cifar]
 """
-import math, sys, time
+import sys
+import time
 import numpy as np
 import jax, jax.numpy as jnp, optax
 from flax import nnx
