@@ -105,10 +105,13 @@ class _SingleStep(DiffusionSolver):
     """
 
     def step_order(self) -> int:
-        raise NotImplementedError
+        """The number of field evaluations of one :meth:`update` (defined by each single-step solver)."""
+        raise NotImplementedError(f"{type(self).__name__} must define step_order().")
 
     def update(self, model: Model, x: Array, zs_es, c: dict) -> Array:
-        raise NotImplementedError
+        """One step of order :meth:`step_order` from ``x`` with the first evaluation ``zs_es`` and the step's
+        coefficients ``c`` (defined by each single-step solver)."""
+        raise NotImplementedError(f"{type(self).__name__} must define update().")
 
     def segments(self, model: Model, grid: Grid) -> list[Segment]:
         path, order = model.path, self.step_order()
