@@ -177,7 +177,7 @@ def _restore(out: str, step: int | None):
     with Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {out}/checkpoints yet.")
-        state = ckpt.restore(trainer.init(jax.random.key(cfg.seed)), step=step)
+        state = ckpt.restore(jax.eval_shape(trainer.init, jax.random.key(cfg.seed)), step=step)  # allocates nothing
     return trainer, state, cfg, tcfg, teacher, shape, w
 
 

@@ -197,7 +197,7 @@ def load_run(run_dir: str, *, step: int | None = None):
     with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints yet.")
-        state = ckpt.restore(trainer.init(jax.random.key(cfg.seed)), step=step)
+        state = ckpt.restore(jax.eval_shape(trainer.init, jax.random.key(cfg.seed)), step=step)  # allocates nothing
     return cfg, trainer, state
 
 

@@ -24,7 +24,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[jaxgen] installing jaxgen and its dependencies into $VENV (first run: about a minute)" >&2
   LOG="$VENV/pip-install.log"
   if ! { "$VENV/bin/python" -m pip install -q --upgrade pip && "$VENV/bin/python" -m pip install -q -e "$JAXGEN_ROOT[test]"; } >"$LOG" 2>&1 \
-     || ! "$VENV/bin/python" -c "import jaxgen, flax, optax, diffrax, orbax.checkpoint, pytest" >>"$LOG" 2>&1; then
+     || ! "$VENV/bin/python" -c "import jaxgen, flax, optax, diffrax, orbax.checkpoint, pytest, xdist" >>"$LOG" 2>&1; then
     grep -v "is ignored" "$LOG" | tail -n 30 >&2
     echo "error: installing jaxgen into $VENV failed (full log: $LOG). Check that PyPI is reachable, or delete $VENV and retry." >&2
     exit 1

@@ -128,6 +128,37 @@ def test_cache_is_keyed_on_data_hparams_and_version(digits, tmp_path, monkeypatc
         ev.load_or_train_digits_classifier(x, y, stepz=3)
 
 
+@pytest.mark.slow
+def test_concurrent_callers_train_the_classifier_once(digits, tmp_path, monkeypatch):
+    """Several callers at once (pytest-xdist workers, parallel runs) share one training and one cache entry."""
+    import threading
+
+    from jaxgen.training import Trainer
+
+    xtr, ytr, _, _ = digits
+    x, y = xtr[:300], ytr[:300]
+    fits, fit = [], Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: fits.append(1) or fit(self, *a, **k))
+    start, models, errors = threading.Barrier(3), [None] * 3, []
+
+    def call(i):
+        try:
+            start.wait()
+            models[i] = ev.load_or_train_digits_classifier(x, y, steps=30, cache_dir=tmp_path)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(fits) == 1 and len(_entries(tmp_path)) == 1
+    for other in models[1:]:
+        for a, b in zip(_leaves(models[0]), _leaves(other)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_frechet_distance_separates_real_from_corrupted(clf, digits, corrupted):
     xtr, _, xte, _ = digits
     noise, shuffled = corrupted

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -225,22 +226,45 @@ def load_or_train_digits_classifier(
     meta = {"key": key, "version": CACHE_VERSION, "hparams": hparams, "num_train": int(x.shape[0])}
 
     trainer, state = _classifier_trainer(x, y, **hparams)
-    if entry.is_dir():
+    with _exclusive(root / f"{key}.lock"):  # concurrent processes (pytest-xdist, several runs) train it once
+        if entry.is_dir():
+            try:
+                with Checkpointer(entry, max_to_keep=1) as ckpt:
+                    if ckpt.restore_metadata()["config"] == meta:
+                        return trainer.model(ckpt.restore(state))
+            except Exception:  # noqa: BLE001 - any unreadable cache is retrained
+                pass
+            shutil.rmtree(entry, ignore_errors=True)  # stale or corrupt: replaced below
+        state, _ = trainer.fit(state, int(hparams["steps"]), progress=False, desc="digits classifier")
         try:
             with Checkpointer(entry, max_to_keep=1) as ckpt:
-                if ckpt.restore_metadata()["config"] == meta:
-                    return trainer.model(ckpt.restore(state))
-        except Exception:  # noqa: BLE001 - any unreadable cache is retrained
-            pass
-        shutil.rmtree(entry, ignore_errors=True)  # stale or corrupt: replaced below
-    state, _ = trainer.fit(state, int(hparams["steps"]), progress=False, desc="digits classifier")
-    try:
-        with Checkpointer(entry, max_to_keep=1) as ckpt:
-            ckpt.save(state, config=meta, force=True)
-    except Exception as err:  # noqa: BLE001 - a read-only or concurrently written cache must not break evaluation
-        warnings.warn(f"could not cache the digits classifier in {entry} ({err}); it will be retrained next time. "
-                      "Set JAXGEN_CACHE to a writable folder.", stacklevel=2)
+                ckpt.save(state, config=meta, force=True)
+        except Exception as err:  # noqa: BLE001 - a read-only cache must not break evaluation
+            warnings.warn(f"could not cache the digits classifier in {entry} ({err}); it will be retrained next "
+                          "time. Set JAXGEN_CACHE to a writable folder.", stacklevel=2)
     return trainer.model(state)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Holds an exclusive advisory lock on ``lock_path`` (POSIX ``flock``) while the block runs.
+
+    Where locking is impossible (no ``fcntl``, or a read-only cache folder) the block runs unlocked: the cache is an
+    optimisation, and a checkpoint is committed atomically either way.
+    """
+    try:
+        import fcntl
+
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")  # noqa: SIM115 - closed below
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # closing releases the lock
 
 
 # ---------------------------------------------------------------------------
