@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.losses import flow_matching_loss
-from jaxgen.models.unet import Conv2d, Dropout, GroupNorm, UNetField, _conv_matmul
+from jaxgen.models.unet import AttentionBlock, Conv2d, Dropout, GroupNorm, UNetField, _conv_matmul
 
 # TorchCFM 1.0.7's UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
 # class_cond=True, num_classes=11, attention_resolutions="4", dropout=0.1), counted with
@@ -180,3 +180,30 @@ def test_dropout_masks_have_the_rate_are_unbiased_and_switch_off_in_eval():
     assert float(jnp.mean(a != b)) > 0.1  # the RNG stream advances between calls
     drop.eval()
     np.testing.assert_array_equal(drop(x), x)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_attention_block_is_softmax_attention_per_head(num_heads):
+    """x + W_o concat_h softmax(q_h k_h^T / sqrt(d)) v_h of the group-normed x, against float64 numpy, in float32
+    and (loosely) in bfloat16."""
+    c, b, hw = 8, 2, 3
+    blk = AttentionBlock(c, num_heads=num_heads, num_groups=4, zero_init=False, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (b, hw, hw, c))
+    h = np.asarray(blk.norm(x), np.float64).reshape(b, hw * hw, c)
+    qkv = h @ np.asarray(blk.qkv.kernel.value, np.float64) + np.asarray(blk.qkv.bias.value, np.float64)
+    d = c // num_heads
+    heads = []
+    for i in range(num_heads):
+        q, k, v = (qkv[..., j * c + i * d: j * c + (i + 1) * d] for j in range(3))
+        logits = q @ k.transpose(0, 2, 1) / np.sqrt(d)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        heads.append((w / w.sum(-1, keepdims=True)) @ v)
+    a = np.concatenate(heads, axis=-1)
+    want = np.asarray(x, np.float64) + (a @ np.asarray(blk.proj.kernel.value, np.float64)
+                                        + np.asarray(blk.proj.bias.value, np.float64)).reshape(x.shape)
+    np.testing.assert_allclose(blk(x), want, rtol=1e-5, atol=1e-5)
+    bf16 = nnx.clone(blk)
+    nnx.update(bf16, jax.tree.map(lambda p: p.astype(jnp.bfloat16), nnx.state(bf16)))
+    out = bf16(x.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=0.1)
