@@ -33,7 +33,7 @@ BUDGETS = (1, 2, 4, 8, 16, 32, 100)
 
 def samplers(path, prediction="velocity"):
     """name -> (nfe(steps), run(field, x0, steps, key, cond)); ``nfe`` is each sampler's documented count."""
-    from jaxgen.samplers import DDIM, EDM, DPMSolver, DPMSolverPP, Euler, Heun, UniPC, sample
+    from jaxgen.samplers import DDIM, EDM, RK4, DPMSolver, DPMSolverPP, Euler, Heun, UniPC, sample
 
     def run(solver, with_path=True):
         kw = dict(path=path, prediction=prediction) if with_path else {}
@@ -44,6 +44,7 @@ def samplers(path, prediction="velocity"):
     return {
         "euler": (lambda n: n, run(Euler(), with_path=False)),
         "heun": (lambda n: 2 * n, run(Heun(), with_path=False)),
+        "rk4": (lambda n: 4 * n, run(RK4(), with_path=False)),
         "ddim": (lambda n: n, run(DDIM())),
         "dpm_solver_2": (dpm_nfe(2), run(DPMSolver(order=2))),
         "dpm_solver_3": (dpm_nfe(3), run(DPMSolver(order=3))),
