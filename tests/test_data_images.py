@@ -12,6 +12,14 @@ from jaxgen.data import images
 tfds = pytest.importorskip("tensorflow_datasets")
 
 
+@pytest.fixture(autouse=True)
+def _temporary_files_in_tmp_path(tmp_path, monkeypatch):
+    """Mocked TFDS builders make an (empty) temporary folder for dataset info each; keep them out of /tmp."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 def _collect(loader, n):
     return [next(loader) for _ in range(n)]
 
