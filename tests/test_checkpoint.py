@@ -101,6 +101,17 @@ def test_round_trip_with_ema_restores_every_leaf_and_the_typed_key(trainer, tmp_
     _assert_same(again, state)
 
 
+def test_a_non_finite_state_is_never_saved(trainer, tmp_path):
+    state = trainer.init(0)
+    nu = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf) if x.ndim else x, state.ema_params)
+    with Checkpointer(tmp_path / "ck") as ckpt:
+        with pytest.raises(FloatingPointError, match=r"refusing to save step 0 .*ema_params.* holds NaN/inf"):
+            ckpt.save(state._replace(ema_params=nu))
+        assert ckpt.all_steps() == []
+        assert ckpt.save(state)  # the finite state saves
+    assert not [p for p in (tmp_path / "ck").iterdir() if p.name != "0"]
+
+
 def test_round_trip_without_ema_and_ema_mismatches(trainer, trainer_no_ema, tmp_path):
     state = _scramble(trainer_no_ema.init(0), 2)._replace(step=jnp.asarray(4, jnp.int32))
     assert state.ema_params is None

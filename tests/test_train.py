@@ -89,6 +89,31 @@ def test_nan_guard_stops_and_keeps_last_good_state():
     assert int(info.value.state.step) == 0
 
 
+def test_nan_guard_checks_the_state_not_only_the_loss(tmp_path):
+    """A finite loss with a NaN gradient at step 7 (0 * sqrt(0)) poisons the parameters in the middle of a chunk:
+    the guard names step 7 and a parameter, keeps the step-0 state and saves nothing non-finite."""
+    from jaxgen.training import Checkpointer, Checkpointing
+
+    model = MLPField(2, width=8, hidden_layers=1, rngs=nnx.Rngs(0))
+
+    def poisoned_at_7(m, batch, key, step):
+        z = jnp.where(step == 7, 0.0, 1.0) * (1.0 + jnp.sum(m.out.bias[...] ** 2))
+        return LOSS(m, batch, key) + 0.0 * jnp.sqrt(z)
+
+    tr = Trainer(model, poisoned_at_7, optax.sgd(0.1), data=DATA)
+    state = tr.init(0)
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(FloatingPointError, match=r"update of step 7 made the training state non-finite") as info:
+            tr.fit(state, 20, chunk=10, callbacks=[Checkpointing(ckpt, every=10)], progress=False)
+        assert ckpt.all_steps() == []  # the chunk that went bad was never saved
+    msg = str(info.value)
+    assert "params" in msg and "last good state (step 0)" in msg
+    assert int(info.value.state.step) == 0
+    chex.assert_tree_all_finite(info.value.state.params)
+    good, losses = tr.fit(state, 7, progress=False)  # the steps before 7 are fine
+    assert int(good.step) == 7 and np.all(np.isfinite(losses))
+
+
 def test_step_with_external_batch_and_missing_data():
     model = MLPField(2, width=8, hidden_layers=1, rngs=nnx.Rngs(0))
     tr = Trainer(model, LOSS, optax.adam(1e-3))

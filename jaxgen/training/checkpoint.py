@@ -53,6 +53,8 @@ import numpy as np
 import jax
 import orbax.checkpoint as ocp
 
+from jaxgen.training.finite import nonfinite_leaves
+
 __all__ = ["Checkpointer"]
 
 _FORMAT = "jaxgen.checkpoint/1"
@@ -282,6 +284,9 @@ class Checkpointer:
           whether a checkpoint was written (started, if asynchronous). Nothing is written, and
           ``False`` returned, when the step is not due (without ``force``) or when a checkpoint of this
           step, or a later one (without ``force``), already exists: existing steps are never overwritten.
+
+        Raises:
+          FloatingPointError: a floating-point leaf of ``state`` holds NaN or inf (nothing is written).
         """
         step = int(state.step)
         if self.best_metric is not None and (metrics is None or self.best_metric not in metrics):
@@ -293,6 +298,12 @@ class Checkpointer:
         if not force and not self._manager.should_save(step):
             return False
 
+        bad = nonfinite_leaves(state)
+        if bad:
+            raise FloatingPointError(
+                f"refusing to save step {step} to {self.directory}: {bad[0]} holds NaN/inf ({len(bad)} leaves in all); "
+                "a non-finite state is never checkpointed. Resume from the last checkpoint with a lower learning "
+                "rate or gradient clipping.")
         flat, _ = _flatten(state)
         arrays, leaves = [], {}
         for readable, names, leaf in flat:

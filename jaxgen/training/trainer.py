@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxgen.training.finite import nonfinite_leaves
+
 Array = jax.Array
 
 _CONTEXT = ("step", "target", "state")
@@ -350,6 +352,24 @@ class Trainer:
             return state, jnp.zeros((0,) + ((len(self.updates),) if len(self.updates) > 1 else ()), jnp.float32)
         return state, jnp.stack(losses)
 
+    def _first_nonfinite(self, state: TrainState, n: int, chunk_losses: np.ndarray) -> str:
+        """What first went wrong in a chunk that started at the finite ``state``: replays it one step at a time
+        (bitwise the fused steps) and names the first step whose loss is not finite, or whose update made the
+        training state (parameters, optimizer state, EMA) non-finite, with its first bad leaf."""
+        for _ in range(n):
+            step = int(state.step)
+            state, value = self.steps(state, 1)
+            value = np.asarray(value)
+            if not np.all(np.isfinite(value)):
+                return f"the loss became {value[~np.isfinite(value)][0]} at step {step}"
+            leaves = nonfinite_leaves(state)
+            if leaves:
+                return (f"the update of step {step} made the training state non-finite (its loss was finite; first "
+                        f"bad leaf {leaves[0]}, {len(leaves)} in all)")
+        bad = ~np.isfinite(chunk_losses.reshape(n, -1)).all(-1)  # not reproduced step by step
+        return (f"the loss became non-finite at step {int(state.step) - n + int(np.argmax(bad))}" if bad.any()
+                else f"the training state became non-finite in steps {int(state.step) - n}-{int(state.step) - 1}")
+
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(
         self,
@@ -367,9 +387,10 @@ class Trainer:
 
         Chunks end at the absolute step numbers that are multiples of ``chunk`` and of every callback's ``every``
         (so a run resumed from a checkpoint executes the same programs on the same inputs as an uninterrupted one,
-        and reaches bitwise the same parameters). After each chunk the losses come back to the host; a non-finite
-        loss stops training with a ``FloatingPointError`` that names the step, keeping the last good state in
-        ``error.state``. ``until_step`` at or below the current step trains nothing (a finished run).
+        and reaches bitwise the same parameters). After each chunk the losses come back to the host and the state
+        (parameters, optimizer state, EMA) is checked for NaN/inf; a non-finite loss or state stops training with a
+        ``FloatingPointError`` that names the step (and the first bad leaf), keeping the last good state in
+        ``error.state``: callbacks never see, and checkpoints never hold, a non-finite state. ``until_step`` at or below the current step trains nothing (a finished run).
 
         Callbacks (:mod:`jaxgen.training.callbacks`; or plain functions ``f(state, chunk_losses)``, called after every
         chunk) run in the order given: ``on_losses`` after each chunk, ``on_chunk`` after each chunk (those with
@@ -407,13 +428,11 @@ class Trainer:
                 n = nxt - step
                 new_state, chunk_losses = self.steps(state, n)
                 chunk_losses = np.asarray(chunk_losses)
-                if not np.all(np.isfinite(chunk_losses)):
-                    bad_rows = ~np.isfinite(chunk_losses.reshape(n, -1)).all(-1)
-                    bad = step + int(np.argmax(bad_rows))
-                    err = FloatingPointError(
-                        f"the loss became {chunk_losses[~np.isfinite(chunk_losses)][0]} at step {bad}; training "
-                        f"stopped and the last good state (step {step}) is kept. Lower the learning rate, add "
-                        "gradient clipping (optax.clip_by_global_norm), or check the data for NaN/inf.")
+                if not np.all(np.isfinite(chunk_losses)) or nonfinite_leaves(new_state):
+                    err = FloatingPointError(f"{self._first_nonfinite(state, n, chunk_losses)}; training stopped "
+                                             f"and the last good state (step {step}) is kept. Lower the learning "
+                                             "rate, add gradient clipping (optax.clip_by_global_norm), or check the "
+                                             "data and the loss for NaN/inf.")
                     err.state = state
                     raise err
                 state, step = new_state, nxt
