@@ -113,7 +113,8 @@ class Checkpointing(Callback):
 
 class MetricLogger(Callback):
     """Write the mean loss of every chunk (and the wall time since the start) with a
-    :class:`~jaxgen.training.MetricWriter` (``metrics.jsonl``, TensorBoard)."""
+    :class:`~jaxgen.training.MetricWriter` (``metrics.jsonl``, TensorBoard). At the start it drops the logged records
+    of steps after the state's step (a resumed run re-runs them), so the log holds one record per step."""
 
     def __init__(self, writer, *, every: int | None = None):
         self.writer, self.every = writer, every
@@ -122,6 +123,9 @@ class MetricLogger(Callback):
 
     def on_start(self, trainer, state):
         self._start = time.perf_counter()
+        truncate = getattr(self.writer, "truncate_after", None)
+        if truncate is not None:
+            truncate(int(state.step))  # a resumed run re-runs the steps after its checkpoint: one record per step
 
     def on_chunk(self, trainer, state, losses):
         losses = np.asarray(losses, np.float64).reshape(len(losses), -1)

@@ -4,7 +4,8 @@
         w.write(step, loss=0.41, seconds=12.5)
 
 ``metrics.jsonl`` gets one ``{"step": ..., name: value, ...}`` object per call (appended, so a resumed
-run continues the same file); with ``tensorboard=True`` or ``"auto"`` and ``tensorboardX`` importable
+run continues the same file; a torn last line, left by a kill in the middle of a write, is cut off when the file
+is opened again, and :meth:`MetricWriter.truncate_after` drops the records of steps a resumed run will re-run); with ``tensorboard=True`` or ``"auto"`` and ``tensorboardX`` importable
 (``pip install jaxgen[tensorboard]``), the same scalars go to ``tensorboard/`` as event files for
 ``tensorboard --logdir``. Values must be real numbers (Python, NumPy or 0-d JAX arrays).
 """
@@ -42,6 +43,7 @@ class MetricWriter:
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, filename)
         self._tb = None
+        self._cut_torn_tail()
         if tensorboard is True and not tensorboard_available():
             raise ImportError("tensorboard=True needs the tensorboardX package: pip install tensorboardX "
                               "(or jaxgen[tensorboard]), or pass tensorboard='auto'/False.")
@@ -70,6 +72,40 @@ class MetricWriter:
             for name, value in values.items():
                 self._tb.add_scalar(name, value, int(step))
 
+    def _cut_torn_tail(self) -> None:
+        """Drop an incomplete last line (a kill in the middle of an append): every record ends with a newline."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of the steps after ``step`` (a run resumed from the checkpoint of ``step`` runs them
+        again, and would log them twice); the file is replaced atomically. Returns how many records were dropped."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as fh:
+            lines = fh.readlines()
+        keep = []
+        for line in lines:
+            try:
+                later = int(json.loads(line)["step"]) > int(step)
+            except (ValueError, KeyError, TypeError):
+                later = False  # not ours to judge: kept as it is
+            if not later:
+                keep.append(line)
+        if len(keep) == len(lines):
+            return 0
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.writelines(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        return len(lines) - len(keep)
+
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()
@@ -87,6 +123,23 @@ class MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file (non-finite values come back as the strings 'nan'/'inf')."""
+    """The records of a ``metrics.jsonl`` file, one per step in the order the steps first appear (records of the
+    same step are merged, the later values winning); non-finite values come back as the strings 'nan'/'inf'. A
+    torn last line (a kill in the middle of a write) is ignored; a malformed line elsewhere raises ValueError naming
+    the file and the line."""
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        lines = fh.read().split("\n")
+    by_step: dict[Any, dict] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:  # no newline after it: an append that did not finish
+                break
+            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({err}); delete or repair that line.") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {i + 1}: not a JSON object; delete or repair that line.")
+        by_step.setdefault(record.get("step"), {}).update(record)
+    return list(by_step.values())
