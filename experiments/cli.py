@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -99,6 +100,8 @@ def _run(args) -> int:
         raise ValueError(f"--steps must be a positive integer, got {args.steps}.")
     if getattr(args, "num", 1) < 1:
         raise ValueError(f"--num must be a positive integer, got {args.num}.")
+    if getattr(args, "guidance", None) is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}.")
     if args.sampler:
         common.check_sampler(args.sampler)
     run_dir = common.run_dir_of(args.checkpoint)

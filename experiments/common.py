@@ -193,7 +193,16 @@ def check_sampler(spec: str) -> None:
 
 
 def check_fields(cfg, checks: dict[str, Callable[[Any], bool]], hints: dict[str, str]) -> None:
-    """Raise ``ValueError`` naming the first field whose check fails."""
+    """Raise ``ValueError`` naming the first field that holds a NaN or inf (alone or in a tuple), or whose check
+    fails."""
+    import dataclasses
+    import math
+
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise ValueError(f"config field {field.name}={value!r} is invalid: every number must be finite.")
     for name, ok in checks.items():
         if not ok(getattr(cfg, name)):
             raise ValueError(f"config field {name}={getattr(cfg, name)!r} is invalid: {hints[name]}.")

@@ -73,12 +73,23 @@ def check_config(cfg: ImageConfig) -> None:
         "samples_per_class": lambda v: v >= 1, "compute_dtype": lambda v: v in ("float32", "bfloat16"),
         "learning_rate": lambda v: v > 0, "label_dropout": lambda v: 0 <= v < 1,
         "guidance_scales": lambda v: len(v) >= 1, "sample_every": lambda v: v >= 0,
+        "warmup_steps": lambda v: v >= 0, "num_res_blocks": lambda v: v >= 1,
+        "num_heads": lambda v: v >= 1 and cfg.channels % v == 0, "dropout": lambda v: 0 <= v < 1,
+        "channel_mult": lambda v: len(v) >= 1 and all(m >= 1 for m in v),
+        "attention_resolutions": lambda v: all(r >= 1 for r in v), "num_classes": lambda v: v >= 1,
+        "clip_norm": lambda v: v >= 0, "keep_checkpoints": lambda v: v >= 1, "sample_chunk": lambda v: v >= 0,
     }, {
         "steps": "the number of training steps must be >= 0", "batch_size": "must be >= 1",
         "channels": "must be >= 1", "checkpoint_every": "must be >= 1", "sample_steps": "must be >= 1",
         "samples_per_class": "must be >= 1", "compute_dtype": "use float32 or bfloat16",
         "learning_rate": "must be > 0", "label_dropout": "must be in [0, 1)",
         "guidance_scales": "give at least one scale, e.g. guidance_scales=0,2", "sample_every": "must be >= 0",
+        "warmup_steps": "must be >= 0", "num_res_blocks": "must be >= 1",
+        "num_heads": f"must be >= 1 and divide channels={cfg.channels}", "dropout": "must be in [0, 1)",
+        "channel_mult": "give one positive multiplier per level, e.g. channel_mult=1,2",
+        "attention_resolutions": "give resolutions >= 1 (or none: attention_resolutions=)",
+        "num_classes": "must be >= 1", "clip_norm": "must be >= 0 (0: no clipping)", "keep_checkpoints": "must be >= 1",
+        "sample_chunk": "must be >= 0 (0: automatic)",
     })
     common.check_sampler(cfg.sampler)
 

@@ -419,6 +419,8 @@ def _parse_value(text: str) -> Any:
         return low == "true"
     if low == "none":
         return None
+    if low in ("nan", "inf", "+inf", "-inf"):
+        return float(low)  # checked by the solver like any other number
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
