@@ -356,3 +356,60 @@ def test_sigkill_mid_save_and_mid_training_then_resume_matches_an_uninterrupted_
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
     _child(sys.argv[2:])
+
+
+# -- corruption ----------------------------------------------------------------------------------------
+
+def _two_checkpoints(trainer, directory):
+    """Steps 10 and 20 of a short run, and the uninterrupted run's final state at step 30."""
+    state = trainer.init(0)
+    with Checkpointer(directory, max_to_keep=5) as ckpt:
+        state, _ = trainer.fit(state, until_step=20, chunk=10, callbacks=[Checkpointing(ckpt, every=10)],
+                               progress=False)
+    final, _ = trainer.fit(state, until_step=30, chunk=10, progress=False)
+    return final
+
+
+def _flip_bytes(step_dir):
+    """Flip 16 bytes in the middle of every array data file (OCDBT ``d/`` files) of a step."""
+    for target in (p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"):
+        data = bytearray(target.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+        target.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped_bytes", "truncated_arrays", "torn_metadata", "checksum_mismatch"])
+def test_a_corrupt_latest_checkpoint_is_named_and_resuming_falls_back_to_the_previous(trainer, tmp_path, damage):
+    from jaxgen.training import CorruptCheckpointError
+
+    directory = tmp_path / "ck"
+    final = _two_checkpoints(trainer, directory)
+    step_dir = directory / "20"
+    if damage == "flipped_bytes":
+        _flip_bytes(step_dir)
+    elif damage == "truncated_arrays":
+        for f in (step_dir / "state").rglob("*"):
+            if f.is_file() and f.parent.name == "d":
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    elif damage == "torn_metadata":
+        meta = step_dir / "meta" / "metadata"
+        meta.write_text(meta.read_text()[:25])  # a torn JSON
+    else:  # an array that reads back without error but not as it was written (the record no longer fits it)
+        import json
+
+        meta = step_dir / "meta" / "metadata"
+        record = json.loads(meta.read_text())
+        leaf = next(r for r in record["leaves"].values() if r["path"].startswith("params"))
+        leaf["crc32"] = f"{(int(leaf['crc32'], 16) + 1) % 2**32:08x}"
+        meta.write_text(json.dumps(record))
+    template = jax.eval_shape(trainer.init, jax.random.key(0))
+    with Checkpointer(directory, max_to_keep=5) as ckpt:
+        with pytest.raises(CorruptCheckpointError, match=r"checkpoint step 20 in .* is corrupt") as info:
+            ckpt.restore(template, step=20)
+        assert info.value.step == 20 and len(str(info.value).splitlines()) == 1
+        with pytest.warns(UserWarning, match=r"resumed from step 10, the newest intact checkpoint"):
+            resumed = ckpt.restore(template, missing_ok=True)
+    assert int(resumed.step) == 10
+    again, _ = trainer.fit(resumed, until_step=30, chunk=10, progress=False)
+    _assert_same(again, final)  # no progress lost beyond the intact checkpoint: the same run from step 10

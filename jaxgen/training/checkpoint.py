@@ -47,6 +47,8 @@ import json
 import os
 import re
 import shutil
+import warnings
+import zlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -55,11 +57,28 @@ import orbax.checkpoint as ocp
 
 from jaxgen.training.finite import nonfinite_leaves
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "CorruptCheckpointError"]
 
 _FORMAT = "jaxgen.checkpoint/1"
 _TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 _MAX_LISTED = 12
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step that cannot be read back as it was written: unreadable metadata or arrays, or an array
+    whose CRC-32 differs from the one recorded when it was saved. ``step`` and ``directory`` name it."""
+
+    def __init__(self, message: str, *, step: int, directory: str):
+        super().__init__(message)
+        self.step, self.directory = step, directory
+
+
+def _crc32(x: Any) -> str | None:
+    """CRC-32 of an array's bytes in C order (hex), or None for an array that is not all on this process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    a = np.ascontiguousarray(np.asarray(x)).reshape(-1)
+    return f"{zlib.crc32(a.view(np.uint8)):08x}"
 
 
 # -- pytree <-> nested dict of plain arrays ---------------------------------------------------------
@@ -313,7 +332,7 @@ class Checkpointer:
                 leaf = jax.random.key_data(leaf)
             elif not isinstance(leaf, (jax.Array, np.ndarray)):
                 leaf = np.asarray(leaf)
-            record.update(path="/".join(names), shape=list(leaf.shape), dtype=str(leaf.dtype))
+            record.update(path="/".join(names), shape=list(leaf.shape), dtype=str(leaf.dtype), crc32=_crc32(leaf))
             leaves[readable] = record
             arrays.append((names, leaf))
 
@@ -349,8 +368,16 @@ class Checkpointer:
         """The JSON record of a step (default: the latest): ``step``, ``config``, ``metrics``,
         ``jaxgen_version``, ``saved_at`` and ``leaves`` (every stored array's path, shape and dtype)."""
         step = self._resolve(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = restored["meta"]
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # noqa: BLE001 - torn JSON, missing files, ...: one error that names the step
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} is corrupt: its metadata ({os.path.join(str(step), 'meta')}) "
+                f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}).",
+                step=step, directory=str(self.directory)) from err
+        if meta is None:
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: it has no metadata.",
+                                         step=step, directory=str(self.directory))
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise ValueError(f"step {step} in {self.directory} was not written by jaxgen.checkpoint.Checkpointer.")
         return meta
@@ -368,14 +395,38 @@ class Checkpointer:
         (``ema_params=None``), stored EMA weights are ignored. Any pytree with a ``step`` works, not
         only a :class:`~jaxgen.training.TrainState`.
 
+        Every array is checked against the CRC-32 recorded when it was saved. With ``step=None`` a corrupt latest
+        checkpoint (unreadable metadata or arrays, a checksum mismatch) is skipped with a warning naming it, and the
+        newest intact one is restored instead; an explicit ``step`` that is corrupt raises.
+
         Raises:
           FileNotFoundError: no such checkpoint.
+          CorruptCheckpointError: the step (or, with ``step=None``, every step) is corrupt; names the step and
+            the file.
           ValueError: the checkpoint does not fit the template (different shapes or a different tree:
             it was written by another model configuration); the message lists the leaves.
         """
         if missing_ok and step is None and not self.all_steps():
             return template_state
-        step = self._resolve(step)
+        if step is not None:
+            return self._restore_step(template_state, self._resolve(step))
+        first_error = None
+        for candidate in reversed(self.all_steps()):
+            try:
+                state = self._restore_step(template_state, candidate)
+            except CorruptCheckpointError as err:
+                warnings.warn(f"{err} Trying the previous checkpoint.", stacklevel=2)
+                first_error = first_error or err
+                continue
+            if first_error is not None:
+                warnings.warn(f"resumed from step {candidate}, the newest intact checkpoint in {self.directory} "
+                              f"(step {first_error.step} is corrupt).", stacklevel=2)
+            return state
+        if first_error is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}.")
+        raise first_error
+
+    def _restore_step(self, template_state: Any, step: int) -> Any:
         meta = self.restore_metadata(step)
         saved: dict[str, dict] = meta["leaves"]
         saved_by_path = {rec["path"]: readable for readable, rec in saved.items()}
@@ -433,12 +484,24 @@ class Checkpointer:
 
         # orbax restores the whole stored tree (leaves the template drops, i.e. unwanted EMA weights, too)
         targets += ignored
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(targets))))["state"] \
-            if targets else {}
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(targets))))["state"] \
+                if targets else {}
+        except Exception as err:  # noqa: BLE001 - truncated or missing array files: one error naming the step
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} is corrupt: its arrays ({os.path.join(str(step), 'state')}) "
+                f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}).",
+                step=step, directory=str(self.directory)) from err
         leaves = []
         for readable, names, leaf in flat:
             value = _lookup(restored, names)
+            rec = saved[saved_by_path["/".join(names)]]
+            if rec.get("crc32") and str(value.dtype) == rec["dtype"] and _crc32(value) not in (None, rec["crc32"]):
+                raise CorruptCheckpointError(
+                    f"checkpoint step {step} in {self.directory} is corrupt: the array {readable} "
+                    f"({os.path.join(str(step), 'state')}) does not match the checksum recorded when it was saved.",
+                    step=step, directory=str(self.directory))
             if _is_prng_key(leaf):
                 impl = _key_impl(leaf)
                 value = jax.random.wrap_key_data(value) if impl is None else jax.random.wrap_key_data(value, impl=impl)
