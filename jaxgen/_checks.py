@@ -95,3 +95,13 @@ def safe_divide(num: Array, den: Array, floor: float = 1e-6) -> Array:
     sign = jnp.where(den < 0, -1.0, 1.0).astype(den.dtype)
     den = jnp.where(jnp.abs(den) < floor, sign * floor, den)
     return num / den
+
+
+def check_finite(value, *, name: str, hint: str = "") -> None:
+    """Raise ``ValueError`` if a concrete ``value`` (a number or an array) holds NaN or inf; tracers pass."""
+    if value is None or not is_concrete(value):
+        return
+    arr = np.asarray(value)
+    if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {value if arr.size == 1 else 'an array with NaN/inf'}."
+                         + (f" {hint}" if hint else ""))

@@ -141,6 +141,12 @@ def test_classifier_free_guidance_combination_and_doubled_batch():
     out = g(jnp.zeros((4, 2)), jnp.full((4,), 0.5), y=jnp.array([1, 2, 3, 4]))
     assert calls == [(8, 2)]  # one network call on the doubled batch
     np.testing.assert_allclose(out[:, 0], (1 - 3) * 10 + 3 * np.array([1, 2, 3, 4]))
+    for bad in (float("nan"), float("inf"), jnp.array([1.0, jnp.nan])):
+        with pytest.raises(ValueError, match="guidance_scale must be finite"):
+            fields.guided_field(field, bad, null_label=10)
+    traced = jax.jit(lambda w: fields.guided_field(field, w, null_label=10)(
+        jnp.zeros((4, 2)), 0.5, y=jnp.array([1, 2, 3, 4])))(2.0)  # a traced scale is not checked
+    np.testing.assert_allclose(traced[:, 0], (1 - 2) * 10 + 2 * np.array([1, 2, 3, 4]))
 
 
 def test_as_field_converts_outputs():

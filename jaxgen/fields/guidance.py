@@ -7,7 +7,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import batch_time, expand_like
+from jaxgen._checks import batch_time, check_finite, expand_like
 from jaxgen.fields.algebra import canonical_prediction, convert, from_data_and_noise, to_data_and_noise
 from jaxgen.paths.gaussian import GaussianPath, as_path
 
@@ -30,7 +30,10 @@ def cfg_combine(conditional: Array, unconditional: Array, guidance_scale: float 
 def guided_field(field: Callable, guidance_scale: float | Array, *, null_label: int, label_key: str = "y") -> Callable:
     """A field ``x, t, y -> cfg_combine(field(x,t,y), field(x,t,null), w)`` evaluated as ONE network call
     on a doubled batch (conditional and unconditional halves). Counts as one NFE of batch 2B.
+
+    Raises ``ValueError`` for a guidance scale that is known here (not traced) and is NaN or inf.
     """
+    check_finite(guidance_scale, name="guidance_scale", hint="Use w = 0 (unconditional), 1 (conditional) or > 1.")
 
     def guided(x, t, **cond):
         t = batch_time(t, x)
