@@ -172,6 +172,10 @@ def test_bad_sampler_input():
         get_solver("heun:order=3")
     with pytest.raises(ValueError, match="adaptive solver chooses its own steps"):
         sample(FIELD, X0, "tsit5", steps=10)
+    with pytest.raises(ValueError, match="x0 holds NaN or inf"):
+        sample(FIELD, X0.at[0, 0].set(jnp.nan), Euler(), steps=2)
+    with pytest.raises(ValueError, match=r"x0 must be floating point.*astype"):
+        sample(FIELD, jnp.zeros(X0.shape, jnp.int32), Euler(), steps=2)
 
 
 @pytest.mark.slow

@@ -389,7 +389,9 @@ def sample(
     if x0.ndim < 1:
         raise ValueError("x0 must have a leading batch axis (B, ...), got a scalar; reshape it to (1, ...).")
     if not jnp.issubdtype(x0.dtype, jnp.floating):
-        raise ValueError(f"x0 must be floating point, got dtype {x0.dtype}.")
+        raise ValueError(f"x0 must be floating point, got dtype {x0.dtype}; pass x0.astype(jnp.float32).")
+    if is_concrete(x0) and x0.size and not bool(jnp.isfinite(x0).all()):  # eager calls only: jit pays nothing
+        raise ValueError("x0 holds NaN or inf; draw it from the prior, e.g. path.sample_prior(key, shape).")
     if ts is not None and steps is not None:
         raise ValueError("pass either steps (a uniform grid from t0 to t1) or ts (an explicit grid), not both.")
     if solver.needs_key() and key is None:
