@@ -105,3 +105,17 @@ def check_finite(value, *, name: str, hint: str = "") -> None:
     if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite, got {value if arr.size == 1 else 'an array with NaN/inf'}."
                          + (f" {hint}" if hint else ""))
+
+
+def check_labels(y, num_classes: int, *, owner: str) -> None:
+    """Raise ``ValueError`` for concrete labels that are not integers in ``[0, num_classes]`` (``num_classes`` is the
+    null class of classifier-free guidance); an embedding lookup outside that range returns NaN silently. Traced
+    labels pass."""
+    if y is None or not is_concrete(y):
+        return
+    arr = np.asarray(y)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{owner} labels y must be integers, got dtype {arr.dtype}; pass y.astype(jnp.int32).")
+    if arr.size and (arr.min() < 0 or arr.max() > num_classes):
+        raise ValueError(f"{owner} labels y must lie in [0, {num_classes}] ({num_classes} = the null class), got "
+                         f"values in [{arr.min()}, {arr.max()}].")

@@ -31,6 +31,8 @@ def test_class_conditional_mlp():
     out0, out1 = m(x, jnp.zeros(4), y=jnp.zeros(4, jnp.int32)), m(x, jnp.zeros(4), y=jnp.ones(4, jnp.int32))
     assert not np.allclose(out0, out1)
     m(x, jnp.zeros(4), y=jnp.full(4, 3))  # the null class
+    with pytest.raises(ValueError, match=r"labels y must lie in \[0, 3\]"):
+        m(x, jnp.zeros(4), y=jnp.array([0, 1, 2, -1]))
     with pytest.raises(ValueError, match="class-conditional"):
         m(x, jnp.zeros(4))
     with pytest.raises(ValueError, match="unconditional"):

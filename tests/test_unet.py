@@ -124,6 +124,10 @@ def test_errors(model, batch):
         model(x, jnp.zeros(B + 1), y=y)
     with pytest.raises(ValueError, match="labels y must have shape"):
         model(x, t, y=jnp.zeros((B, 2), jnp.int32))
+    with pytest.raises(ValueError, match=r"labels y must lie in \[0, 10\].*\[0, 11\]"):
+        model(x, t, y=jnp.array([0, 3, 7, 11]))  # 11 > the null class: the embedding would return NaN
+    with pytest.raises(ValueError, match="labels y must be integers"):
+        model(x, t, y=jnp.array([0.0, 3.0, 7.0, 1.0]))
     unconditional = nnx.eval_shape(lambda: UNetField(1, channels=8, image_size=8, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="unconditional"):
         unconditional(x, t, y=y)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgen._checks import check_labels
 from jaxgen.models.embeddings import sinusoidal_embedding
 
 Array = jax.Array
@@ -73,6 +74,7 @@ class MLPField(nnx.Module):
         if self.label_embed is not None:
             if y is None:
                 raise ValueError("this MLPField is class-conditional: call it as model(x, t, y=labels).")
+            check_labels(y, self.label_embed.num_embeddings - 1, owner="MLPField")
             parts.append(self.label_embed(y))
         elif y is not None:
             raise ValueError("this MLPField is unconditional (num_classes=None) but labels y were given.")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgen._checks import check_labels
 from jaxgen.models.embeddings import sinusoidal_embedding
 
 Array = jax.Array
@@ -310,7 +311,8 @@ class UNetField(nnx.Module):
     Differences from TorchCFM's network, none of which changes the parameter count: the time is
     embedded as ``sinusoidal_embedding(t)``, i.e. scaled by 1000 to DDPM's step range (TorchCFM embeds
     ``t in [0, 1]`` unscaled); weights use Flax's default initialisers (LeCun normal) rather than
-    PyTorch's; label values are not range-checked (they may be traced), so keep them in ``[0, num_classes]``.
+    PyTorch's; label values are range-checked when they are concrete (not under ``jit``), so keep traced ones in
+    ``[0, num_classes]``.
 
     Args:
       in_channels: channels ``C`` of the input images.
@@ -455,6 +457,7 @@ class UNetField(nnx.Module):
         y_shape = jnp.shape(y)
         if y_shape not in ((), (batch,)):
             raise ValueError(f"labels y must have shape (B,) = ({batch},) or be a scalar, got {y_shape}.")
+        check_labels(y, self.num_classes, owner="UNetField")
         return t, (jnp.broadcast_to(y, (batch,)) if y_shape == () else y)
 
     def embed(self, t: Array, y: Array | None, dtype=jnp.float32) -> Array:
