@@ -165,6 +165,12 @@ def check_steps(steps, name: str = "steps") -> int:
     return int(steps)
 
 
+def _all_finite_now(x: Array) -> bool:
+    """Whether a concrete array is finite, computed at once (also while an enclosing function is being traced)."""
+    with jax.ensure_compile_time_eval():
+        return bool(jnp.isfinite(x).all())
+
+
 def concrete_float(v) -> float | None:
     """``float(v)`` when ``v`` is known at trace time, else ``None``."""
     return float(np.asarray(v)) if is_concrete(v) else None
@@ -390,7 +396,7 @@ def sample(
         raise ValueError("x0 must have a leading batch axis (B, ...), got a scalar; reshape it to (1, ...).")
     if not jnp.issubdtype(x0.dtype, jnp.floating):
         raise ValueError(f"x0 must be floating point, got dtype {x0.dtype}; pass x0.astype(jnp.float32).")
-    if is_concrete(x0) and x0.size and not bool(jnp.isfinite(x0).all()):  # eager calls only: jit pays nothing
+    if is_concrete(x0) and x0.size and not _all_finite_now(x0):  # values known now only: jit pays nothing
         raise ValueError("x0 holds NaN or inf; draw it from the prior, e.g. path.sample_prior(key, shape).")
     if ts is not None and steps is not None:
         raise ValueError("pass either steps (a uniform grid from t0 to t1) or ts (an explicit grid), not both.")
