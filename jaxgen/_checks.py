@@ -98,13 +98,17 @@ def safe_divide(num: Array, den: Array, floor: float = 1e-6) -> Array:
 
 
 def check_finite(value, *, name: str, hint: str = "") -> None:
-    """Raise ``ValueError`` if a concrete ``value`` (a number or an array) holds NaN or inf; tracers pass."""
+    """Raise ``ValueError`` if a concrete ``value`` (a number or an array) holds NaN or inf; tracers pass.
+
+    The test runs where the array lives and at once, also while an enclosing function is being traced (a concrete
+    array closed over by a jitted function): one boolean comes back to the host."""
     if value is None or not is_concrete(value):
         return
-    arr = np.asarray(value)
-    if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got {value if arr.size == 1 else 'an array with NaN/inf'}."
-                         + (f" {hint}" if hint else ""))
+    with jax.ensure_compile_time_eval():
+        arr = jnp.asarray(value)
+        if arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.inexact) or bool(jnp.isfinite(arr).all()):
+            return
+    raise ValueError(f"{name} must be finite: {name} holds NaN or inf." + (f" {hint}" if hint else ""))
 
 
 def check_labels(y, num_classes: int, *, owner: str) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import check_time, is_concrete
+from jaxgen._checks import check_finite, check_time, is_concrete
 from jaxgen.fields.algebra import (canonical_prediction, check_data_identifiable, convert, from_data_and_noise,
                                    to_data_and_noise)
 from jaxgen.fields.wrappers import change_path
@@ -163,12 +163,6 @@ def check_steps(steps, name: str = "steps") -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"{name} must be a positive integer, got {steps!r}.")
     return int(steps)
-
-
-def _all_finite_now(x: Array) -> bool:
-    """Whether a concrete array is finite, computed at once (also while an enclosing function is being traced)."""
-    with jax.ensure_compile_time_eval():
-        return bool(jnp.isfinite(x).all())
 
 
 def concrete_float(v) -> float | None:
@@ -396,8 +390,7 @@ def sample(
         raise ValueError("x0 must have a leading batch axis (B, ...), got a scalar; reshape it to (1, ...).")
     if not jnp.issubdtype(x0.dtype, jnp.floating):
         raise ValueError(f"x0 must be floating point, got dtype {x0.dtype}; pass x0.astype(jnp.float32).")
-    if is_concrete(x0) and x0.size and not _all_finite_now(x0):  # values known now only: jit pays nothing
-        raise ValueError("x0 holds NaN or inf; draw it from the prior, e.g. path.sample_prior(key, shape).")
+    check_finite(x0, name="x0", hint="Draw it from the prior, e.g. path.sample_prior(key, shape).")  # jit pays nothing
     if ts is not None and steps is not None:
         raise ValueError("pass either steps (a uniform grid from t0 to t1) or ts (an explicit grid), not both.")
     if solver.needs_key() and key is None:
