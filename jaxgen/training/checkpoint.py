@@ -364,6 +364,12 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; available steps: {steps}.")
         return int(step)
 
+    def _unreadable(self, step: int, what: str, item: str, err: Exception) -> CorruptCheckpointError:
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        return CorruptCheckpointError(
+            f"checkpoint step {step} in {self.directory} is corrupt: its {what} ({os.path.join(str(step), item)}) "
+            f"cannot be read ({type(err).__name__}: {first_line}).", step=step, directory=str(self.directory))
+
     def restore_metadata(self, step: int | None = None) -> dict:
         """The JSON record of a step (default: the latest): ``step``, ``config``, ``metrics``,
         ``jaxgen_version``, ``saved_at`` and ``leaves`` (every stored array's path, shape and dtype)."""
@@ -371,10 +377,7 @@ class Checkpointer:
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as err:  # noqa: BLE001 - torn JSON, missing files, ...: one error that names the step
-            raise CorruptCheckpointError(
-                f"checkpoint step {step} in {self.directory} is corrupt: its metadata ({os.path.join(str(step), 'meta')}) "
-                f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}).",
-                step=step, directory=str(self.directory)) from err
+            raise self._unreadable(step, "metadata", "meta", err) from err
         if meta is None:
             raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: it has no metadata.",
                                          step=step, directory=str(self.directory))
@@ -489,10 +492,7 @@ class Checkpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(targets))))["state"] \
                 if targets else {}
         except Exception as err:  # noqa: BLE001 - truncated or missing array files: one error naming the step
-            raise CorruptCheckpointError(
-                f"checkpoint step {step} in {self.directory} is corrupt: its arrays ({os.path.join(str(step), 'state')}) "
-                f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}).",
-                step=step, directory=str(self.directory)) from err
+            raise self._unreadable(step, "arrays", "state", err) from err
         leaves = []
         for readable, names, leaf in flat:
             value = _lookup(restored, names)

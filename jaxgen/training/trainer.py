@@ -390,7 +390,8 @@ class Trainer:
         and reaches bitwise the same parameters). After each chunk the losses come back to the host and the state
         (parameters, optimizer state, EMA) is checked for NaN/inf; a non-finite loss or state stops training with a
         ``FloatingPointError`` that names the step (and the first bad leaf), keeping the last good state in
-        ``error.state``: callbacks never see, and checkpoints never hold, a non-finite state. ``until_step`` at or below the current step trains nothing (a finished run).
+        ``error.state``: callbacks never see, and checkpoints never hold, a non-finite state. ``until_step`` at or
+        below the current step trains nothing (a finished run).
 
         Callbacks (:mod:`jaxgen.training.callbacks`; or plain functions ``f(state, chunk_losses)``, called after every
         chunk) run in the order given: ``on_losses`` after each chunk, ``on_chunk`` after each chunk (those with
