@@ -56,13 +56,14 @@ class DistillConfig:
     clip_norm: float = 1.0
     seed: int = 0
     checkpoint_every: int = 500
+    checked: bool = True  # jaxgen's checked mode: each batch checked on the device (finite, labels in range)
     # sampling and evaluation: the jump times of each row (noise at t = 0; the data end t = 1 follows)
     samples_per_class: int = 50
     sample_ts: tuple = ((0.0,), (0.0, 0.5))
 
 
 # Settings that do not enter the compiled training step (they may change when a run is resumed).
-FREE_FIELDS = frozenset({"steps", "checkpoint_every", "samples_per_class", "sample_ts"})
+FREE_FIELDS = frozenset({"steps", "checkpoint_every", "samples_per_class", "sample_ts", "checked"})
 
 
 def check_config(cfg: DistillConfig) -> None:
@@ -142,7 +143,7 @@ def _build_trainer(cfg_key: str, teacher_step):
     train_set = images.load_dataset(tcfg, "train")
     # the EMA of the student's weights is the paper's target network theta^-, with mu = target_decay
     trainer = Trainer(student, loss, opt, data=device_sampler(train_set, cfg.batch_size), ema_decay=cfg.target_decay,
-                      ema_warmup=False)
+                      ema_warmup=False, checked=cfg.checked)
     return trainer, tcfg, teacher, shape, w
 
 

@@ -58,11 +58,15 @@ class ImageConfig:
     sample_steps: int = 20
     samples_per_class: int = 100
     sample_chunk: int = 0  # network batch while sampling: 0 = auto (64 on CPU, whole batch elsewhere), N = chunks of N
+    # jaxgen's checked mode (jaxgen.checked): batches and sampler inputs checked on the device (finite, labels in
+    # range) inside the compiled programs; measured overhead on the digits U-Net below 1%
+    checked: bool = True
 
 
 # Fields that may change when a run is resumed: the step budget and everything about logging and sampling.
 FREE_FIELDS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "guidance_scales",
-                         "eval_guidance", "sampler", "sample_steps", "samples_per_class", "sample_chunk"})
+                         "eval_guidance", "sampler", "sample_steps", "samples_per_class", "sample_chunk",
+                         "checked"})
 
 
 def check_config(cfg: ImageConfig) -> None:
@@ -129,7 +133,7 @@ def build_trainer(cfg: ImageConfig, train_set):
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
     # The steps of a chunk run fused in one XLA program, batches sampled on the device inside it.
     return Trainer(model, loss, opt, data=device_sampler(train_set, cfg.batch_size),
-                   ema_decay=cfg.ema_decay or None, compute_dtype=dtype)
+                   ema_decay=cfg.ema_decay or None, compute_dtype=dtype, checked=cfg.checked)
 
 
 # -- sampling --------------------------------------------------------------------------------------
@@ -148,8 +152,10 @@ def resolve_sampler(spec: str, prediction: str):
 
 @functools.lru_cache(maxsize=32)
 def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int, null_label: int, shape: tuple,
-                        chunk: int = 0):
+                        chunk: int = 0, checked: bool = False):
     import jax
+
+    from jaxgen import checked as checked_program
 
     from jaxgen.fields import chunked_field, guided_field
     from jaxgen.paths import GaussianPath
@@ -167,7 +173,7 @@ def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int
                      t0=t0, key=k1, cond={"y": labels})
         return res.x, res.nfe
 
-    return jax.jit(generate)
+    return checked_program(generate) if checked else jax.jit(generate)
 
 
 def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=None, steps=None, shape=None):
@@ -179,7 +185,7 @@ def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=N
     resolve_sampler(sampler, cfg.prediction)  # a clear error for an unknown sampler, before compiling
     chunk = cfg.sample_chunk if cfg.sample_chunk > 0 else (64 if jax.default_backend() == "cpu" else 0)
     gen = _compiled_generator(cfg.schedule, cfg.prediction, sampler, int(steps or cfg.sample_steps),
-                              cfg.num_classes, tuple(shape), chunk)
+                              cfg.num_classes, tuple(shape), chunk, bool(cfg.checked))
     model.eval()
     x, nfe = gen(model, jnp.asarray(labels, jnp.int32), jnp.asarray(guidance, jnp.float32), key)
     return np.clip(np.asarray(x), -1.0, 1.0), int(nfe)

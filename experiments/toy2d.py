@@ -48,11 +48,12 @@ class Toy2DConfig:
     sde_sigma: float = 0.5  # Euler-Maruyama noise level (Gaussian source only)
     chunk: int = 1000
     checkpoint_every: int = 5000
+    checked: bool = True  # jaxgen's checked mode: each batch checked on the device (finite); overhead within noise
 
 
 # Fields that may change when a run is resumed.
 FREE_FIELDS = frozenset({"steps", "euler_steps", "adaptive_method", "adaptive_tol", "num_samples", "sde_sigma",
-                         "chunk", "checkpoint_every"})
+                         "chunk", "checkpoint_every", "checked"})
 
 
 def check_config(cfg: Toy2DConfig) -> None:
@@ -103,7 +104,7 @@ def _setup(cfg: Toy2DConfig):
                      rngs=nnx.Rngs(cfg.seed))
     optimizer = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
     trainer = Trainer(model, loss, optimizer, data=lambda key: target(key, cfg.batch_size),
-                      ema_decay=cfg.ema_decay if cfg.ema_decay > 0 else None)
+                      ema_decay=cfg.ema_decay if cfg.ema_decay > 0 else None, checked=cfg.checked)
     return path, target, source_sampler, gaussian_source, trainer
 
 

@@ -6,6 +6,7 @@ The mathematical core (``paths``, ``fields``, ``samplers``, ``couplings``, ``los
 """
 
 from jaxgen import couplings, fields, likelihood, losses, metrics, oracle, paths, samplers
+from jaxgen._checks import checked
 from jaxgen.likelihood import log_likelihood
 from jaxgen.paths import GaussianPath, get_schedule
 from jaxgen.oracle import GaussianMixture
@@ -13,6 +14,6 @@ from jaxgen.samplers import SampleResult, Solver, get_solver, sample
 
 __version__ = "0.1.0"
 
-__all__ = ["couplings", "fields", "likelihood", "log_likelihood", "losses", "metrics", "oracle", "paths", "samplers",
+__all__ = ["checked", "couplings", "fields", "likelihood", "log_likelihood", "losses", "metrics", "oracle", "paths", "samplers",
            "GaussianPath", "get_schedule", "GaussianMixture", "SampleResult", "Solver", "get_solver", "sample",
            "__version__"]

@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import check_same_shape
+from jaxgen._checks import check_data, check_same_shape
 from jaxgen.samplers.base import Solver, sample
 
 Array = jax.Array
@@ -26,6 +26,8 @@ def _pairs(batch) -> tuple[Array, Array, dict]:
         raise ValueError(f"a reflow batch is a dict {{'x0': source points, 'x1': their ODE images, **cond}} "
                          f"(see reflow_couplings), got {got}.")
     check_same_shape(x0=batch["x0"], x1=batch["x1"])
+    check_data(batch["x0"], owner="reflow pairs", name="x0")
+    check_data(batch["x1"], owner="reflow pairs", name="x1")
     cond = {k: v for k, v in batch.items() if k not in ("x0", "x1")}
     return batch["x0"], batch["x1"], cond
 

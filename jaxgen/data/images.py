@@ -98,6 +98,28 @@ class ImageDataset:
                 f"`labels` must have shape ({self.images.shape[0]},) to match "
                 f"`images` of shape {self.images.shape}, got {self.labels.shape}."
             )
+        if not np.issubdtype(self.images.dtype, np.floating):
+            raise ValueError(
+                f"`images` must be floating point in [-1, 1], got dtype {self.images.dtype}; "
+                "convert uint8 images with jaxgen.data.images.uint8_to_float."
+            )
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)) \
+                or self.num_classes < 1:
+            raise ValueError(f"`num_classes` must be a positive integer, got {self.num_classes!r}.")
+        if self.labels.size and (self.labels.dtype.kind not in "iu" or self.labels.min() < 0
+                                 or self.labels.max() >= self.num_classes):
+            raise ValueError(
+                f"`labels` must be integers in [0, {self.num_classes}) (num_classes={self.num_classes}), got "
+                f"dtype {self.labels.dtype} with values in [{self.labels.min()}, {self.labels.max()}]."
+            )
+        # Checked once, here, where the data is loaded: NaN/inf images would only show up later as a NaN loss.
+        finite = np.isfinite(self.images.reshape(self.images.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise ValueError(
+                f"dataset {self.name or '(unnamed)'}: {bad.size} of {finite.size} images hold NaN or inf "
+                f"(first at index {bad[0]}); clean or drop them before training."
+            )
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -23,6 +23,7 @@ import math
 import operator
 from typing import Any, Callable
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -418,6 +419,14 @@ def get_distribution(name: str, **kwargs: Any) -> Sampler:
         inspect.signature(fn).bind_partial(**kwargs)
     except TypeError as e:
         raise TypeError(f"Invalid parameters for distribution {name!r}: {e}") from None
+    for k, v in kwargs.items():
+        arr = np.asarray(v)
+        if arr.dtype.kind in "biufc" and not np.all(np.isfinite(arr)):
+            raise ValueError(f"distribution {name!r}: parameter {k}={v!r} must be finite (no NaN or inf).")
+        if k in ("noise", "var", "stds", "cell_size", "factor") and arr.dtype.kind in "iuf" and np.any(arr < 0):
+            raise ValueError(f"distribution {name!r}: parameter {k}={v!r} must be >= 0.")
+        if k in ("num_cells", "dim") and (arr.dtype.kind not in "iu" or np.any(arr < 1)):
+            raise ValueError(f"distribution {name!r}: parameter {k}={v!r} must be a positive integer.")
     if not kwargs:
         return fn
     return functools.partial(fn, **kwargs)

@@ -202,6 +202,8 @@ def tweedie_data(path: GaussianPath, score: Array, x: Array, t: Array) -> Array:
 
 def as_field(path: GaussianPath, field: Callable, *, source: str, target: str) -> Callable:
     """Wrap a field predicting ``source`` into a field predicting ``target`` (same signature, one NFE)."""
+    if not callable(field):
+        raise TypeError(f"as_field needs a field callable as field(x, t, **cond), got {type(field).__name__}.")
     source, target = canonical_prediction(source), canonical_prediction(target)
     if source == target:
         return field

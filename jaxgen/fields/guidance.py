@@ -27,6 +27,18 @@ def cfg_combine(conditional: Array, unconditional: Array, guidance_scale: float 
     return (1.0 - w) * unconditional + w * conditional
 
 
+def _labels(cond: dict, label_key: str, owner: str, batch: int) -> Array:
+    """Pop the labels a guided field guides towards, as an array of shape ``(B,)``."""
+    if label_key not in cond:
+        raise ValueError(f"the {owner} needs the labels to guide towards: call it as field(x, t, {label_key}=labels) "
+                         f"(in sample(): cond={{{label_key!r}: labels}}); got keywords {sorted(cond)}.")
+    y = jnp.asarray(cond.pop(label_key))
+    if y.shape not in ((), (batch,)):
+        raise ValueError(f"the {owner}'s labels {label_key} must have shape (B,) = ({batch},) or be a scalar, got "
+                         f"{tuple(y.shape)}.")
+    return jnp.broadcast_to(y, (batch,))
+
+
 def guided_field(field: Callable, guidance_scale: float | Array, *, null_label: int, label_key: str = "y") -> Callable:
     """A field ``x, t, y -> cfg_combine(field(x,t,y), field(x,t,null), w)`` evaluated as ONE network call
     on a doubled batch (conditional and unconditional halves). Counts as one NFE of batch 2B.
@@ -37,7 +49,7 @@ def guided_field(field: Callable, guidance_scale: float | Array, *, null_label: 
 
     def guided(x, t, **cond):
         t = batch_time(t, x)
-        y = cond.pop(label_key)
+        y = _labels(cond, label_key, "guided_field", x.shape[0])
         n = x.shape[0]
         xx = jnp.concatenate([x, x], axis=0)
         tt = jnp.concatenate([t, t], axis=0)
@@ -70,7 +82,7 @@ def classifier_guided_field(
 
     def guided(x, t, **cond):
         t = batch_time(t, x)
-        y = cond.pop(label_key)
+        y = _labels(cond, label_key, "classifier_guided_field", x.shape[0])
         out = field(x, t, **cond)
         grad = jax.grad(lambda xx: jnp.sum(log_prob(xx, t, y)))(x)
         z, eps = to_data_and_noise(path, out, x, t, prediction)

@@ -44,7 +44,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import check_time, is_concrete
+from jaxgen._checks import check_finite, check_key, check_time, check_tolerances, is_concrete
 from jaxgen.fields.algebra import as_field, canonical_prediction, check_data_identifiable
 from jaxgen.paths.gaussian import GaussianPath, as_path
 from jaxgen.samplers.ode import ADAPTIVE, diffrax_solver, diffrax_stages
@@ -269,6 +269,10 @@ def log_likelihood(
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x must be floating point, got dtype {x.dtype}; dequantise integer images first with "
                          "jaxgen.likelihood.dequantize (or use image_bits_per_dim).")
+    check_finite(x, name="x", hint="The likelihood of a point with NaN/inf coordinates is undefined.")
+    check_tolerances(rtol, atol, max_steps, owner="log_likelihood")
+    if key is not None:
+        check_key(key, owner="log_likelihood")
     t_data, t_noise = _check_times(path, t_data, t_noise)
     _check_identifiable(path, prediction, t_data, t_noise)
 

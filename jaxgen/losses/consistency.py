@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import expand_like
+from jaxgen._checks import check_key, expand_like
 from jaxgen.fields import as_field, canonical_prediction
 from jaxgen.fields.algebra import check_data_identifiable
 from jaxgen.fields.preconditioning import _end_time
@@ -137,7 +137,8 @@ def _consistency_loss(path, make_pair, *, num_scales, distance, huber_c, rho, t_
         raise ValueError(f"rho must be > 0, got {rho}.")
 
     def loss(model, batch, key, *, target=None, step=0):
-        z, cond = split_batch(batch)
+        z, cond = split_batch(batch, owner="consistency loss")
+        check_key(key, owner="the loss")
         b = z.shape[0]
         k_n, k_eps = jax.random.split(key)
         big_n = n_fn(step)

@@ -36,21 +36,30 @@ import jax.numpy as jnp
 
 from jaxgen.fields import canonical_prediction, from_data_and_noise
 from jaxgen.paths.gaussian import GaussianPath, as_path
-from jaxgen._checks import expand_like, safe_divide
+from jaxgen._checks import check_data, check_key, expand_like, safe_divide
 
 Array = jax.Array
 LossFn = Callable[[Any, Any, Array], Array]
 Source = Callable[[Array, int], Array]
 
 
-def split_batch(batch) -> tuple[Array, dict]:
-    """Split a batch into the data ``z`` and the conditioning keywords."""
+def split_batch(batch, *, owner: str = "loss") -> tuple[Array, dict]:
+    """Split a batch into the data ``z`` and the conditioning keywords, checking that ``z`` is a non-empty floating
+    batch (finite when concrete) and that every conditioning array has the batch's leading size."""
     if isinstance(batch, dict):
         if "x" not in batch:
             raise ValueError(f"a dict batch must hold the data under key 'x'; got keys {sorted(batch)}.")
-        cond = {k: v for k, v in batch.items() if k != "x"}
-        return batch["x"], cond
-    return batch, {}
+        z, cond = batch["x"], {k: v for k, v in batch.items() if k != "x"}
+    else:
+        z, cond = batch, {}
+    check_data(z, owner=owner)
+    n = jnp.shape(z)[0]
+    for k, v in cond.items():
+        shape = jnp.shape(v)
+        if len(shape) >= 1 and shape[0] != n:
+            raise ValueError(f"{owner}: batch[{k!r}] has leading size {shape[0]} but the data batch has {n}; each "
+                             f"conditioning array needs one entry per sample, shape ({n}, ...).")
+    return z, cond
 
 
 def uniform_time(lo: float = 0.0, hi: float = 1.0) -> Callable[[Array, int], Array]:
@@ -128,7 +137,8 @@ def regression_loss(
             raise ValueError(f"unknown time_sampler {time_sampler!r}; use 'uniform', 'logit_normal' or a callable.")
 
     def loss(field, batch, key: Array) -> Array:
-        z, cond = split_batch(batch)
+        z, cond = split_batch(batch, owner=f"{prediction} regression loss")
+        check_key(key, owner="the loss")
         n = z.shape[0]
         k_t, k_eps, k_c = jax.random.split(key, 3)
         if label_dropout > 0:
@@ -213,7 +223,8 @@ def marginal_regression_loss(
     time_sampler = time_sampler or uniform_time(path.schedule.t_min, path.schedule.t_max)
 
     def loss(field, batch, key):
-        z, cond = split_batch(batch)
+        z, cond = split_batch(batch, owner="marginal regression loss")
+        check_key(key, owner="the loss")
         n = z.shape[0]
         k_t, k_eps, _ = jax.random.split(key, 3)  # the same draws as regression_loss for the same key
         t = time_sampler(k_t, n).astype(z.dtype)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jaxgen._checks import check_finite, is_concrete
+
 __all__ = [
     "sliced_wasserstein",
     "mmd_rbf",
@@ -60,17 +62,19 @@ def _check_pair(
             f"`x` and `y` must have the same feature dimension, got shapes "
             f"{x.shape} and {y.shape}. Make sure both sets live in the same space."
         )
+    if x.shape[0] < min_size or y.shape[0] < min_size:
+        raise ValueError(
+            f"`x` and `y` need at least {min_size} samples each, got shapes "
+            f"{x.shape} and {y.shape}."
+        )
     if same_size and x.shape[0] != y.shape[0]:
         raise ValueError(
             f"`x` and `y` must have the same number of samples, got shapes "
             f"{x.shape} and {y.shape}. Subsample the larger set to "
             f"{min(x.shape[0], y.shape[0])} points."
         )
-    if x.shape[0] < min_size or y.shape[0] < min_size:
-        raise ValueError(
-            f"`x` and `y` need at least {min_size} samples each, got shapes "
-            f"{x.shape} and {y.shape}."
-        )
+    check_finite(x, name="x", hint="A distance between sample sets with NaN/inf samples is undefined.")
+    check_finite(y, name="y", hint="A distance between sample sets with NaN/inf samples is undefined.")
     dtype = jnp.result_type(x.dtype, y.dtype)
     return x.astype(dtype), y.astype(dtype)
 
@@ -209,6 +213,8 @@ def mmd_rbf(
     h = jnp.asarray(bandwidths, dtype=x.dtype).reshape(-1)
     if h.shape[0] == 0:
         raise ValueError("`bandwidths` must contain at least one bandwidth.")
+    if is_concrete(h) and not bool(jnp.all(jnp.isfinite(h) & (h > 0))):
+        raise ValueError(f"`bandwidths` must be finite and > 0, got {list(np.asarray(h))}.")
     gamma = 1.0 / (2.0 * h * h)
 
     def kernel(a: jax.Array, b: jax.Array) -> jax.Array:

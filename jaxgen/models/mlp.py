@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -49,8 +51,15 @@ class MLPField(nnx.Module):
             raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}.")
         if time_embedding not in ("concat", "sinusoidal"):
             raise ValueError(f"time_embedding must be 'concat' or 'sinusoidal', got {time_embedding!r}.")
-        if hidden_layers < 1:
-            raise ValueError(f"hidden_layers must be >= 1, got {hidden_layers}.")
+        for name, value in (("dim", dim), ("width", width), ("hidden_layers", hidden_layers), ("time_dim", time_dim)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"MLPField {name} must be a positive integer, got {value!r}.")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+                                        or num_classes < 1):
+            raise ValueError(f"MLPField num_classes must be a positive integer or None (unconditional), got "
+                             f"{num_classes!r}.")
+        if out_dim is not None and (not isinstance(out_dim, (int, np.integer)) or out_dim < 1):
+            raise ValueError(f"MLPField out_dim must be a positive integer or None (= dim), got {out_dim!r}.")
         self.dim = dim
         self.activation = activation
         self.time_embedding = time_embedding
@@ -63,19 +72,27 @@ class MLPField(nnx.Module):
         self.out = nnx.Linear(width, out_dim or dim, rngs=rngs)
 
     def __call__(self, x: Array, t: Array, y: Array | None = None) -> Array:
-        shape = x.shape
+        shape = jnp.shape(x)
+        if len(shape) < 2:
+            raise ValueError(f"MLPField expects x of shape (B, {self.dim}), got {tuple(shape)}; add the batch axis.")
         h = x.reshape(shape[0], -1)
         h_dim = h.shape[1]
         if h.shape[1] != self.dim:
             raise ValueError(f"MLPField was built for dim={self.dim} but got x of shape {tuple(shape)}.")
-        t = jnp.broadcast_to(jnp.asarray(t, h.dtype), (shape[0],))
+        t_shape = jnp.shape(t)
+        if t_shape != (shape[0],) and math.prod(t_shape) not in (1, shape[0]):
+            raise ValueError(f"MLPField expects t of shape (B,) = ({shape[0]},) or a scalar, got {t_shape}.")
+        t = jnp.broadcast_to(jnp.reshape(jnp.asarray(t, h.dtype), (-1,)), (shape[0],))
         temb = t[:, None] if self.time_embedding == "concat" else sinusoidal_embedding(t, self.time_dim).astype(h.dtype)
         parts = [h, temb]
         if self.label_embed is not None:
             if y is None:
                 raise ValueError("this MLPField is class-conditional: call it as model(x, t, y=labels).")
+            if jnp.shape(y) not in ((), (shape[0],)):
+                raise ValueError(f"MLPField labels y must have shape (B,) = ({shape[0]},) or be a scalar, got "
+                                 f"{jnp.shape(y)}.")
             check_labels(y, self.label_embed.num_embeddings - 1, owner="MLPField")
-            parts.append(self.label_embed(y))
+            parts.append(self.label_embed(jnp.broadcast_to(y, (shape[0],))))
         elif y is not None:
             raise ValueError("this MLPField is unconditional (num_classes=None) but labels y were given.")
         h = jnp.concatenate(parts, axis=-1)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import batch_time, check_same_shape, expand_like, safe_divide
+from jaxgen._checks import batch_time, check_same_shape, check_time, expand_like, safe_divide
 from jaxgen.paths.schedules import Schedule, ScheduleOutput, get_schedule
 
 Array = jax.Array
@@ -135,6 +136,13 @@ class GaussianPath:
 
     schedule: Schedule
 
+    def __post_init__(self):
+        if not isinstance(self.schedule, Schedule):
+            hint = (f" For a schedule by name use GaussianPath.from_name({self.schedule!r}) or as_path({self.schedule!r})."
+                    if isinstance(self.schedule, str) else "")
+            raise TypeError(f"GaussianPath needs a jaxgen Schedule (e.g. get_schedule('vp')), got "
+                            f"{type(self.schedule).__name__}.{hint}")
+
     @classmethod
     def from_name(cls, name: str, **kwargs) -> "GaussianPath":
         """Build the path of a named schedule (see :func:`jaxgen.paths.get_schedule`)."""
@@ -146,7 +154,9 @@ class GaussianPath:
 
     # -- coefficients ------------------------------------------------------------------------
     def coefficients(self, t: Array) -> ScheduleOutput:
-        """``(alpha_t, beta_t, d_alpha_t, d_beta_t)`` at ``t`` (autodiff derivatives)."""
+        """``(alpha_t, beta_t, d_alpha_t, d_beta_t)`` at ``t`` (autodiff derivatives; ``t`` in ``[0, 1]``, clamped
+        onto the schedule's domain)."""
+        check_time(t)
         return self.schedule(t)
 
     def log_snr(self, t: Array) -> Array:
@@ -187,6 +197,11 @@ class GaussianPath:
         For schedules whose boundary holds approximately the small ``alpha_0 z`` term is neglected,
         as in score_sde's ``prior_sampling``.
         """
+        shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+        if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise ValueError(f"sample_prior needs a shape of non-negative integers such as (batch, dim), got {shape}.")
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"sample_prior draws Gaussian noise: dtype must be floating point, got {dtype}.")
         beta0 = self.schedule(jnp.zeros((), jnp.float32)).beta
         return beta0.astype(dtype) * jax.random.normal(key, shape, dtype)
 

@@ -19,6 +19,7 @@ and some have infinite derivatives at an endpoint; they therefore declare a time
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Callable, NamedTuple
 
@@ -216,6 +217,16 @@ def vp_log_mean_coeff(tau: Array, beta_min: float, beta_max: float) -> Array:
     return -0.25 * tau**2 * (beta_max - beta_min) - 0.5 * tau * beta_min
 
 
+def _check_vp_args(name: str, beta_min: float, beta_max: float, eps: float) -> None:
+    """``0 <= beta_min <= beta_max`` (finite, ``beta_max > 0``) and ``0 < eps < 1``, as score_sde's VP SDE."""
+    if not (np.isfinite(beta_min) and np.isfinite(beta_max) and 0 <= beta_min <= beta_max and beta_max > 0):
+        raise ValueError(f"{name} schedule needs finite 0 <= beta_min <= beta_max with beta_max > 0 (beta(tau) = "
+                         f"beta_min + tau (beta_max - beta_min) grows towards the noise end; score_sde: 0.1, 20), got "
+                         f"beta_min={beta_min}, beta_max={beta_max}.")
+    if not 0 < eps < 1:
+        raise ValueError(f"{name} schedule needs 0 < eps < 1 (the domain ends at t = 1 - eps), got eps={eps}.")
+
+
 def vp(beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5) -> Schedule:
     r"""Variance-preserving schedule (DDPM's linear betas in continuous time; Song et al. 2021, eq. 11/29).
 
@@ -228,6 +239,8 @@ def vp(beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5) -> Sche
     ``tau in [eps, 1]`` with ``eps = 1e-5``). DDPM's discrete ``beta_i = beta_min/N + i (beta_max -
     beta_min)/(N(N-1))`` with ``N = 1000`` is this schedule with the defaults.
     """
+    _check_vp_args("vp", beta_min, beta_max, eps)
+
     def alpha_fn(t):
         return jnp.exp(vp_log_mean_coeff(1.0 - t, beta_min, beta_max))
 
@@ -239,6 +252,8 @@ def vp(beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5) -> Sche
 
 def sub_vp(beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5) -> Schedule:
     r"""Sub-VP schedule (Song et al. 2021, eq. 12/30): ``alpha_t`` as VP, ``beta_t = 1 - alpha_t^2``."""
+    _check_vp_args("sub_vp", beta_min, beta_max, eps)
+
     def alpha_fn(t):
         return jnp.exp(vp_log_mean_coeff(1.0 - t, beta_min, beta_max))
 
@@ -306,4 +321,10 @@ def get_schedule(name: str | Schedule, **kwargs) -> Schedule:
     if key not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; known schedules: {sorted(set(SCHEDULES))}. "
                          "For your own, use jaxgen.paths.custom(alpha_fn, beta_fn).")
-    return SCHEDULES[key](**kwargs)
+    factory = SCHEDULES[key]
+    params = list(inspect.signature(factory).parameters)
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise TypeError(f"schedule {key!r} has no option {', '.join(unknown)}; its options are: "
+                        f"{', '.join(params) or 'none'}.")
+    return factory(**kwargs)

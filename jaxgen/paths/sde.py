@@ -46,7 +46,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import batch_time, expand_like
+from jaxgen._checks import batch_time, check_time, expand_like
 from jaxgen.paths.gaussian import GaussianPath, gaussian_log_prob
 from jaxgen.paths.schedules import vp_log_mean_coeff
 
@@ -59,11 +59,13 @@ Array = jax.Array
 
 def to_jaxgen_time(tau: Array) -> Array:
     """``t = 1 - tau``: diffusion time (``tau = 0`` data) to jaxgen time (``t = 1`` data)."""
+    check_time(tau, name="tau", convention="diffusion")
     return 1.0 - jnp.asarray(tau)
 
 
 def to_diffusion_time(t: Array) -> Array:
     """``tau = 1 - t``: jaxgen time to score_sde's diffusion time."""
+    check_time(t, name="t")
     return 1.0 - jnp.asarray(t)
 
 

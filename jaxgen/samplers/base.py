@@ -35,7 +35,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import check_finite, check_time, is_concrete
+from jaxgen._checks import check_finite, check_key, check_time, is_concrete
 from jaxgen.fields.algebra import (canonical_prediction, check_data_identifiable, convert, from_data_and_noise,
                                    to_data_and_noise)
 from jaxgen.fields.wrappers import change_path
@@ -300,7 +300,8 @@ class Solver(abc.ABC):
                 continue
             if m == 1:
                 before = model.count
-                carry, rec = seg.fn(model, carry, jax.tree.map(lambda a: a[0], seg.inputs), key)
+                new, rec = seg.fn(model, carry, jax.tree.map(lambda a: a[0], seg.inputs), key)
+                carry = _keep_dtypes(new, carry)
                 nfe += model.count - before
                 if save_trajectory:
                     records.append(rec[None])
@@ -309,9 +310,9 @@ class Solver(abc.ABC):
 
             def body(c, inp, fn=seg.fn, per_step=per_step):
                 start = model.count
-                c, rec = fn(model, c, inp, key)
+                new, rec = fn(model, c, inp, key)
                 per_step[0] = model.count - start  # the last trace's count (a retrace recounts)
-                return c, (rec if save_trajectory else None)
+                return _keep_dtypes(new, c), (rec if save_trajectory else None)
 
             carry, rec = jax.lax.scan(body, carry, seg.inputs, unroll=unroll)
             nfe += per_step[0] * m
@@ -322,6 +323,13 @@ class Solver(abc.ABC):
         nfe += model.count - before
         traj = self.trajectory(x0, records, x) if save_trajectory else None
         return SampleResult(x, int(nfe), grid.times, traj)
+
+
+def _keep_dtypes(new: Any, old: Any) -> Any:
+    """The carry after a step in the dtypes it had before: a state in ``bfloat16`` stays ``bfloat16`` when the field
+    or the step's coefficients compute in ``float32`` (``lax.scan`` needs a carry of fixed type)."""
+    return jax.tree.map(lambda a, b: a.astype(b.dtype) if hasattr(a, "astype") and a.dtype != b.dtype else a,
+                        new, old)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,6 +386,9 @@ def sample(
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be a jaxgen Solver or a solver name (one of {sorted(SOLVERS)}), got "
                         f"{type(solver).__name__}.")
+    if not callable(field):
+        raise TypeError(f"sample() needs a field callable as field(x, t, **cond) (a model, a function), got "
+                        f"{type(field).__name__}.")
     prediction = canonical_prediction(prediction)
     path = solver.default_path(field) if path is None else as_path(path)
     process = solver.process_path()
@@ -395,6 +406,10 @@ def sample(
         raise ValueError("pass either steps (a uniform grid from t0 to t1) or ts (an explicit grid), not both.")
     if solver.needs_key() and key is None:
         raise ValueError(f"the {solver.name} sampler draws fresh noise: pass key=jax.random.key(...).")
+    if key is not None:
+        check_key(key, owner="sample()")
+    if not isinstance(unroll, bool) and (not isinstance(unroll, (int, np.integer)) or unroll < 1):
+        raise ValueError(f"unroll must be a positive integer (or True: unroll fully), got {unroll!r}.")
     model = Model(field, path, prediction, cond)
     grid = solver.grid(model, steps, t0, t1, ts)
     solver.check(model, grid)

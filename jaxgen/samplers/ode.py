@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import check_time
+from jaxgen._checks import check_time, check_tolerances
 from jaxgen.samplers.base import Grid, SampleResult, Segment, Solver, register
 
 Array = jax.Array
@@ -200,6 +201,12 @@ class Diffrax(Solver):
     max_steps: int = 4096
     num_save: int = 101
     adjoint: Any = None
+
+    def __post_init__(self):
+        check_tolerances(self.rtol, self.atol, self.max_steps, owner="Diffrax")
+        if isinstance(self.num_save, bool) or not isinstance(self.num_save, (int, np.integer)) or self.num_save < 2:
+            raise ValueError(f"Diffrax: num_save must be an integer >= 2 (saved times of an adaptive solve), got "
+                             f"{self.num_save!r}.")
 
     def takes_steps(self) -> bool:
         return not self.adaptive

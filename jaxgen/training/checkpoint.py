@@ -209,6 +209,9 @@ class Checkpointer:
         if int(save_interval_steps) < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
         self.directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(f"the checkpoint directory {self.directory} is a file; pass a folder (created if "
+                                     "missing).")
         self.best_metric = best_metric
         self.best_mode = best_mode
         cm = ocp.checkpoint_managers

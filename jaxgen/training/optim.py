@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import optax
 
 
@@ -16,16 +17,33 @@ def adam_with_schedule(
     clip_norm: float | None = None,
     weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
-    """Adam(W) with optional linear warm-up, cosine decay to ``final_fraction * lr`` and global-norm clipping."""
+    """Adam(W) with optional linear warm-up, cosine decay to ``final_fraction * lr`` and global-norm clipping.
+
+    Without ``total_steps`` the rate warms up (when ``warmup_steps > 0``) and then stays constant. A warm-up longer
+    than ``total_steps`` rises for the whole run (a short smoke run of a long recipe) and never reaches its peak.
+    ``clip_norm=None`` turns clipping off."""
+    _check_number("learning_rate", learning_rate, lambda v: v > 0, "a finite number > 0 (e.g. 1e-3)")
+    _check_number("final_fraction", final_fraction, lambda v: 0 <= v <= 1, "in [0, 1]")
+    _check_number("weight_decay", weight_decay, lambda v: v >= 0, "a finite number >= 0")
+    if clip_norm is not None:
+        _check_number("clip_norm", clip_norm, lambda v: v > 0, "a finite number > 0, or None for no clipping")
+    for name, v, lo in (("total_steps", total_steps, 1), ("warmup_steps", warmup_steps, 0)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo):
+            raise ValueError(f"adam_with_schedule: {name} must be an integer >= {lo}, got {v!r}.")
     if total_steps is None:
-        lr: Any = learning_rate
+        lr: Any = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else learning_rate
     else:
         lr = optax.warmup_cosine_decay_schedule(
             init_value=0.0 if warmup_steps else learning_rate, peak_value=learning_rate,
             warmup_steps=max(warmup_steps, 0), decay_steps=max(total_steps, warmup_steps + 1),
             end_value=final_fraction * learning_rate)
     opt = optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
-    return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm else opt
+    return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm is not None else opt
+
+
+def _check_number(name: str, v: Any, ok, what: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) or not ok(v):
+        raise ValueError(f"adam_with_schedule: {name} must be {what}, got {v!r}.")
 
 
 __all__ = ["adam_with_schedule"]

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxgen._checks import checking, raise_failed_check
 from jaxgen.training.finite import nonfinite_leaves
 
 Array = jax.Array
@@ -99,6 +100,17 @@ def _accepts(fn: Callable) -> frozenset:
     return frozenset(k for k in _CONTEXT if k in params)
 
 
+def _checkified(fn: Callable, *args, **kwargs):
+    """``checkify(fn)(*args, **kwargs)`` traced in checked mode: ``(error, out)``."""
+    from jax.experimental import checkify
+
+    def traced(*a, **k):
+        with checking():
+            return fn(*a, **k)
+
+    return checkify.checkify(traced, errors=checkify.user_checks)(*args, **kwargs)
+
+
 class Trainer:
     """Compiled training of a Flax NNX model with any objective.
 
@@ -128,6 +140,10 @@ class Trainer:
         jaxgen loss is a mean over equal-size microbatches, with the loss's randomness drawn per microbatch
         (``fold_in(key, i)``). Use it to fit a large batch in memory (activations are kept for one microbatch at a
         time). The batch size must be divisible by ``microbatches``.
+      checked: trace the steps in jaxgen's checked mode (:func:`jaxgen.checked`): every batch the step draws is
+        checked on the device (finite data, labels in ``[0, num_classes]``, leading sizes) and a failed check
+        raises ``ValueError`` naming it before the state moves on. Off by default: the checks are not in the
+        compiled step unless asked for.
     """
 
     def __init__(
@@ -142,6 +158,7 @@ class Trainer:
         compute_dtype: Any = None,
         fuse_steps: bool = True,
         microbatches: int = 1,
+        checked: bool = False,
     ):
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
             raise ValueError(f"microbatches must be a positive int, got {microbatches!r}.")
@@ -149,6 +166,11 @@ class Trainer:
             raise ValueError(f"ema_decay must be in [0, 1) (or a function step -> decay), got {ema_decay}.")
         if compute_dtype is not None and not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
             raise ValueError(f"compute_dtype must be a floating-point dtype (e.g. jnp.bfloat16), got {compute_dtype!r}.")
+        for name, opt in (optimizer.items() if isinstance(optimizer, dict) else [("optimizer", optimizer)]):
+            if not (callable(getattr(opt, "init", None)) and callable(getattr(opt, "update", None))):
+                raise TypeError(f"{'optimizer' if name == 'optimizer' else f'optimizer[{name!r}]'} must be an optax "
+                                f"GradientTransformation such as optax.adam(1e-3), got {type(opt).__name__}"
+                                + (f" {opt!r}" if isinstance(opt, (int, float, str)) else "") + ".")
         self.updates = self._updates(objective, optimizer)
         self.optimizers = optimizer if isinstance(optimizer, dict) else {"default": optimizer}
         self.multi = len(self.updates) > 1 or isinstance(optimizer, dict)
@@ -160,8 +182,24 @@ class Trainer:
         self.compute_dtype = compute_dtype
         self.fuse_steps = fuse_steps
         self.microbatches = microbatches
-        self.step = jax.jit(self._step)
-        self._steps = jax.jit(self._scan, static_argnums=1)
+        self.checked = bool(checked)
+        if self.checked:
+            self.step = self._checked(jax.jit(lambda s, b=None: _checkified(self._step, s, b)), "a training step")
+            self._steps = self._checked(jax.jit(lambda s, n: _checkified(lambda x: self._scan(x, n), s),
+                                                static_argnums=1), "fused training steps")
+        else:
+            self.step = jax.jit(self._step)
+            self._steps = jax.jit(self._scan, static_argnums=1)
+
+    @staticmethod
+    def _checked(program: Callable, what: str) -> Callable:
+        def run(state, *args):
+            error, out = program(state, *args)
+            raise_failed_check(error, f"checked mode, in {what} from step {int(state.step)}; the state was not "
+                                      "updated")
+            return out
+
+        return run
 
     @staticmethod
     def _updates(objective, optimizer) -> tuple[Update, ...]:
@@ -412,6 +450,8 @@ class Trainer:
                 raise ValueError(f"{name} must be an int, got {v!r}.")
         if num_steps is not None and num_steps < 0:
             raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
+        if until_step is not None and until_step < 0:
+            raise ValueError(f"until_step must be >= 0 (the step count to reach), got {until_step}.")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}.")
         callbacks = [as_callback(c) for c in callbacks]
