@@ -354,8 +354,78 @@ def test_sigkill_mid_save_and_mid_training_then_resume_matches_an_uninterrupted_
     assert not np.allclose(final.params["out"]["kernel"][...], initial.params["out"]["kernel"][...])  # it trained
 
 
+def _disk_full_child(argv):
+    """A disk that fills up (``RLIMIT_FSIZE``: real ``EFBIG`` write errors) just before the save of step 20: prints
+    ``ERROR <step> <message>``, then with the limit lifted resumes to step 30 (``DONE``, final leaves in
+    ``final.npz``), then truncates step 30's arrays and restores again (``FALLBACK <step>``)."""
+    import resource
+
+    from jaxgen.training import Callback, CheckpointWriteError
+
+    directory, async_save = argv[0], argv[1] == "async"
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    trainer = _tiny_trainer()
+    ckpt = Checkpointer(directory, max_to_keep=5, async_save=async_save)
+
+    class DiskFills(Callback):
+        def on_chunk(self, trainer, state, losses):
+            if int(state.step) == 20:
+                ckpt.wait()  # step 10 is on disk; the disk is full from now on
+                resource.setrlimit(resource.RLIMIT_FSIZE, (256, hard))
+
+    try:
+        trainer.fit(trainer.init(SEED), until_step=30, chunk=10, progress=False,
+                    callbacks=[DiskFills(), Checkpointing(ckpt, every=10)])
+        ckpt.close()
+    except CheckpointWriteError as err:
+        print(f"ERROR {err.step} {err}", flush=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with Checkpointer(directory, max_to_keep=5, async_save=async_save) as ckpt:
+        state = ckpt.restore(trainer.init(SEED), missing_ok=True)
+        print(f"RESUMED {int(state.step)}", flush=True)
+        state, _ = trainer.fit(state, until_step=30, chunk=10, progress=False, callbacks=[Checkpointing(ckpt, every=10)])
+    print(f"DONE {int(state.step)}", flush=True)
+    np.savez(os.path.join(directory, os.pardir, "final.npz"), *jax.tree.leaves(_plain(state)))
+    for f in (p for p in __import__("pathlib").Path(directory, "30", "state").rglob("*") if p.is_file()):
+        if f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    import warnings
+
+    with Checkpointer(directory) as ckpt, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        print(f"FALLBACK {int(ckpt.restore(trainer.init(SEED), missing_ok=True).step)}", flush=True)
+
+
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
     _child(sys.argv[2:])
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "disk_full":
+    _disk_full_child(sys.argv[2:])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE write errors are tested on Linux")
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_full_disk_stops_with_one_error_and_loses_nothing_beyond_the_last_checkpoint(trainer, tmp_path, mode):
+    """A full disk during the save of step 20: one CheckpointWriteError naming the step and the cause, step 10
+    intact, no orbax tracebacks on stderr; the resumed run ends where an uninterrupted one ends; a truncated latest
+    checkpoint then falls back to the previous one, again without asyncio noise."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH")
+                                              else ""), PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "disk_full", str(tmp_path / "run"), mode],
+                          capture_output=True, text=True, env=env, cwd=repo, timeout=300, stdin=subprocess.DEVNULL)
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, out + err[-3000:]
+    errors = [l for l in out.splitlines() if l.startswith("ERROR ")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR 20 could not write checkpoint step 20"), out
+    assert "File too large" in errors[0] and "latest: step 10" in errors[0], errors
+    assert "RESUMED 10" in out and "DONE 30" in out and "FALLBACK 20" in out, out
+    noise = [l for l in err.splitlines() if "Traceback" in l or "Event loop is closed" in l or "ERROR:" in l]
+    assert not noise, err[-3000:]
+    reference, _ = trainer.fit(trainer.init(SEED), until_step=30, chunk=10, progress=False)
+    final = np.load(tmp_path / "final.npz")
+    for i, want in enumerate(jax.tree.leaves(_plain(reference))):
+        np.testing.assert_allclose(final[f"arr_{i}"], want, rtol=1e-6, atol=1e-7)
 
 
 # -- corruption ----------------------------------------------------------------------------------------

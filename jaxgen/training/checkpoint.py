@@ -41,6 +41,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -57,7 +58,7 @@ import orbax.checkpoint as ocp
 
 from jaxgen.training.finite import nonfinite_leaves
 
-__all__ = ["Checkpointer", "CorruptCheckpointError"]
+__all__ = ["Checkpointer", "CorruptCheckpointError", "CheckpointWriteError"]
 
 _FORMAT = "jaxgen.checkpoint/1"
 _TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
@@ -71,6 +72,32 @@ class CorruptCheckpointError(ValueError):
     def __init__(self, message: str, *, step: int, directory: str):
         super().__init__(message)
         self.step, self.directory = step, directory
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a quota, a file-size limit, a lost mount): ``step`` and
+    ``directory`` name it. Its partial files are removed; the steps committed before it are intact."""
+
+    def __init__(self, message: str, *, step: int | None, directory: str):
+        super().__init__(message)
+        self.step, self.directory = step, directory
+
+
+_OS_ERROR = re.compile(r"os_error_code='(\d+)'")
+
+
+def _reason(err: BaseException) -> str:
+    """A short cause of a failed write: the operating system's words for tensorstore's error code, or the first
+    line of the message."""
+    text = str(err)
+    code = getattr(err, "errno", None)
+    match = _OS_ERROR.search(text)
+    if match:
+        code = int(match.group(1))
+    if code:
+        return f"{os.strerror(code)} (errno {code})"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first[:200]}"
 
 
 def _crc32(x: Any) -> str | None:
@@ -171,6 +198,63 @@ def _listing(lines: list[str]) -> str:
 
 # -- the checkpointer ---------------------------------------------------------------------------------
 
+_ORBAX_THREAD_ECHOES = ("_SignalingThread.run() raised an exception", "in background save thread",
+                        "Save Finalize thread")
+
+
+class _OrbaxFailureEcho:
+    """A ``logging`` filter for asyncio's "Future exception was never retrieved" records of orbax's failed tensorstore
+    reads and writes: the error they carry is the one jaxgen has already raised in one line."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if record.name == "absl" and any(echo in message for echo in _ORBAX_THREAD_ECHOES):
+            return False
+        return not ("exception was never retrieved" in message and ("tensorstore" in message or "OCDBT" in message
+                                                                    or "orbax" in message))
+
+
+def _quiet_orbax_echoes() -> None:
+    """Silence the echoes of a failed orbax read or write (its worker threads' logged tracebacks, closed-loop
+    callbacks, unretrieved futures): the failure itself reaches the caller as one :class:`CorruptCheckpointError` or
+    :class:`CheckpointWriteError`. Installed when a :class:`Checkpointer` is made, since orbax's threads log before
+    the caller sees the error."""
+    import logging
+
+    for name in ("asyncio", "absl"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _OrbaxFailureEcho) for f in log.filters):
+            log.addFilter(_OrbaxFailureEcho())
+    _silence_closed_loop_callbacks()
+
+
+def _silence_closed_loop_callbacks() -> None:
+    """Drop the ``RuntimeError('Event loop is closed')`` reports of a failed orbax read.
+
+    When tensorstore fails one read of a restore, orbax's event loop closes while the other reads are still in
+    flight; each of them then reports the closed loop from its callback thread through ``sys.unraisablehook``
+    (about a hundred tracebacks that bury the real error, which jaxgen reports in one line). Installed at the first
+    failed read, this hook drops exactly those reports (a ``RuntimeError`` with that message raised by asyncio's
+    ``_check_closed``) and passes everything else to the hook it replaces."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxgen_closed_loop_filter", False):
+        return
+
+    def hook(unraisable):
+        exc, tb = unraisable.exc_value, unraisable.exc_traceback
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            if tb is None or tb.tb_frame.f_code.co_name == "_check_closed":
+                return
+        previous(unraisable)
+
+    hook._jaxgen_closed_loop_filter = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Save and restore :class:`~jaxgen.training.TrainState` s in a directory (orbax ``CheckpointManager``).
 
@@ -239,6 +323,8 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._cleaned = False
+        self._pending: int | None = None  # the step of an asynchronous save in flight
+        _quiet_orbax_echoes()
 
     # -- context manager -----------------------------------------------------------------------
     def __enter__(self) -> "Checkpointer":
@@ -252,12 +338,51 @@ class Checkpointer:
 
     # -- queries -------------------------------------------------------------------------------
     def wait(self) -> None:
-        """Block until this process's pending (async) saves are committed to disk."""
-        self._manager.wait_until_finished()
+        """Block until this process's pending (async) saves are committed to disk.
+
+        Raises:
+          CheckpointWriteError: a pending save failed (its partial files are removed)."""
+        with self._writing(self._pending):
+            self._manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
-        """Wait for pending saves and release orbax's resources."""
-        self._manager.close()
+        """Wait for pending saves and release orbax's resources (raises :class:`CheckpointWriteError` as
+        :meth:`wait`)."""
+        with self._writing(self._pending):
+            self._manager.close()
+        self._pending = None
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """Turn a failed write into one :class:`CheckpointWriteError` naming the step, the directory and the cause,
+        after removing the failed step's partial files (a disk that is full stays usable for the intact ones)."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as err:  # noqa: BLE001 - tensorstore/orbax report OS errors as ValueError and others
+            _quiet_orbax_echoes()
+            self._pending = None
+            try:  # let orbax's writer threads stop before removing what they wrote
+                self._manager.wait_until_finished()
+            except Exception:  # noqa: BLE001 - the same failure, reported once below
+                pass
+            if jax.process_index() == 0 and os.path.isdir(self.directory):
+                for name in os.listdir(self.directory):
+                    if _TMP_DIR.match(name) and (step is None or name.startswith(f"{step}.")):
+                        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            try:
+                intact = sorted(int(s) for s in self._manager.all_steps())
+            except Exception:  # noqa: BLE001 - the listing itself may fail on a broken mount
+                intact = []
+            which = f"step {step}" if step is not None else "a pending step"
+            kept = (f"the checkpoints committed before it are intact (latest: step {intact[-1]})" if intact
+                    else "no earlier checkpoint exists")
+            raise CheckpointWriteError(
+                f"could not write checkpoint {which} to {self.directory}: {_reason(err)}; its partial files were "
+                f"removed and {kept}. Free disk space (or fix the cause) and resume.",
+                step=step, directory=str(self.directory)) from err
 
     def reload(self) -> None:
         """Re-read the directory (to see steps that *another* process committed since this one opened it)."""
@@ -315,6 +440,9 @@ class Checkpointer:
             raise ValueError(f"this Checkpointer keeps the best checkpoints by {self.best_metric!r}: pass "
                              f"save(state, metrics={{{self.best_metric!r}: value, ...}}).")
         self._remove_stale_tmp_dirs()
+        with self._writing(self._pending):  # an earlier asynchronous save that failed is reported here
+            self._manager.wait_until_finished()
+        self._pending = None
         if step in self._manager.all_steps():
             return False
         if not force and not self._manager.should_save(step):
@@ -349,12 +477,15 @@ class Checkpointer:
             "metrics": metrics,
             "leaves": leaves,
         }
-        return bool(self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(_nest(arrays)), meta=ocp.args.JsonSave(meta)),
-            metrics=metrics,
-            force=True,  # the interval was checked above
-        ))
+        with self._writing(step):
+            started = bool(self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(_nest(arrays)), meta=ocp.args.JsonSave(meta)),
+                metrics=metrics,
+                force=True,  # the interval was checked above
+            ))
+        self._pending = step if started else None
+        return started
 
     # -- restore -------------------------------------------------------------------------------
     def _resolve(self, step: int | None) -> int:
@@ -368,6 +499,7 @@ class Checkpointer:
         return int(step)
 
     def _unreadable(self, step: int, what: str, item: str, err: Exception) -> CorruptCheckpointError:
+        _quiet_orbax_echoes()
         first_line = str(err).splitlines()[0][:200] if str(err) else ""
         return CorruptCheckpointError(
             f"checkpoint step {step} in {self.directory} is corrupt: its {what} ({os.path.join(str(step), item)}) "

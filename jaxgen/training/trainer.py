@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxgen._checks import checking, raise_failed_check
+from jaxgen._checks import check_key, checking, raise_failed_check
 from jaxgen.training.finite import nonfinite_leaves
 
 Array = jax.Array
@@ -232,8 +232,9 @@ class Trainer:
 
     def init(self, key: Array | int) -> TrainState:
         """Initial state from the model's parameters and a PRNG key (or an integer seed)."""
-        if isinstance(key, int):
-            key = jax.random.key(key)
+        if isinstance(key, (int, np.integer)) or (jnp.ndim(key) == 0 and jnp.issubdtype(jnp.result_type(key), jnp.integer)):
+            key = jax.random.key(key)  # a seed, also a traced one (jax.eval_shape(trainer.init, 0))
+        check_key(key, owner="Trainer.init")
         params = jax.tree.map(jnp.asarray, self._params)
         ema = jax.tree.map(jnp.copy, params) if self.ema_decay is not None else None
         if self.multi:
