@@ -185,11 +185,11 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, fh, indent=2)
 
 
-def check_sampler(spec: str) -> None:
+def check_sampler(spec: str, **options) -> None:
     """A clear error for an unknown sampler or bad options, before any work (:func:`jaxgen.samplers.get_solver`)."""
     from jaxgen.samplers import get_solver
 
-    get_solver(spec)
+    get_solver(spec, **options)
 
 
 def check_fields(cfg, checks: dict[str, Callable[[Any], bool]], hints: dict[str, str]) -> None:

@@ -74,7 +74,7 @@ def check_config(cfg: Toy2DConfig) -> None:
     if cfg.source not in ("gaussian", "normal", "standard_normal"):
         get_distribution(cfg.source)
     get_schedule(cfg.schedule)
-    common.check_sampler(cfg.adaptive_method)
+    common.check_sampler(cfg.adaptive_method, rtol=cfg.adaptive_tol, atol=cfg.adaptive_tol)
 
 
 def _setup(cfg: Toy2DConfig):
