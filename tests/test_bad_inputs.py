@@ -215,7 +215,11 @@ def api(tmp_path_factory):
     from jaxgen.oracle import GaussianMixture
     from jaxgen.training import Checkpointer, Trainer, adam_with_schedule
 
-    a = types.SimpleNamespace(**locals())
+    a = types.SimpleNamespace(
+        np=np, jax=jax, jnp=jnp, nnx=nnx, fields=fields, losses=losses, metrics=metrics, paths=paths,
+        samplers=samplers, ImageDataset=ImageDataset, ImageLoader=ImageLoader, get_distribution=get_distribution,
+        load_digits=load_digits, MLPField=MLPField, UNetField=UNetField, GaussianMixture=GaussianMixture,
+        Checkpointer=Checkpointer, Trainer=Trainer, adam_with_schedule=adam_with_schedule)
     a.sample, a.get_solver, a.log_likelihood = jaxgen.sample, jaxgen.get_solver, jaxgen.log_likelihood
     a.key, a.x2, a.img = jax.random.key(0), jnp.linspace(-1.0, 1.0, 8).reshape(4, 2), jnp.zeros((2, 8, 8, 1))
     a.path = paths.GaussianPath.from_name("linear")

@@ -449,7 +449,8 @@ def _flip_bytes(step_dir):
         target.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["flipped_bytes", "truncated_arrays", "torn_metadata", "checksum_mismatch"])
+@pytest.mark.parametrize("damage", ["flipped_bytes", "truncated_arrays", "torn_metadata", "edited_metadata",
+                                    "checksum_mismatch"])
 def test_a_corrupt_latest_checkpoint_is_named_and_resuming_falls_back_to_the_previous(trainer, tmp_path, damage):
     from jaxgen.training import CorruptCheckpointError
 
@@ -465,19 +466,32 @@ def test_a_corrupt_latest_checkpoint_is_named_and_resuming_falls_back_to_the_pre
     elif damage == "torn_metadata":
         meta = step_dir / "meta" / "metadata"
         meta.write_text(meta.read_text()[:25])  # a torn JSON
+    elif damage == "edited_metadata":  # valid JSON whose content changed: the record's own checksum catches it
+        import json
+
+        meta = step_dir / "meta" / "metadata"
+        record = json.loads(meta.read_text())
+        record["metrics"] = {"loss": 0.0}
+        meta.write_text(json.dumps(record))
     else:  # an array that reads back without error but not as it was written (the record no longer fits it)
         import json
+
+        from jaxgen.training.checkpoint import _meta_crc32
 
         meta = step_dir / "meta" / "metadata"
         record = json.loads(meta.read_text())
         leaf = next(r for r in record["leaves"].values() if r["path"].startswith("params"))
         leaf["crc32"] = f"{(int(leaf['crc32'], 16) + 1) % 2**32:08x}"
+        record["meta_crc32"] = _meta_crc32(record)  # a consistent record: only the array check can tell
         meta.write_text(json.dumps(record))
     template = jax.eval_shape(trainer.init, jax.random.key(0))
     with Checkpointer(directory, max_to_keep=5) as ckpt:
         with pytest.raises(CorruptCheckpointError, match=r"checkpoint step 20 in .* is corrupt") as info:
             ckpt.restore(template, step=20)
         assert info.value.step == 20 and len(str(info.value).splitlines()) == 1
+        expected = {"edited_metadata": "its metadata (20/meta) does not match the checksum",
+                    "checksum_mismatch": "(20/state) does not match the checksum"}.get(damage, "")
+        assert expected in str(info.value), str(info.value)
         with pytest.warns(UserWarning, match=r"resumed from step 10, the newest intact checkpoint"):
             resumed = ckpt.restore(template, missing_ok=True)
     assert int(resumed.step) == 10

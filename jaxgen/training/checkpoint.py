@@ -100,6 +100,12 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {first[:200]}"
 
 
+def _meta_crc32(meta: dict) -> str:
+    """CRC-32 (hex) of a metadata record's canonical JSON (sorted keys), the record's own checksum left out."""
+    body = {k: v for k, v in meta.items() if k != "meta_crc32"}
+    return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode()) & 0xFFFFFFFF:08x}"
+
+
 def _crc32(x: Any) -> str | None:
     """CRC-32 of an array's bytes in C order (hex), or None for an array that is not all on this process."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -477,6 +483,8 @@ class Checkpointer:
             "metrics": metrics,
             "leaves": leaves,
         }
+        meta = json.loads(json.dumps(meta))  # the record exactly as it reads back
+        meta["meta_crc32"] = _meta_crc32(meta)
         with self._writing(step):
             started = bool(self._manager.save(
                 step,
@@ -518,6 +526,11 @@ class Checkpointer:
                                          step=step, directory=str(self.directory))
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise ValueError(f"step {step} in {self.directory} was not written by jaxgen.checkpoint.Checkpointer.")
+        recorded = meta.pop("meta_crc32", None)  # absent in checkpoints of earlier jaxgen versions
+        if recorded is not None and recorded != _meta_crc32(meta):
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} is corrupt: its metadata ({os.path.join(str(step), 'meta')}) "
+                "does not match the checksum recorded when it was saved.", step=step, directory=str(self.directory))
         return meta
 
     def restore(self, template_state: Any, step: int | None = None, *, missing_ok: bool = False) -> Any:
