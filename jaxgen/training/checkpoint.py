@@ -107,9 +107,12 @@ def _meta_crc32(meta: dict) -> str:
 
 
 def _crc32(x: Any) -> str | None:
-    """CRC-32 of an array's bytes in C order (hex), or None for an array that is not all on this process."""
+    """CRC-32 of an array's bytes in C order (hex): of this process's copy for an array replicated over several
+    processes, None for one split over them (each process holds only a part)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None
+        if not x.sharding.is_fully_replicated:
+            return None
+        x = x.addressable_data(0)
     a = np.ascontiguousarray(np.asarray(x)).reshape(-1)
     return f"{zlib.crc32(a.view(np.uint8)):08x}"
 

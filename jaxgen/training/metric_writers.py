@@ -27,6 +27,12 @@ def tensorboard_available() -> bool:
     return True
 
 
+def _main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
 class MetricWriter:
     """Append scalar metrics to ``log_dir/metrics.jsonl`` and, optionally, TensorBoard event files.
 
@@ -35,14 +41,20 @@ class MetricWriter:
       tensorboard: ``"auto"`` (use TensorBoard when ``tensorboardX`` is installed), True (require it:
         raises ImportError naming the package otherwise) or False.
       filename: the JSON-lines file name inside ``log_dir``.
+
+    In a run of several processes (``jax.distributed``) only process 0 writes; on the others every method is a
+    no-op.
     """
 
     def __init__(self, log_dir: str, *, tensorboard: bool | str = "auto", filename: str = "metrics.jsonl"):
         if tensorboard not in (True, False, "auto"):
             raise ValueError(f"tensorboard must be True, False or 'auto', got {tensorboard!r}.")
-        os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, filename)
         self._tb = None
+        self.active = _main_process()
+        if not self.active:
+            return
+        os.makedirs(log_dir, exist_ok=True)
         self._cut_torn_tail()
         if tensorboard is True and not tensorboard_available():
             raise ImportError("tensorboard=True needs the tensorboardX package: pip install tensorboardX "
@@ -59,6 +71,8 @@ class MetricWriter:
 
     def write(self, step: int, **scalars: Any) -> None:
         """Record ``scalars`` (name -> real number) at ``step``."""
+        if not self.active:
+            return
         values = {}
         for name, value in scalars.items():
             try:
@@ -84,7 +98,7 @@ class MetricWriter:
     def truncate_after(self, step: int) -> int:
         """Drop the records of the steps after ``step`` (a run resumed from the checkpoint of ``step`` runs them
         again, and would log them twice); the file is replaced atomically. Returns how many records were dropped."""
-        if not os.path.exists(self.path):
+        if not self.active or not os.path.exists(self.path):
             return 0
         with open(self.path) as fh:
             lines = fh.readlines()

@@ -41,6 +41,7 @@ from flax import nnx
 
 from jaxgen._checks import check_key, checking, raise_failed_check
 from jaxgen.training.finite import nonfinite_leaves
+from jaxgen.training.parallel import check_mesh, replicated, shard_batch
 
 Array = jax.Array
 
@@ -140,6 +141,10 @@ class Trainer:
         jaxgen loss is a mean over equal-size microbatches, with the loss's randomness drawn per microbatch
         (``fold_in(key, i)``). Use it to fit a large batch in memory (activations are kept for one microbatch at a
         time). The batch size must be divisible by ``microbatches``.
+      mesh: a device mesh with a ``"data"`` axis (:func:`jaxgen.training.data_mesh`) for data parallelism: the state
+        is replicated on every device of the mesh and each batch is split over the data axis inside the one compiled
+        step (XLA adds the gradient all-reduce); the same seed and global batch give the same losses as on one
+        device. The batch size must be divisible by the data axis. Works across processes (``jax.distributed``).
       checked: trace the steps in jaxgen's checked mode (:func:`jaxgen.checked`): every batch the step draws is
         checked on the device (finite data, labels in ``[0, num_classes]``, leading sizes) and a failed check
         raises ``ValueError`` naming it before the state moves on. Off by default: the checks are not in the
@@ -159,6 +164,7 @@ class Trainer:
         fuse_steps: bool = True,
         microbatches: int = 1,
         checked: bool = False,
+        mesh: Any = None,
     ):
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
             raise ValueError(f"microbatches must be a positive int, got {microbatches!r}.")
@@ -182,6 +188,9 @@ class Trainer:
         self.compute_dtype = compute_dtype
         self.fuse_steps = fuse_steps
         self.microbatches = microbatches
+        if mesh is not None:
+            check_mesh(mesh)
+        self.mesh = mesh
         self.checked = bool(checked)
         if self.checked:
             self.step = self._checked(jax.jit(lambda s, b=None: _checkified(self._step, s, b)), "a training step")
@@ -231,7 +240,26 @@ class Trainer:
         return nnx.filter_state(params, update.params) if update.params is not nnx.Param else params
 
     def init(self, key: Array | int) -> TrainState:
-        """Initial state from the model's parameters and a PRNG key (or an integer seed)."""
+        """Initial state from the model's parameters and a PRNG key (or an integer seed); with a mesh, replicated on
+        every device of it."""
+        state = self._init(key)
+        if self.mesh is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+            return state
+        sharding = replicated(self.mesh)
+        if jax.process_count() == 1:
+            return jax.device_put(state, sharding)
+        # several processes: every process holds the same values (same seed, same initialisation), which the
+        # compiled identity takes as the replicated global state
+        return jax.jit(lambda: state, out_shardings=sharding)()
+
+    def abstract_state(self, key: Array | int = 0) -> TrainState:
+        """The shapes, dtypes and shardings of :meth:`init`'s state, allocating nothing: the template to restore a
+        checkpoint onto this trainer's devices (``checkpointer.restore(trainer.abstract_state())``)."""
+        shapes = jax.eval_shape(self._init, key)
+        sharding = replicated(self.mesh) if self.mesh is not None else None
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+    def _init(self, key: Array | int) -> TrainState:
         if isinstance(key, (int, np.integer)) or (jnp.ndim(key) == 0 and jnp.issubdtype(jnp.result_type(key), jnp.integer)):
             key = jax.random.key(key)  # a seed, also a traced one (jax.eval_shape(trainer.init, 0))
         check_key(key, owner="Trainer.init")
@@ -297,6 +325,8 @@ class Trainer:
                 raise ValueError("no batch given and the trainer has no data sampler: pass step(state, batch) "
                                  f"or build {type(self).__name__}(..., data=lambda key: ...).")
             batch = self.data(k_data)
+        if self.mesh is not None:
+            batch = shard_batch(batch, self.mesh)
         return batch, k_loss
 
     def _value_and_grad(self, update: Update, params, rest, batch, key, step, ema_params, aux):
@@ -370,7 +400,10 @@ class Trainer:
         if ema_params is not None:
             ema_params = ema_update(ema_params, params, self._ema_decay(state.step))
         value = values[0] if len(values) == 1 else jnp.stack(values)
-        return TrainState(state.step + 1, params, rest, opt_state, ema_params, state.key, aux), value
+        new = TrainState(state.step + 1, params, rest, opt_state, ema_params, state.key, aux)
+        if self.mesh is not None:  # the state stays replicated (and the scan's carry keeps one sharding)
+            new = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated(self.mesh)), new)
+        return new, value
 
     def _scan(self, state: TrainState, num_steps: int) -> tuple[TrainState, Array]:
         return jax.lax.scan(lambda s, _: self._step(s), state, None, length=num_steps)
@@ -460,7 +493,8 @@ class Trainer:
         target = start + int(num_steps) if num_steps is not None else max(int(until_step), start)
         intervals = [int(chunk)] + [int(c.every) for c in callbacks if getattr(c, "every", None)]
         losses: list[np.ndarray] = []
-        bar = tqdm(total=target, initial=start, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=target, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
+                   unit="step", dynamic_ncols=True)  # one bar: process 0's
         step = start
         try:
             for c in callbacks:

@@ -1,0 +1,178 @@
+"""Data parallelism on a mesh, topology changes across checkpoints and a real two-process run, on this CPU.
+
+Fake devices need the backend to start with them, so the work runs in subprocesses: this file is also the worker
+(``python tests/test_parallel.py devices 8 OUT`` or ``... process ID NUM PORT OUT``). The parent compares what the
+workers write with single-device runs of its own.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY, SEED = 20, 10, 7
+
+
+def _trainer(mesh=None):
+    import jax
+    import optax
+    from flax import nnx
+
+    from jaxgen.losses import flow_matching_loss
+    from jaxgen.models import MLPField
+    from jaxgen.training import Trainer
+
+    def data(key):  # labelled 2-D data drawn inside the compiled step
+        return {"x": jax.random.normal(key, (64, 2)) * 2.0, "y": jax.random.randint(key, (64,), 0, 3)}
+
+    model = MLPField(2, width=32, hidden_layers=2, num_classes=3, rngs=nnx.Rngs(0))
+    return Trainer(model, flow_matching_loss("linear", label_dropout=0.2, null_label=3), optax.adam(1e-2), data=data,
+                   ema_decay=0.9, mesh=mesh)
+
+
+def _leaves(state):
+    import jax
+
+    plain = jax.tree.map(lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+                         state)
+    return [np.asarray(x) for x in jax.tree.leaves(plain)]
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
+               for x, y in zip(_leaves(a), _leaves(b)))
+
+
+def _devices_worker(n, out):
+    """With ``n`` fake devices: 1 vs n devices, and checkpoints moved between the two topologies."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", int(n))
+    from jaxgen.training import Checkpointer, Checkpointing, data_mesh
+
+    report = {"devices": jax.device_count()}
+    single, multi = _trainer(), _trainer(data_mesh())
+    s1, l1 = single.fit(single.init(SEED), STEPS, chunk=EVERY, progress=False)
+    sn, ln = multi.fit(multi.init(SEED), STEPS, chunk=EVERY, progress=False)
+    report["loss_diff"] = float(np.max(np.abs(l1 - ln)))
+    report["state_diff"] = _max_diff(s1, sn)
+    kernel = sn.params["out"]["kernel"][...]
+    report["replicated_on"] = len(kernel.sharding.device_set) if kernel.sharding.is_fully_replicated else 0
+    for name, (writer, reader, reference) in {"n_to_1": (multi, single, s1), "1_to_n": (single, multi, sn)}.items():
+        directory = os.path.join(out, name)
+        with Checkpointer(directory) as ckpt:
+            writer.fit(writer.init(SEED), EVERY, chunk=EVERY, progress=False, callbacks=[Checkpointing(ckpt, EVERY)])
+        with Checkpointer(directory) as ckpt:
+            resumed = ckpt.restore(reader.abstract_state(SEED))
+        on = resumed.params["out"]["kernel"][...].sharding
+        report[f"{name}_devices"] = len(on.device_set)
+        final, _ = reader.fit(resumed, until_step=STEPS, chunk=EVERY, progress=False)
+        report[f"{name}_diff"] = _max_diff(final, reference)
+    print("REPORT " + json.dumps(report), flush=True)
+
+
+def _process_worker(pid, num, port, out):
+    """One of ``num`` jax.distributed processes (2 fake devices each): train with checkpoints on the global mesh,
+    resume from the first checkpoint as after a kill, and (process 0) save the final state."""
+    os.environ.update(JAXGEN_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXGEN_NUM_PROCESSES=str(num),
+                      JAXGEN_PROCESS_ID=str(pid))
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 2)
+    from jaxgen.training import Checkpointer, Checkpointing, data_mesh, initialize, is_main_process
+
+    assert initialize(), "jax.distributed did not start"
+    trainer = _trainer(data_mesh())
+    directory = os.path.join(out, "ckpt")
+    with Checkpointer(directory) as ckpt:
+        uninterrupted, losses = trainer.fit(trainer.init(SEED), STEPS, chunk=EVERY, progress=False,
+                                            callbacks=[Checkpointing(ckpt, EVERY)])
+    with Checkpointer(directory) as ckpt:  # a run killed after its first checkpoint comes back from it
+        resumed = ckpt.restore(trainer.abstract_state(SEED), step=EVERY)
+    final, _ = trainer.fit(resumed, until_step=STEPS, chunk=EVERY, progress=False)
+    report = {"process_count": jax.process_count(), "devices": jax.device_count(),
+              "resume_diff": _max_diff(final, uninterrupted)}
+    if is_main_process():
+        np.savez(os.path.join(out, "final.npz"), *_leaves(final))
+        np.save(os.path.join(out, "losses.npy"), losses)
+    print("REPORT " + json.dumps(report), flush=True)
+    jax.distributed.shutdown()
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _report(stdout, stderr):
+    lines = [line for line in stdout.splitlines() if line.startswith("REPORT ")]
+    assert lines, f"no report\nstdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-4000:]}"
+    return json.loads(lines[-1][len("REPORT "):])
+
+
+def _single_device_reference():
+    trainer = _trainer()
+    return trainer.fit(trainer.init(SEED), STEPS, chunk=EVERY, progress=False)
+
+
+@pytest.mark.slow
+def test_eight_fake_devices_match_one_and_checkpoints_move_between_topologies(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "devices", "8", str(tmp_path)],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600, stdin=subprocess.DEVNULL)
+    r = _report(proc.stdout, proc.stderr)
+    assert proc.returncode == 0 and r["devices"] == 8, proc.stderr[-3000:]
+    assert r["replicated_on"] == 8, r  # the state is replicated over the mesh
+    # the same seed and global batch: the same losses and state on 1 and on 8 devices, up to reduction order
+    assert r["loss_diff"] < 1e-5 and r["state_diff"] < 1e-5, r
+    # written on 8 devices, restored on 1 and continued (and the reverse): the run it would have been
+    assert r["n_to_1_devices"] == 1 and r["1_to_n_devices"] == 8, r
+    assert r["n_to_1_diff"] < 1e-5 and r["1_to_n_diff"] < 1e-5, r
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "process", str(i), "2", str(port),
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                              cwd=REPO, stdin=subprocess.DEVNULL) for i in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=600))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    reports = [_report(*o) for o in outputs]
+    for p, (out, err), r in zip(procs, outputs, reports):
+        assert p.returncode == 0, err[-3000:]
+        assert r["process_count"] == 2 and r["devices"] == 4, r
+        assert r["resume_diff"] < 1e-6, r  # resumed from the step-10 checkpoint: the uninterrupted run's end
+    reference, ref_losses = _single_device_reference()
+    np.testing.assert_allclose(np.load(tmp_path / "losses.npy"), ref_losses, rtol=1e-5, atol=1e-6)
+    final = np.load(tmp_path / "final.npz")
+    for i, want in enumerate(_leaves(reference)):
+        np.testing.assert_allclose(final[f"arr_{i}"], want, rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "ckpt" / "metrics.jsonl").exists()
+
+
+if __name__ == "__main__" and len(sys.argv) > 1:
+    if sys.argv[1] == "devices":
+        _devices_worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "process":
+        _process_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
