@@ -85,11 +85,16 @@ def _run(args) -> int:
     if args.command == "list":
         _list()
         return 0
+    from jaxgen.training import initialize
+
+    initialize()  # one process of several (from the environment): join them before any device is touched
     if args.command == "train":
         cfg = configs.get_config(args.config, args.overrides)
         out = args.out or os.path.join("runs", cfg.name)
         module = _module(cfg.experiment)
         module.train(cfg, out, progress=not args.no_progress)
+        if not common.writes():  # process 0 of several reports
+            return 0
         report = os.path.join(out, "report.md")
         if os.path.exists(report):
             with open(report) as fh:
@@ -107,7 +112,9 @@ def _run(args) -> int:
     run_dir = common.run_dir_of(args.checkpoint)
     module = _module(common.read_config(run_dir)["experiment"])
     command = module.sample_command if args.command == "sample" else module.evaluate_command
-    print(command(run_dir, args))
+    text = command(run_dir, args)
+    if common.writes():
+        print(text)
     return 0
 
 

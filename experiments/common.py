@@ -38,7 +38,36 @@ def check_resume(out: str, cfg, free_fields: Iterable[str]) -> None:
                          "resume it with the same config or choose another --out directory.")
 
 
+def mesh():
+    """The data-parallel mesh over every device of every process, or None on one device (the single-device
+    program)."""
+    import jax
+
+    from jaxgen.training import data_mesh
+
+    return data_mesh() if jax.device_count() > 1 else None
+
+
+def check_batch_size(batch_size: int, name: str = "batch_size") -> None:
+    """A clear error, before any work, for a batch that does not split over the devices."""
+    import jax
+
+    n = jax.device_count()
+    if batch_size % n:
+        raise ValueError(f"config field {name}={batch_size} cannot be split over the {n} devices of this run; use a "
+                         f"multiple of {n} (e.g. --set {name}={max(n, batch_size - batch_size % n)}).")
+
+
+def writes() -> bool:
+    """Whether this process writes files (process 0 of a multi-process run, or the only one)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def write_config(out: str, cfg) -> None:
+    if not writes():
+        return
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as fh:
         json.dump(config_record(cfg), fh, indent=2)
@@ -88,6 +117,8 @@ def train(trainer, state, *, out: str, steps: int, checkpoint_every: int, keep_c
                                                MetricLogger(writer), *callbacks])
     seconds = time.perf_counter() - t_start
     log_path = os.path.join(out, "metrics.jsonl")
+    if not writes():
+        return state, losses, seconds
     if len(losses):
         np.save(os.path.join(out, "losses.npy"), np.asarray(losses))
         plot_loss(np.asarray(losses), os.path.join(out, "loss.png"))
@@ -101,6 +132,8 @@ def train(trainer, state, *, out: str, steps: int, checkpoint_every: int, keep_c
 
 
 def plot_loss(losses, path: str, *, ylabel: str = "training loss") -> None:
+    if not writes():
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,6 +158,8 @@ def plot_loss(losses, path: str, *, ylabel: str = "training loss") -> None:
 
 def save_grid(images, path: str, *, nrow: int, title: str | None = None, row_labels=None) -> None:
     """Save images ``(N, H, W, C)`` in [-1, 1] as a PNG grid with ``nrow`` images per row."""
+    if not writes():
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,6 +207,8 @@ def write_samples(images, labels, out: str | None, *, nrow: int, title: str, wha
     """``jaxgen sample``'s outputs: a PNG grid at ``out`` (default ``samples.png``) and ``<stem>_samples.npy`` /
     ``<stem>_labels.npy``; returns the line to print (``what`` says how they were sampled)."""
     out = out or "samples.png"
+    if not writes():
+        return f"{len(labels)} images ({what}); process 0 writes them"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_grid(images, out, nrow=nrow, title=title)
     stem = os.path.splitext(out)[0]
@@ -181,6 +218,8 @@ def write_samples(images, labels, out: str | None, *, nrow: int, title: str, wha
 
 
 def write_json(path: str, obj) -> None:
+    if not writes():
+        return
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2)
 

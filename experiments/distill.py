@@ -85,6 +85,7 @@ def check_config(cfg: DistillConfig) -> None:
         "sample_ts": "give increasing jump times in [0, 1) per row, rows separated by |, e.g. sample_ts=0|0,0.5",
     })
     common.read_config(common.run_dir_of(cfg.teacher))  # the teacher run exists
+    common.check_batch_size(cfg.batch_size)
 
 
 def build_student(cfg: DistillConfig, teacher_cfg, teacher, shape):
@@ -143,7 +144,7 @@ def _build_trainer(cfg_key: str, teacher_step):
     train_set = images.load_dataset(tcfg, "train")
     # the EMA of the student's weights is the paper's target network theta^-, with mu = target_decay
     trainer = Trainer(student, loss, opt, data=device_sampler(train_set, cfg.batch_size), ema_decay=cfg.target_decay,
-                      ema_warmup=False, checked=cfg.checked)
+                      ema_warmup=False, checked=cfg.checked, mesh=common.mesh())
     return trainer, tcfg, teacher, shape, w
 
 

@@ -96,6 +96,7 @@ def check_config(cfg: ImageConfig) -> None:
         "sample_chunk": "must be >= 0 (0: automatic)",
     })
     common.check_sampler(cfg.sampler)
+    common.check_batch_size(cfg.batch_size)
 
 
 # -- building blocks ---------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def build_trainer(cfg: ImageConfig, train_set):
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
     # The steps of a chunk run fused in one XLA program, batches sampled on the device inside it.
     return Trainer(model, loss, opt, data=device_sampler(train_set, cfg.batch_size),
-                   ema_decay=cfg.ema_decay or None, compute_dtype=dtype, checked=cfg.checked)
+                   ema_decay=cfg.ema_decay or None, compute_dtype=dtype, checked=cfg.checked, mesh=common.mesh())
 
 
 # -- sampling --------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def resolve_sampler(spec: str, prediction: str):
 
 @functools.lru_cache(maxsize=32)
 def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int, null_label: int, shape: tuple,
-                        chunk: int = 0, checked: bool = False):
+                        chunk: int = 0, checked: bool = False, devices: int = 1):
     import jax
 
     from jaxgen import checked as checked_program
@@ -164,13 +165,24 @@ def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int
     path = GaussianPath.from_name(schedule)
     solver, t0 = resolve_sampler(sampler, prediction)
 
+    mesh = common.mesh() if devices > 1 else None
+
     def generate(model, labels, guidance, key):
         k0, k1 = jax.random.split(key)
         x0 = path.sample_prior(k0, (labels.shape[0],) + shape)
+        split = mesh is not None and labels.shape[0] % devices == 0
+        if split:  # the batch of samples split over the devices: each runs the sampler on its share
+            from jaxgen.training.parallel import shard_batch
+
+            x0, labels = shard_batch((x0, labels), mesh)
         net = chunked_field(model, chunk) if chunk else model  # cache-sized network batches (CPU)
         field = guided_field(net, guidance, null_label=null_label)  # one network call on a doubled batch
         res = sample(field, x0, solver, path=path, prediction=prediction, steps=steps if solver.takes_steps() else None,
                      t0=t0, key=k1, cond={"y": labels})
+        if split:  # gathered: every process holds all the samples
+            from jaxgen.training.parallel import replicated
+
+            return jax.lax.with_sharding_constraint(res.x, replicated(mesh)), res.nfe
         return res.x, res.nfe
 
     return checked_program(generate) if checked else jax.jit(generate)
@@ -185,7 +197,7 @@ def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=N
     resolve_sampler(sampler, cfg.prediction)  # a clear error for an unknown sampler, before compiling
     chunk = cfg.sample_chunk if cfg.sample_chunk > 0 else (64 if jax.default_backend() == "cpu" else 0)
     gen = _compiled_generator(cfg.schedule, cfg.prediction, sampler, int(steps or cfg.sample_steps),
-                              cfg.num_classes, tuple(shape), chunk, bool(cfg.checked))
+                              cfg.num_classes, tuple(shape), chunk, bool(cfg.checked), jax.device_count())
     model.eval()
     x, nfe = gen(model, jnp.asarray(labels, jnp.int32), jnp.asarray(guidance, jnp.float32), key)
     return np.clip(np.asarray(x), -1.0, 1.0), int(nfe)

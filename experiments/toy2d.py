@@ -75,6 +75,7 @@ def check_config(cfg: Toy2DConfig) -> None:
         get_distribution(cfg.source)
     get_schedule(cfg.schedule)
     common.check_sampler(cfg.adaptive_method, rtol=cfg.adaptive_tol, atol=cfg.adaptive_tol)
+    common.check_batch_size(cfg.batch_size)
 
 
 def _setup(cfg: Toy2DConfig):
@@ -104,7 +105,8 @@ def _setup(cfg: Toy2DConfig):
                      rngs=nnx.Rngs(cfg.seed))
     optimizer = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
     trainer = Trainer(model, loss, optimizer, data=lambda key: target(key, cfg.batch_size),
-                      ema_decay=cfg.ema_decay if cfg.ema_decay > 0 else None, checked=cfg.checked)
+                      ema_decay=cfg.ema_decay if cfg.ema_decay > 0 else None, checked=cfg.checked,
+                      mesh=common.mesh())
     return path, target, source_sampler, gaussian_source, trainer
 
 

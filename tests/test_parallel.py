@@ -176,3 +176,43 @@ if __name__ == "__main__" and len(sys.argv) > 1:
         _devices_worker(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "process":
         _process_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+
+
+def _cli(out, *, env_extra=None):
+    env = _env()
+    env.update(env_extra or {})
+    return subprocess.Popen([sys.executable, "-m", "experiments", "train", "digits_smoke", "--out", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=REPO, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_the_cli_runs_unchanged_on_one_device_eight_fake_devices_and_two_processes(tmp_path):
+    """`jaxgen train digits_smoke` on 1 device, on 8 fake devices (the batch split over a mesh) and as 2 processes
+    of 2 fake devices each: the same losses and samples; only process 0 writes and prints."""
+    runs = {"one": [_cli(tmp_path / "one")],
+            "eight": [_cli(tmp_path / "eight", env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})]}
+    port = _free_port()
+    runs["two"] = [_cli(tmp_path / "two", env_extra={
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAXGEN_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAXGEN_NUM_PROCESSES": "2", "JAXGEN_PROCESS_ID": str(i)}) for i in range(2)]
+    outputs = {}
+    try:
+        for name, procs in runs.items():
+            outputs[name] = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for procs in runs.values():
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    for name, procs in runs.items():
+        for p, (out, err) in zip(procs, outputs[name]):
+            assert p.returncode == 0, (name, err[-3000:])
+    printed = [("outputs in" in out) for out, _ in outputs["two"]]
+    assert printed == [True, False], printed  # process 0 reports, process 1 stays quiet
+    ref_losses, ref_samples = (np.load(tmp_path / "one" / f) for f in ("losses.npy", "samples.npy"))
+    for name in ("eight", "two"):
+        np.testing.assert_allclose(np.load(tmp_path / name / "losses.npy"), ref_losses, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.load(tmp_path / name / "samples.npy"), ref_samples, atol=1e-4)
+        assert (tmp_path / name / "report.md").exists()

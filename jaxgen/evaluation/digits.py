@@ -226,6 +226,12 @@ def load_or_train_digits_classifier(
     meta = {"key": key, "version": CACHE_VERSION, "hparams": hparams, "num_train": int(x.shape[0])}
 
     trainer, state = _classifier_trainer(x, y, **hparams)
+    if jax.process_count() > 1:
+        # one process of several: orbax's checkpoint operations are collective (every process must join them), so a
+        # per-process lock around them would deadlock, and the cache folder need not be shared between hosts; each
+        # process trains the same classifier (same data, same seed) on its own devices instead
+        state, _ = trainer.fit(state, int(hparams["steps"]), progress=False, desc="digits classifier")
+        return trainer.model(state)
     with _exclusive(root / f"{key}.lock"):  # concurrent processes (pytest-xdist, several runs) train it once
         if entry.is_dir():
             try:

@@ -130,8 +130,6 @@ def check_mesh(mesh: Any) -> None:
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Inside a jitted function: constrain every array of ``batch`` to be split over the data axis along its leading
     (batch) axis; scalars stay replicated. Raises ``ValueError`` for a batch that does not split evenly."""
-    n = data_size(mesh)
-
     def place(x):
         if not hasattr(x, "shape"):
             return x
