@@ -104,6 +104,27 @@ def _process_worker(pid, num, port, out):
     jax.distributed.shutdown()
 
 
+def _killable_worker(out):
+    """Train on 8 fake devices to ``2 * STEPS`` from the latest checkpoint in ``out`` (pausing after each chunk, so
+    that the parent can kill it mid-run); at the end save the final state."""
+    import time
+
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    from jaxgen.training import Checkpointer, Checkpointing, data_mesh
+
+    trainer = _trainer(data_mesh())
+    with Checkpointer(os.path.join(out, "ckpt"), max_to_keep=2) as ckpt:
+        fresh = ckpt.latest_step() is None
+        state = trainer.init(SEED) if fresh else ckpt.restore(trainer.abstract_state(SEED))
+        print(f"FIRST {int(state.step)}", flush=True)
+        state, _ = trainer.fit(state, until_step=2 * STEPS, chunk=EVERY // 2, progress=False,
+                               callbacks=[Checkpointing(ckpt, EVERY), lambda s, l: time.sleep(0.4)])
+    np.savez(os.path.join(out, "final.npz"), *_leaves(state))
+    print(f"DONE {int(state.step)}", flush=True)
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -174,6 +195,8 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
 if __name__ == "__main__" and len(sys.argv) > 1:
     if sys.argv[1] == "devices":
         _devices_worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "killable":
+        _killable_worker(sys.argv[2])
     elif sys.argv[1] == "process":
         _process_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
 
@@ -216,3 +239,43 @@ def test_the_cli_runs_unchanged_on_one_device_eight_fake_devices_and_two_process
         np.testing.assert_allclose(np.load(tmp_path / name / "losses.npy"), ref_losses, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.load(tmp_path / name / "samples.npy"), ref_samples, atol=1e-4)
         assert (tmp_path / name / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_eight_device_run_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    def start():
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), "killable", str(tmp_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
+                                stdin=subprocess.DEVNULL)
+
+    def committed():
+        d = tmp_path / "ckpt"
+        return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if d.exists() else []
+
+    run = start()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and (not committed() or max(committed()) < 2 * EVERY) and run.poll() is None:
+            time.sleep(0.1)
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        os.kill(run.pid, signal.SIGKILL)  # mid-run, past the checkpoint of step 20
+        run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    latest = max(committed())
+    assert 2 * EVERY <= latest < 2 * STEPS
+    again = start()
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    first = [int(line.split()[1]) for line in out.splitlines() if line.startswith("FIRST ")]
+    assert first == [latest] and f"DONE {2 * STEPS}" in out, out
+    trainer = _trainer()
+    reference, _ = trainer.fit(trainer.init(SEED), 2 * STEPS, chunk=EVERY // 2, progress=False)
+    final = np.load(tmp_path / "final.npz")
+    for i, want in enumerate(_leaves(reference)):
+        np.testing.assert_allclose(final[f"arr_{i}"], want, rtol=1e-5, atol=1e-6)
