@@ -12,10 +12,10 @@ def _python_blocks():
 
 
 @pytest.mark.slow
-def test_readme_python_snippets_run_in_order():
+def test_readme_python_snippets_run_in_order(tmp_path, monkeypatch):
     blocks = _python_blocks()
-    assert len(blocks) == 4, "each README python block is run here: add the new one's assertions"
-    tour, oracle, new_sampler, diffusion = blocks
+    assert len(blocks) == 5, "each README python block is run here: add the new one's assertions"
+    tour, oracle, new_sampler, mesh, diffusion = blocks
     assert "10_000" in tour
     ns: dict = {}
     exec(compile(tour.replace("10_000", "200"), "README tour", "exec"), ns)
@@ -38,6 +38,14 @@ def test_readme_python_snippets_run_in_order():
         SOLVERS.pop("ralston", None)
     exec(compile(diffusion, "README diffusion samplers", "exec"), ns)
     assert ns["pp"].nfe == 8 and ns["edm"].nfe == 35 and ns["ll"].log_prob.shape == (256,)
+    monkeypatch.chdir(tmp_path)  # the data-parallel block writes runs/mesh_demo
+    assert "1_000" in mesh and "every=500" in mesh
+    exec(compile(mesh.replace("1_000", "20").replace("every=500", "every=10"), "README scaling out", "exec"), ns)
+    assert int(ns["state"].step) == 20 and ns["losses"].shape == (20,)
+    import jax
+
+    kernel = ns["state"].params["out"]["kernel"][...]
+    assert kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == jax.device_count()
 
 
 def test_ci_runs_the_readme_test_command():

@@ -260,7 +260,9 @@ class Trainer:
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
     def _init(self, key: Array | int) -> TrainState:
-        if isinstance(key, (int, np.integer)) or (jnp.ndim(key) == 0 and jnp.issubdtype(jnp.result_type(key), jnp.integer)):
+        seed = isinstance(key, (int, np.integer)) or (jnp.ndim(key) == 0
+                                                     and jnp.issubdtype(jnp.result_type(key), jnp.integer))
+        if seed:
             key = jax.random.key(key)  # a seed, also a traced one (jax.eval_shape(trainer.init, 0))
         check_key(key, owner="Trainer.init")
         params = jax.tree.map(jnp.asarray, self._params)
