@@ -79,6 +79,24 @@ def _list() -> None:
     print("\nsamplers (--sampler NAME[:key=value,...]): " + ", ".join(sorted(SOLVERS)))
 
 
+def _compilation_cache() -> None:
+    """Keep compiled XLA programs between runs (JAX's persistent compilation cache) in ``$JAXGEN_CACHE/xla`` (default
+    ``~/.cache/jaxgen/xla``): a resumed or repeated run skips most compilation. A cache the user configured for JAX
+    (``JAX_COMPILATION_CACHE_DIR``) is left as it is; ``JAXGEN_COMPILATION_CACHE=0`` turns it off."""
+    import jax
+
+    if os.environ.get("JAXGEN_COMPILATION_CACHE", "1") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR") \
+            or jax.config.jax_compilation_cache_dir:
+        return
+    root = os.environ.get("JAXGEN_CACHE") or os.path.join("~", ".cache", "jaxgen")
+    path = os.path.join(os.path.expanduser(root), "xla")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:  # a read-only home: compile every time, as without the cache
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 def _run(args) -> int:
     from experiments import common, configs
 
@@ -88,6 +106,7 @@ def _run(args) -> int:
     from jaxgen.training import initialize
 
     initialize()  # one process of several (from the environment): join them before any device is touched
+    _compilation_cache()
     if args.command == "train":
         cfg = configs.get_config(args.config, args.overrides)
         out = args.out or os.path.join("runs", cfg.name)

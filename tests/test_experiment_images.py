@@ -154,3 +154,22 @@ def test_distill_cli_errors(capsys, tmp_path):
     assert cli.main(["train", "digits_cd_smoke", "--set", f"teacher={tmp_path / 'missing'}", "--out", str(out)]) == 2
     assert "not a jaxgen run directory" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_cli_keeps_compiled_programs_in_a_persistent_cache(tmp_path, monkeypatch):
+    import jax
+
+    from experiments import cli
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("JAXGEN_CACHE", str(tmp_path))
+    try:
+        monkeypatch.setenv("JAXGEN_COMPILATION_CACHE", "0")
+        cli._compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == before  # turned off: untouched
+        monkeypatch.setenv("JAXGEN_COMPILATION_CACHE", "1")
+        cli._compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla") and (tmp_path / "xla").is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
