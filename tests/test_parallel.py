@@ -125,6 +125,53 @@ def _killable_worker(out):
     print(f"DONE {int(state.step)}", flush=True)
 
 
+LOADER_STEPS, PER_HOST = 4, 16
+
+
+def _image_trainer(mesh=None):
+    import optax
+    from flax import nnx
+
+    from jaxgen.losses import flow_matching_loss
+    from jaxgen.models import UNetField
+    from jaxgen.training import Trainer
+
+    model = UNetField(1, channels=8, channel_mult=(1,), attention_resolutions=(), num_groups=4, num_classes=10,
+                      dropout=0.0, rngs=nnx.Rngs(0))
+    return Trainer(model, flow_matching_loss("linear", label_dropout=0.1, null_label=10), optax.adam(1e-3), mesh=mesh)
+
+
+def _loader_worker(pid, num, port, out):
+    """One of ``num`` processes feeding host-sharded digits batches (each host reads its own slice of every epoch)
+    through ``prefetch_to_device`` onto the global mesh, and training on them."""
+    os.environ.update(JAXGEN_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXGEN_NUM_PROCESSES=str(num),
+                      JAXGEN_PROCESS_ID=str(pid))
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    jax.config.update("jax_num_cpu_devices", 2)
+    from jaxgen.data import ImageLoader, load_digits, prefetch_to_device
+    from jaxgen.training import data_mesh, initialize, is_main_process
+
+    assert initialize()
+    mesh = data_mesh()
+    trainer = _image_trainer(mesh)
+    state = trainer.init(SEED)
+    batches = prefetch_to_device(ImageLoader(load_digits("train"), PER_HOST, seed=3), 2,
+                                 NamedSharding(mesh, PartitionSpec("data")))
+    losses = []
+    for _ in range(LOADER_STEPS):
+        batch = next(batches)
+        assert batch["x"].shape == (num * PER_HOST, 8, 8, 1)  # the global batch
+        state, loss = trainer.step(state, batch)
+        losses.append(float(loss))
+    if is_main_process():
+        np.save(os.path.join(out, "loader_losses.npy"), np.asarray(losses))
+        np.savez(os.path.join(out, "loader_final.npz"), *_leaves(state))
+    print("REPORT " + json.dumps({"losses": losses}), flush=True)
+    jax.distributed.shutdown()
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -195,6 +242,8 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
 if __name__ == "__main__" and len(sys.argv) > 1:
     if sys.argv[1] == "devices":
         _devices_worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "loader":
+        _loader_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     elif sys.argv[1] == "killable":
         _killable_worker(sys.argv[2])
     elif sys.argv[1] == "process":
@@ -279,3 +328,39 @@ def test_a_killed_eight_device_run_resumes_from_its_last_checkpoint_and_ends_as_
     final = np.load(tmp_path / "final.npz")
     for i, want in enumerate(_leaves(reference)):
         np.testing.assert_allclose(final[f"arr_{i}"], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_hosts_feed_their_own_slices_of_the_data_into_one_global_batch(tmp_path):
+    """Each process reads its own slice of every epoch (ImageLoader's host sharding) and prefetch_to_device assembles
+    the global batch on the mesh: training equals one device trained on the two hosts' batches concatenated."""
+    import jax.numpy as jnp
+
+    from jaxgen.data import ImageLoader, load_digits
+
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "loader", str(i), "2", str(port),
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                              cwd=REPO, stdin=subprocess.DEVNULL) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    data = load_digits("train")
+    hosts = [ImageLoader(data, PER_HOST, seed=3, process_index=i, process_count=2) for i in range(2)]
+    trainer = _image_trainer()
+    state, losses = trainer.init(SEED), []
+    for _ in range(LOADER_STEPS):
+        parts = [next(h) for h in hosts]
+        batch = {k: jnp.concatenate([b[k] for b in parts]) for k in ("x", "y")}
+        state, loss = trainer.step(state, batch)
+        losses.append(float(loss))
+    np.testing.assert_allclose(np.load(tmp_path / "loader_losses.npy"), losses, rtol=1e-5, atol=1e-6)
+    final = np.load(tmp_path / "loader_final.npz")
+    for i, want in enumerate(_leaves(state)):
+        np.testing.assert_allclose(final[f"arr_{i}"], want, rtol=1e-4, atol=1e-6)
