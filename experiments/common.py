@@ -52,10 +52,9 @@ def check_batch_size(batch_size: int, name: str = "batch_size") -> None:
     """A clear error, before any work, for a batch that does not split over the devices."""
     import jax
 
-    n = jax.device_count()
-    if batch_size % n:
-        raise ValueError(f"config field {name}={batch_size} cannot be split over the {n} devices of this run; use a "
-                         f"multiple of {n} (e.g. --set {name}={max(n, batch_size - batch_size % n)}).")
+    from jaxgen.training.parallel import check_batch_divisible
+
+    check_batch_divisible(batch_size, jax.device_count(), name=f"config field {name}")
 
 
 def writes() -> bool:

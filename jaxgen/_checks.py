@@ -76,6 +76,17 @@ def raise_failed_check(error: Any, context: str = "") -> None:
         raise ValueError(first + (f" ({context})" if context else ""))
 
 
+def checkified(fn: Callable) -> Callable:
+    """``fn`` traced in checked mode and transformed by ``checkify`` (user checks): it returns ``(error, out)``."""
+    from jax.experimental import checkify
+
+    def traced(*args, **kwargs):
+        with checking():
+            return fn(*args, **kwargs)
+
+    return checkify.checkify(traced, errors=checkify.user_checks)
+
+
 def checked(fn: Callable, *, jit: bool = True) -> Callable:
     """``fn`` with jaxgen's device-side input checks on (finite data and noise, labels in range), compiled
     (``jit=True``) and run; a failed check raises ``ValueError`` naming the problem, after the program ran.
@@ -87,13 +98,7 @@ def checked(fn: Callable, *, jit: bool = True) -> Callable:
 
     Functions ``fn`` calls that are already ``jax.jit``-compiled keep the trace they had (compile them inside
     ``fn``'s trace to have them checked)."""
-    from jax.experimental import checkify
-
-    def traced(*args, **kwargs):
-        with checking():
-            return fn(*args, **kwargs)
-
-    program = checkify.checkify(traced, errors=checkify.user_checks)
+    program = checkified(fn)
     program = jax.jit(program) if jit else program
 
     @functools.wraps(fn)
@@ -190,7 +195,8 @@ def check_finite(value, *, name: str, hint: str = "") -> None:
         return
     if not is_concrete(value):
         if checking_on() and jnp.issubdtype(jnp.result_type(value), jnp.inexact):
-            device_check(jnp.isfinite(value), f"{name} must be finite: {name} holds NaN or inf." + (f" {hint}" if hint else ""))
+            message = f"{name} must be finite: {name} holds NaN or inf." + (f" {hint}" if hint else "")
+            device_check(jnp.isfinite(value), message)
         return
     with jax.ensure_compile_time_eval():
         arr = jnp.asarray(value)
@@ -246,12 +252,19 @@ def check_data(z, *, owner: str, name: str = "the data") -> None:
     check_finite(z, name=name, hint=f"Found by the {owner}: clean the data set or check the pipeline that produced it.")
 
 
+def check_number(value, ok: Callable[[Any], bool], *, name: str, owner: str, what: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real Python/NumPy number for which ``ok(value)`` holds;
+    ``what`` says what it must be (``"a finite number > 0 (e.g. 1e-3)"``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or not ok(value):
+        raise ValueError(f"{owner}: {name} must be {what}, got {value!r}.")
+
+
 def check_tolerances(rtol, atol, max_steps, *, owner: str) -> None:
     """Raise ``ValueError`` for adaptive-solver settings diffrax would reject deep inside a solve (or loop on):
     ``rtol`` and ``atol`` finite, non-negative and not both zero, ``max_steps`` a positive integer."""
     for name, v in (("rtol", rtol), ("atol", atol)):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v) or v < 0:
-            raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {v!r} (typical: 1e-5).")
+        check_number(v, lambda x: x >= 0, name=name, owner=owner, what="a finite number >= 0 (typical: 1e-5)")
     if rtol == 0 and atol == 0:
         raise ValueError(f"{owner}: rtol and atol are both 0, which no adaptive step can meet; use e.g. "
                          "rtol=atol=1e-5.")

@@ -373,10 +373,9 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001 - tensorstore/orbax report OS errors as ValueError and others
             _quiet_orbax_echoes()
             self._pending = None
-            try:  # let orbax's writer threads stop before removing what they wrote
+            # let orbax's writer threads stop before removing what they wrote; it re-raises the failure reported below
+            with contextlib.suppress(Exception):
                 self._manager.wait_until_finished()
-            except Exception:  # noqa: BLE001 - the same failure, reported once below
-                pass
             if jax.process_index() == 0 and os.path.isdir(self.directory):
                 for name in os.listdir(self.directory):
                     if _TMP_DIR.match(name) and (step is None or name.startswith(f"{step}.")):

@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import optax
 
+from jaxgen._checks import check_number
+
 
 def adam_with_schedule(
     learning_rate: float = 1e-3,
@@ -22,11 +24,14 @@ def adam_with_schedule(
     Without ``total_steps`` the rate warms up (when ``warmup_steps > 0``) and then stays constant. A warm-up longer
     than ``total_steps`` rises for the whole run (a short smoke run of a long recipe) and never reaches its peak.
     ``clip_norm=None`` turns clipping off."""
-    _check_number("learning_rate", learning_rate, lambda v: v > 0, "a finite number > 0 (e.g. 1e-3)")
-    _check_number("final_fraction", final_fraction, lambda v: 0 <= v <= 1, "in [0, 1]")
-    _check_number("weight_decay", weight_decay, lambda v: v >= 0, "a finite number >= 0")
+    owner = "adam_with_schedule"
+    check_number(learning_rate, lambda v: v > 0, name="learning_rate", owner=owner,
+                 what="a finite number > 0 (e.g. 1e-3)")
+    check_number(final_fraction, lambda v: 0 <= v <= 1, name="final_fraction", owner=owner, what="in [0, 1]")
+    check_number(weight_decay, lambda v: v >= 0, name="weight_decay", owner=owner, what="a finite number >= 0")
     if clip_norm is not None:
-        _check_number("clip_norm", clip_norm, lambda v: v > 0, "a finite number > 0, or None for no clipping")
+        check_number(clip_norm, lambda v: v > 0, name="clip_norm", owner=owner,
+                     what="a finite number > 0, or None for no clipping")
     for name, v, lo in (("total_steps", total_steps, 1), ("warmup_steps", warmup_steps, 0)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo):
             raise ValueError(f"adam_with_schedule: {name} must be an integer >= {lo}, got {v!r}.")
@@ -40,10 +45,6 @@ def adam_with_schedule(
     opt = optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
     return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm is not None else opt
 
-
-def _check_number(name: str, v: Any, ok, what: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) or not ok(v):
-        raise ValueError(f"adam_with_schedule: {name} must be {what}, got {v!r}.")
 
 
 __all__ = ["adam_with_schedule"]

@@ -76,10 +76,8 @@ def initialize() -> bool:
                          f"{_ENV_NUM_PROCESSES[0]}, got {num} and {pid}.")
     if coordinator is not None and int(num) == 1:
         return False
-    try:  # CPU processes need a collectives implementation to talk to each other (GPU/TPU have their own)
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except (AttributeError, ValueError):  # an older jax without the option
-        pass
+    # CPU processes need a collectives implementation to talk to each other (GPU/TPU have their own)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator is None:
         jax.distributed.initialize()
     else:
@@ -135,15 +133,15 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
             return x
         if x.ndim == 0:
             return jax.lax.with_sharding_constraint(x, replicated(mesh))
-        check_batch_divisible(x.shape[0], mesh, name="the batch's leading size")
+        check_batch_divisible(x.shape[0], data_size(mesh), name="the batch's leading size")
         return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim))
 
     return jax.tree.map(place, batch)
 
 
-def check_batch_divisible(batch_size: int, mesh: Mesh | None, *, name: str = "batch_size") -> None:
-    """Raise ``ValueError`` when a global batch cannot be split evenly over the mesh's data axis."""
-    n = data_size(mesh)
+def check_batch_divisible(batch_size: int, devices: int, *, name: str = "batch_size") -> None:
+    """Raise ``ValueError`` when a global batch cannot be split evenly over ``devices`` (the data axis)."""
+    n = int(devices)
     if batch_size % n:
         raise ValueError(f"{name}={batch_size} cannot be split over the {n} devices of the data axis; use a multiple "
                          f"of {n} (e.g. {max(n, batch_size - batch_size % n)}).")

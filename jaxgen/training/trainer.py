@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxgen._checks import check_key, checking, raise_failed_check
+from jaxgen._checks import check_key, checkified, raise_failed_check
 from jaxgen.training.finite import nonfinite_leaves
 from jaxgen.training.parallel import check_mesh, replicated, shard_batch
 
@@ -99,17 +99,6 @@ def _accepts(fn: Callable) -> frozenset:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return frozenset(_CONTEXT)
     return frozenset(k for k in _CONTEXT if k in params)
-
-
-def _checkified(fn: Callable, *args, **kwargs):
-    """``checkify(fn)(*args, **kwargs)`` traced in checked mode: ``(error, out)``."""
-    from jax.experimental import checkify
-
-    def traced(*a, **k):
-        with checking():
-            return fn(*a, **k)
-
-    return checkify.checkify(traced, errors=checkify.user_checks)(*args, **kwargs)
 
 
 class Trainer:
@@ -193,8 +182,8 @@ class Trainer:
         self.mesh = mesh
         self.checked = bool(checked)
         if self.checked:
-            self.step = self._checked(jax.jit(lambda s, b=None: _checkified(self._step, s, b)), "a training step")
-            self._steps = self._checked(jax.jit(lambda s, n: _checkified(lambda x: self._scan(x, n), s),
+            self.step = self._checked(jax.jit(lambda s, b=None: checkified(self._step)(s, b)), "a training step")
+            self._steps = self._checked(jax.jit(lambda s, n: checkified(lambda x: self._scan(x, n))(s),
                                                 static_argnums=1), "fused training steps")
         else:
             self.step = jax.jit(self._step)
