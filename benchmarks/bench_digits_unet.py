@@ -6,7 +6,7 @@ Prints training steps/s and images/s, and Euler-20 sampling images/s of 256 imag
 network call per step, TorchCFM's own script) and classifier-free guided (one call on the doubled batch per
 step; TorchCFM's side is ``torchcfm_guided_sampling.py``, the same sampler written for its network).
 jaxgen trains with its defaults (all steps fused in one XLA program, data sampled inside) and samples
-inside ``jax.jit`` with the field evaluated in chunks of 64 (``jaxgen.fields.chunked_field``); the
+inside ``jax.jit`` with the field evaluated in chunks of 128 (``jaxgen.fields.chunked_field``); the
 unchunked figure is printed too.
 
 Usage: python benchmarks/bench_digits_unet.py [--steps 40] [--threads 2] [--peers-python PATH] [--no-peers]
@@ -90,7 +90,7 @@ def run_jax(steps):
         return 256 / (time.perf_counter() - t0)
 
     return {"params_M": n_params / 1e6, "steps_per_s": sps, "images_per_s": sps * 128,
-            "cond_sampling": sampler(False, 64), "guided_sampling": sampler(True, 64),
+            "cond_sampling": sampler(False, 128), "guided_sampling": sampler(True, 128),
             "guided_unchunked": sampler(True, 0)}
 
 
