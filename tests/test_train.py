@@ -89,6 +89,31 @@ def test_nan_guard_stops_and_keeps_last_good_state():
     assert int(info.value.state.step) == 0
 
 
+def test_donated_state_gives_the_same_run_and_frees_the_old_buffers():
+    """donate=True: the same losses and parameters as without donation; the state passed in is deleted (its buffers
+    hold the new state); the NaN guard still names the step, with no last good state to hand back."""
+    plain, donating = _trainer(), _trainer(donate=True)
+    a, la = plain.steps(plain.init(0), 5)
+    start = donating.init(0)
+    b, lb = donating.steps(start, 5)
+    np.testing.assert_array_equal(la, lb)
+    chex.assert_trees_all_equal((a.params, a.opt_state, a.ema_params), (b.params, b.opt_state, b.ema_params))
+    assert all(x.is_deleted() for x in jax.tree.leaves(start.params))
+    b, _ = donating.step(b)  # the single step donates too, and training goes on from what it returns
+    assert int(b.step) == 6
+
+    def nan_after_start(m, batch, key):
+        return jnp.where(jnp.abs(m.out.bias[...]).sum() > 0, jnp.nan, LOSS(m, batch, key))
+
+    tr = Trainer(MLPField(2, width=8, hidden_layers=1, rngs=nnx.Rngs(0)), nan_after_start, optax.sgd(0.1), data=DATA,
+                 donate=True)
+    with pytest.raises(FloatingPointError, match="loss became non-finite at step 1.*donated.*last checkpoint") as info:
+        tr.fit(tr.init(0), 20, chunk=10, progress=False)
+    assert info.value.state is None
+    with pytest.raises(ValueError, match="use one or the other"):
+        _trainer(donate=True, checked=True)
+
+
 def test_nan_guard_checks_the_state_not_only_the_loss(tmp_path):
     """A finite loss with a NaN gradient at step 7 (0 * sqrt(0)) poisons the parameters in the middle of a chunk:
     the guard names step 7 and a parameter, keeps the step-0 state and saves nothing non-finite."""

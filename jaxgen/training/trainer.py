@@ -138,6 +138,12 @@ class Trainer:
         checked on the device (finite data, labels in ``[0, num_classes]``, leading sizes) and a failed check
         raises ``ValueError`` naming it before the state moves on. Off by default: the checks are not in the
         compiled step unless asked for.
+      donate: donate the state's buffers to :meth:`step` and :meth:`steps` (``jax.jit(donate_argnums=0)``): the new
+        state is written over the old one, so a step holds one copy of the parameters, optimizer state and EMA
+        instead of two (the difference between fitting and not fitting a large model). The state passed in is
+        deleted: keep using the returned one. :meth:`fit` still checks every chunk for NaN/inf, but the state
+        before the bad chunk is gone, so the error's ``state`` is None (resume from the last checkpoint). Not
+        with ``checked=True``, which keeps the old state when a check fails.
     """
 
     def __init__(
@@ -154,6 +160,7 @@ class Trainer:
         microbatches: int = 1,
         checked: bool = False,
         mesh: Any = None,
+        donate: bool = False,
     ):
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
             raise ValueError(f"microbatches must be a positive int, got {microbatches!r}.")
@@ -181,13 +188,18 @@ class Trainer:
             check_mesh(mesh)
         self.mesh = mesh
         self.checked = bool(checked)
+        self.donate = bool(donate)
+        if self.checked and self.donate:
+            raise ValueError("checked=True keeps the state when a check fails, which donate=True would delete: "
+                             "use one or the other.")
+        donated = (0,) if self.donate else ()
         if self.checked:
             self.step = self._checked(jax.jit(lambda s, b=None: checkified(self._step)(s, b)), "a training step")
             self._steps = self._checked(jax.jit(lambda s, n: checkified(lambda x: self._scan(x, n))(s),
                                                 static_argnums=1), "fused training steps")
         else:
-            self.step = jax.jit(self._step)
-            self._steps = jax.jit(self._scan, static_argnums=1)
+            self.step = jax.jit(self._step, donate_argnums=donated)
+            self._steps = jax.jit(self._scan, static_argnums=1, donate_argnums=donated)
 
     @staticmethod
     def _checked(program: Callable, what: str) -> Callable:
@@ -496,11 +508,19 @@ class Trainer:
                 new_state, chunk_losses = self.steps(state, n)
                 chunk_losses = np.asarray(chunk_losses)
                 if not np.all(np.isfinite(chunk_losses)) or nonfinite_leaves(new_state):
-                    err = FloatingPointError(f"{self._first_nonfinite(state, n, chunk_losses)}; training stopped "
-                                             f"and the last good state (step {step}) is kept. Lower the learning "
-                                             "rate, add gradient clipping (optax.clip_by_global_norm), or check the "
-                                             "data and the loss for NaN/inf.")
-                    err.state = state
+                    if self.donate:  # the state before the chunk was donated to it: no replay, no last good state
+                        bad = ~np.isfinite(chunk_losses.reshape(n, -1)).all(-1)
+                        what = (f"the loss became non-finite at step {step + int(np.argmax(bad))}" if bad.any()
+                                else f"the training state became non-finite in steps {step}-{nxt - 1}")
+                        kept = ("the state before it was donated to the step (donate=True), so resume from the last "
+                                "checkpoint")
+                    else:
+                        what = self._first_nonfinite(state, n, chunk_losses)
+                        kept = f"the last good state (step {step}) is kept"
+                    err = FloatingPointError(f"{what}; training stopped and {kept}. Lower the learning rate, add "
+                                             "gradient clipping (optax.clip_by_global_norm), or check the data and "
+                                             "the loss for NaN/inf.")
+                    err.state = None if self.donate else state
                     raise err
                 state, step = new_state, nxt
                 losses.append(chunk_losses)
