@@ -18,19 +18,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, SEED = 20, 10, 7
 
 
-def _trainer(mesh=None):
+def _trainer(mesh=None, shard=False):
     import jax
     import optax
     from flax import nnx
 
     from jaxgen.losses import flow_matching_loss
-    from jaxgen.models import MLPField
+    from jaxgen.models import MLPField, shard_parameters
     from jaxgen.training import Trainer
 
     def data(key):  # labelled 2-D data drawn inside the compiled step
         return {"x": jax.random.normal(key, (64, 2)) * 2.0, "y": jax.random.randint(key, (64,), 0, 3)}
 
     model = MLPField(2, width=32, hidden_layers=2, num_classes=3, rngs=nnx.Rngs(0))
+    if shard:  # parameter sharding: every kernel split over the data axis along its outputs where 8 divides them
+        shard_parameters(model, min_size=1)
     return Trainer(model, flow_matching_loss("linear", label_dropout=0.2, null_label=3), optax.adam(1e-2), data=data,
                    ema_decay=0.9, mesh=mesh)
 
@@ -63,7 +65,20 @@ def _devices_worker(n, out):
     report["state_diff"] = _max_diff(s1, sn)
     kernel = sn.params["out"]["kernel"][...]
     report["replicated_on"] = len(kernel.sharding.device_set) if kernel.sharding.is_fully_replicated else 0
-    for name, (writer, reader, reference) in {"n_to_1": (multi, single, s1), "1_to_n": (single, multi, sn)}.items():
+    # parameter sharding: parameters, optimizer moments and EMA split over the mesh, the same run
+    sharded = _trainer(data_mesh(), shard=True)
+    ss, ls = sharded.fit(sharded.init(SEED), STEPS, chunk=EVERY, progress=False)
+    report["sharded_loss_diff"] = float(np.max(np.abs(l1 - ls)))
+    report["sharded_state_diff"] = _max_diff(s1, ss)
+    report["split"] = sorted({jax.tree_util.keystr(p).split("[")[0].strip(".")
+                              for p, x in jax.tree_util.tree_flatten_with_path(ss)[0]
+                              if isinstance(x, jax.Array) and not x.sharding.is_fully_replicated})
+    kernel = ss.params["layers"][0]["kernel"][...]
+    report["kernel_shard_shape"] = list(kernel.addressable_shards[0].data.shape)
+    report["out_kernel_split"] = not ss.params["out"]["kernel"][...].sharding.is_fully_replicated  # 2 outputs
+    for name, (writer, reader, reference) in {"n_to_1": (multi, single, s1), "1_to_n": (single, multi, sn),
+                                              "sharded_to_1": (sharded, single, s1),
+                                              "1_to_sharded": (single, sharded, ss)}.items():
         directory = os.path.join(out, name)
         with Checkpointer(directory) as ckpt:
             writer.fit(writer.init(SEED), EVERY, chunk=EVERY, progress=False, callbacks=[Checkpointing(ckpt, EVERY)])
@@ -203,6 +218,13 @@ def test_eight_fake_devices_match_one_and_checkpoints_move_between_topologies(tm
     # written on 8 devices, restored on 1 and continued (and the reverse): the run it would have been
     assert r["n_to_1_devices"] == 1 and r["1_to_n_devices"] == 8, r
     assert r["n_to_1_diff"] < 1e-5 and r["1_to_n_diff"] < 1e-5, r
+    # parameter sharding: the same run, with parameters, Adam's moments and the EMA split eight ways
+    assert r["sharded_loss_diff"] < 1e-5 and r["sharded_state_diff"] < 1e-5, r
+    assert r["split"] == ["ema_params", "opt_state", "params"], r
+    assert r["kernel_shard_shape"] == [2 + 32 + 1, 32 // 8], r  # a (35, 32) kernel: 4 output columns per device
+    assert r["out_kernel_split"] is False, r  # 2 outputs: not divisible by 8, kept whole
+    assert r["sharded_to_1_devices"] == 1 and r["1_to_sharded_devices"] == 8, r
+    assert r["sharded_to_1_diff"] < 1e-5 and r["1_to_sharded_diff"] < 1e-5, r
 
 
 def _free_port():
@@ -364,3 +386,43 @@ def test_two_hosts_feed_their_own_slices_of_the_data_into_one_global_batch(tmp_p
     final = np.load(tmp_path / "loader_final.npz")
     for i, want in enumerate(_leaves(state)):
         np.testing.assert_allclose(final[f"arr_{i}"], want, rtol=1e-4, atol=1e-6)
+
+
+def test_parameter_sharding_annotations_and_their_errors():
+    """shard_parameters annotates the large kernels along their outputs (NNX partitioning metadata); on a one-device
+    mesh nothing is split; an annotation naming an axis the mesh lacks is refused."""
+    import jax
+    from flax import nnx
+
+    from jaxgen.models import MLPField, shard_parameters
+    from jaxgen.training import data_mesh
+    from jaxgen.training.parallel import parameter_shardings
+
+    mlp = shard_parameters(MLPField(2, width=32, hidden_layers=2, rngs=nnx.Rngs(0)), min_size=65)
+    specs = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+        nnx.get_partition_spec(nnx.state(mlp, nnx.Param)), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]}
+    assert specs["['layers'][1]['kernel'].value"] == jax.sharding.PartitionSpec(None, "data")
+    assert specs["['layers'][1]['bias'].value"] == jax.sharding.PartitionSpec()  # 1-D: replicated
+    assert specs["['out']['kernel'].value"] == jax.sharding.PartitionSpec()  # (32, 2): 64 weights, below min_size
+    assert parameter_shardings(nnx.state(mlp, nnx.Param), data_mesh()) is None  # one device: nothing to split
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(ValueError, match="mesh axis 'data'.*axes \\('model',\\)"):
+        parameter_shardings(nnx.state(mlp, nnx.Param), mesh)
+    for bad, kw in (("", {}), ("data", {"min_size": 0})):
+        with pytest.raises(ValueError, match="axis must be|min_size must be"):
+            shard_parameters(MLPField(2, rngs=nnx.Rngs(0)), bad, **kw)
+
+
+@pytest.mark.slow
+def test_unet_shard_axis_annotates_its_large_kernels_and_keeps_its_weights():
+    import jax
+    from flax import nnx
+
+    from jaxgen.models import UNetField
+
+    plain = UNetField(1, channels=32, image_size=8, zero_init=False, rngs=nnx.Rngs(3))
+    annotated = UNetField(1, channels=32, image_size=8, zero_init=False, shard_axis="data", rngs=nnx.Rngs(3))
+    assert annotated.mid.res.conv1.kernel.get_metadata()["out_sharding"] == (None, None, None, "data")  # 36,864
+    assert annotated.conv_in.kernel.get_metadata().get("out_sharding") is None  # (3, 3, 1, 32): 288 weights
+    for a, b in zip(jax.tree.leaves(nnx.state(plain, nnx.Param)), jax.tree.leaves(nnx.state(annotated, nnx.Param))):
+        np.testing.assert_array_equal(a, b)  # the same weights: annotations place arrays, they do not change them

@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxgen._checks import check_labels
 from jaxgen.models.embeddings import sinusoidal_embedding
+from jaxgen.models.sharding import shard_parameters
 
 Array = jax.Array
 
@@ -344,6 +345,10 @@ class UNetField(nnx.Module):
         backend, ``lax.conv_general_dilated`` elsewhere), ``"matmul"`` or ``"xla"``; all give the same function.
       zero_init: zero-initialise the last convolution of each residual block, the attention output
         projections and the output convolution (ADM); the untrained field is then exactly zero.
+      shard_axis: a mesh axis name (e.g. ``"data"``) to annotate the parameters for parameter sharding (FSDP style):
+        every kernel of at least 16,384 weights is split over that axis along its output channels when a
+        :class:`jaxgen.training.Trainer` with a mesh trains it (:func:`jaxgen.models.shard_parameters`); ``None``
+        (default): no annotations, the parameters are replicated on a mesh.
       rngs: ``nnx.Rngs`` for parameters and dropout.
     """
 
@@ -365,6 +370,7 @@ class UNetField(nnx.Module):
         use_scale_shift_norm: bool = False,
         zero_init: bool = True,
         conv_impl: str = "auto",
+        shard_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
         if not isinstance(image_size, int) or image_size < 1:
@@ -438,6 +444,8 @@ class UNetField(nnx.Module):
         self.up = nnx.List(up)
         self.norm_out = _norm(ch, num_groups, rngs)
         self.conv_out = _conv3x3(ch, self.out_channels, rngs, zero=zero_init, impl=conv_impl)
+        if shard_axis is not None:
+            shard_parameters(self, shard_axis)
 
     def _check_inputs(self, x: Array, t, y) -> tuple[Array, Array | None]:
         """Validate shapes (before any computation) and return ``t`` and ``y`` of shape ``(B,)``."""

@@ -14,6 +14,13 @@ environment; a no-op otherwise); every process then runs the same program on the
 part of the batch when the data comes from the host (:func:`global_batch`), and only process 0 writes logs, plots and
 reports (:func:`is_main_process`).
 
+Parameter sharding (FSDP, ZeRO-3 style) for models that do not fit one device: annotate parameters with the mesh
+axis to split them over, through Flax NNX's partitioning metadata (``nnx.Param(..., out_sharding=(None, "data"))``,
+``nnx.with_partitioning`` or :func:`jaxgen.models.shard_parameters`; :class:`~jaxgen.models.UNetField` takes ``shard_axis=``). The
+trainer then keeps each annotated parameter, its optimizer moments and its EMA split over that axis
+(:func:`parameter_shardings`), and XLA gathers a layer's weights where the step needs them and reduce-scatters their
+gradients. Dimensions that the axis does not divide stay whole. The losses are those of the replicated run.
+
 Migrating from ``pmap``: drop the leading device axis and ``jax.lax.pmean``; build the trainer with
 ``mesh=data_mesh()`` and give it the *global* batch (``batch_size`` = per-device size x device count). What ``pmap``
 did by hand (replicate the state, split the batch, average the gradients) is the mesh's sharding here.
@@ -157,5 +164,37 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(make, local_batch)
 
 
+def parameter_shardings(params: Any, mesh: Mesh) -> Any:
+    """The ``NamedSharding`` of every parameter of an ``nnx.State`` on ``mesh``, from its NNX partitioning metadata
+    (``out_sharding``): the annotated dimensions split over their mesh axes, except those the axis size does not divide
+    (kept whole), unannotated parameters replicated. None when nothing is split (the plain data-parallel case).
+    Raises ValueError for an annotation naming an axis the mesh does not have."""
+    from flax import nnx
+
+    specs = nnx.get_partition_spec(params)
+    split = False
+
+    def place(spec, x):
+        nonlocal split
+        entries = list(spec) if isinstance(spec, P) else []
+        shape = np.shape(x)
+        out = []
+        for dim, entry in enumerate(entries[: len(shape)]):
+            names = entry if isinstance(entry, tuple) else (entry,) if entry is not None else ()
+            missing = [n for n in names if n not in mesh.shape]
+            if missing:
+                raise ValueError(f"a parameter of shape {shape} is annotated to be split over the mesh axis "
+                                 f"{missing[0]!r}, but the mesh has axes {tuple(mesh.shape)}: build the mesh with that "
+                                 "axis or annotate with one it has.")
+            size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+            keep = bool(names) and size > 1 and shape[dim] % size == 0
+            split |= keep
+            out.append(entry if keep else None)
+        return NamedSharding(mesh, P(*out))
+
+    shardings = jax.tree.map(place, specs, params, is_leaf=lambda v: isinstance(v, P))
+    return shardings if split else None
+
+
 __all__ = ["initialize", "is_main_process", "data_mesh", "replicated", "batch_sharding", "data_size", "shard_batch",
-           "check_batch_divisible", "global_batch", "check_mesh", "DATA_AXIS"]
+           "parameter_shardings", "check_batch_divisible", "global_batch", "check_mesh", "DATA_AXIS"]

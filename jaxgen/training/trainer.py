@@ -41,7 +41,7 @@ from flax import nnx
 
 from jaxgen._checks import check_key, checkified, raise_failed_check
 from jaxgen.training.finite import nonfinite_leaves
-from jaxgen.training.parallel import check_mesh, replicated, shard_batch
+from jaxgen.training.parallel import check_mesh, parameter_shardings, replicated, shard_batch
 
 Array = jax.Array
 
@@ -134,6 +134,9 @@ class Trainer:
         is replicated on every device of the mesh and each batch is split over the data axis inside the one compiled
         step (XLA adds the gradient all-reduce); the same seed and global batch give the same losses as on one
         device. The batch size must be divisible by the data axis. Works across processes (``jax.distributed``).
+        Parameters annotated with NNX partitioning metadata (:func:`jaxgen.training.shard_parameters`,
+        ``UNetField(shard_axis="data")``) are instead kept split over their mesh axis, with their optimizer moments
+        and EMA (parameter sharding, FSDP style; :func:`jaxgen.training.parallel.parameter_shardings`).
       checked: trace the steps in jaxgen's checked mode (:func:`jaxgen.checked`): every batch the step draws is
         checked on the device (finite data, labels in ``[0, num_classes]``, leading sizes) and a failed check
         raises ``ValueError`` naming it before the state moves on. Off by default: the checks are not in the
@@ -187,6 +190,7 @@ class Trainer:
         if mesh is not None:
             check_mesh(mesh)
         self.mesh = mesh
+        self._sharding_cache = None
         self.checked = bool(checked)
         self.donate = bool(donate)
         if self.checked and self.donate:
@@ -246,7 +250,7 @@ class Trainer:
         state = self._init(key)
         if self.mesh is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
             return state
-        sharding = replicated(self.mesh)
+        sharding = self._state_sharding()
         if jax.process_count() == 1:
             return jax.device_put(state, sharding)
         # several processes: every process holds the same values (same seed, same initialisation), which the
@@ -257,8 +261,41 @@ class Trainer:
         """The shapes, dtypes and shardings of :meth:`init`'s state, allocating nothing: the template to restore a
         checkpoint onto this trainer's devices (``checkpointer.restore(trainer.abstract_state())``)."""
         shapes = jax.eval_shape(self._init, key)
-        sharding = replicated(self.mesh) if self.mesh is not None else None
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+        if self.mesh is None:
+            return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
+        sharding = self._state_sharding()
+        if isinstance(sharding, jax.sharding.Sharding):
+            return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
+
+    def _state_sharding(self):
+        """Where the state lives on the mesh: one replicated sharding for the whole state, or (when parameters carry
+        partitioning annotations) a TrainState of shardings: annotated parameters, their optimizer moments and EMA
+        split, everything else replicated."""
+        if self._sharding_cache is not None:
+            return self._sharding_cache
+        rep = replicated(self.mesh)
+        params = parameter_shardings(self._params, self.mesh)
+        if params is None:
+            self._sharding_cache = rep
+            return rep
+        shapes = jax.eval_shape(self._init, 0)
+        everywhere = lambda tree: jax.tree.map(lambda _: rep, tree)
+
+        def moments(optimizer, subset, state):  # optimizer-state leaves shaped like the parameters follow them
+            return optax.tree_map_params(optimizer, lambda _, sh: sh, state, subset, transform_non_params=lambda _: rep,
+                                         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+        if self.multi:
+            opt = {name: moments(self.optimizers[name], self._subset(params, next(u for u in self.updates
+                                                                                if u.optimizer == name)), st)
+                   for name, st in shapes.opt_state.items()}
+        else:
+            opt = moments(self.optimizers["default"], params, shapes.opt_state)
+        self._sharding_cache = TrainState(rep, params, everywhere(shapes.rest), opt,
+                                          params if shapes.ema_params is not None else None, rep,
+                                          everywhere(shapes.aux))
+        return self._sharding_cache
 
     def _init(self, key: Array | int) -> TrainState:
         seed = isinstance(key, (int, np.integer)) or (jnp.ndim(key) == 0
@@ -296,12 +333,19 @@ class Trainer:
         cast = lambda v: v.astype(self.compute_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
         return jax.tree.map(cast, tree)
 
+    def _gathered(self, params):
+        """Split parameters gathered whole for the forward and backward passes (their gradients are reduce-scattered
+        back onto the split state at the end of the step); unchanged when nothing is split."""
+        if self.mesh is None or isinstance(self._state_sharding(), jax.sharding.Sharding):
+            return params
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated(self.mesh)), params)
+
     def loss(self, params: Any, rest: Any, batch: Any, key: Array, *, loss_fn: Callable | None = None,
              step: Array | None = None, ema_params: Any = None, aux: Any = None) -> tuple[Array, tuple[Any, Any]]:
         """The loss at ``params``: ``(value, (the module's updated non-parameter state, the new objective state))``."""
         loss_fn = self.loss_fn if loss_fn is None else loss_fn
         wants = _accepts(loss_fn)
-        params, batch = self._cast(params), self._cast(batch)
+        params, batch = self._gathered(self._cast(params)), self._cast(batch)
         model = nnx.merge(self.graphdef, params, rest)
         kwargs = {}
         if "step" in wants:
@@ -310,7 +354,8 @@ class Trainer:
             # Built at this trace level: a stateful network (dropout RNG counters) may only be mutated where it was
             # traced. Its own copy of `rest`: the same dropout masks as the online call.
             kwargs["target"] = None if ema_params is None else nnx.merge(
-                self.graphdef, self._cast(jax.lax.stop_gradient(ema_params)), jax.tree.map(lambda v: v, rest))
+                self.graphdef, self._gathered(self._cast(jax.lax.stop_gradient(ema_params))),
+                jax.tree.map(lambda v: v, rest))
         if "state" in wants:
             kwargs["state"] = aux
         out = loss_fn(model, batch, key, **kwargs)
@@ -404,8 +449,8 @@ class Trainer:
             ema_params = ema_update(ema_params, params, self._ema_decay(state.step))
         value = values[0] if len(values) == 1 else jnp.stack(values)
         new = TrainState(state.step + 1, params, rest, opt_state, ema_params, state.key, aux)
-        if self.mesh is not None:  # the state stays replicated (and the scan's carry keeps one sharding)
-            new = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated(self.mesh)), new)
+        if self.mesh is not None:  # the state keeps its sharding (and the scan's carry keeps one sharding)
+            new = jax.lax.with_sharding_constraint(new, self._state_sharding())
         return new, value
 
     def _scan(self, state: TrainState, num_steps: int) -> tuple[TrainState, Array]:
