@@ -101,6 +101,15 @@ def _accepts(fn: Callable) -> frozenset:
     return frozenset(k for k in _CONTEXT if k in params)
 
 
+def _global_from_local_copy(x: Array, sharding: jax.sharding.Sharding) -> Array:
+    """The global array with ``sharding`` of which every process holds the full value ``x``: each process gives its
+    own devices their parts (``jax.make_array_from_callback``)."""
+    is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    host = np.asarray(jax.random.key_data(x) if is_key else x)
+    out = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.random.wrap_key_data(out, impl=jax.random.key_impl(x)) if is_key else out
+
+
 class Trainer:
     """Compiled training of a Flax NNX model with any objective.
 
@@ -253,9 +262,11 @@ class Trainer:
         sharding = self._state_sharding()
         if jax.process_count() == 1:
             return jax.device_put(state, sharding)
-        # several processes: every process holds the same values (same seed, same initialisation), which the
-        # compiled identity takes as the replicated global state
-        return jax.jit(lambda: state, out_shardings=sharding)()
+        # several processes: every process holds the same values (same seed, same initialisation); each one places
+        # the parts its own devices hold (no transfer between processes, no compiled program)
+        if isinstance(sharding, jax.sharding.Sharding):
+            sharding = jax.tree.map(lambda _: sharding, state)
+        return jax.tree.map(_global_from_local_copy, state, sharding)
 
     def abstract_state(self, key: Array | int = 0) -> TrainState:
         """The shapes, dtypes and shardings of :meth:`init`'s state, allocating nothing: the template to restore a
