@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.losses import flow_matching_loss
-from jaxgen.models.unet import AttentionBlock, Conv2d, Dropout, GroupNorm, UNetField, _conv_matmul
+from jaxgen.models.unet import AttentionBlock, Conv2d, Dropout, GroupNorm, UNetField, Upsample, _conv_matmul
 
 # TorchCFM 1.0.7's UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
 # class_cond=True, num_classes=11, attention_resolutions="4", dropout=0.1), counted with
@@ -155,6 +155,24 @@ def test_matmul_convolution_equals_xla_convolution_and_its_gradients(size, cin, 
     f = lambda conv: jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, stride))), (0, 1))(x, k)
     for a, b in zip(f(_conv_matmul), f(_lax_conv)):
         np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+@pytest.mark.parametrize("low,size", [(4, 8), (3, 6), (4, 7)])
+def test_upsample_convolution_in_sub_pixel_form_equals_upsampling_then_convolving(low, size):
+    """The matmul Upsample (sub-pixel form at the low resolution; for odd sizes, upsample-crop-convolve) is the
+    xla one (nearest upsampling then lax.conv), values and both gradients."""
+    ups = {impl: Upsample(5, size, use_conv=True, conv_impl=impl, rngs=nnx.Rngs(4)) for impl in ("matmul", "xla")}
+    x = jax.random.normal(jax.random.key(low), (2, low, low, 5))
+    ours, ref = ups["matmul"](x), ups["xla"](x)
+    assert ours.shape == ref.shape == (2, size, size, 5)
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+    def grads(up):
+        graph, params = nnx.split(up)
+        return jax.grad(lambda p, x: jnp.sum(jnp.sin(nnx.merge(graph, p)(x))), (0, 1))(params, x)
+
+    for a, b in zip(jax.tree.leaves(grads(ups["matmul"])), jax.tree.leaves(grads(ups["xla"]))):
+        np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 @pytest.mark.slow
