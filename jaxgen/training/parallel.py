@@ -14,12 +14,14 @@ environment; a no-op otherwise); every process then runs the same program on the
 part of the batch when the data comes from the host (:func:`global_batch`), and only process 0 writes logs, plots and
 reports (:func:`is_main_process`).
 
-Parameter sharding (FSDP, ZeRO-3 style) for models that do not fit one device: annotate parameters with the mesh
-axis to split them over, through Flax NNX's partitioning metadata (``nnx.Param(..., out_sharding=(None, "data"))``,
-``nnx.with_partitioning`` or :func:`jaxgen.models.shard_parameters`; :class:`~jaxgen.models.UNetField` takes ``shard_axis=``). The
-trainer then keeps each annotated parameter, its optimizer moments and its EMA split over that axis
-(:func:`parameter_shardings`), and XLA gathers a layer's weights where the step needs them and reduce-scatters their
-gradients. Dimensions that the axis does not divide stay whole. The losses are those of the replicated run.
+Parameter sharding (FSDP style) for models whose training state does not fit one device: annotate parameters with
+the mesh axis to split them over, through Flax NNX's partitioning metadata (``nnx.Param(..., out_sharding=(None,
+"data"))``, ``nnx.with_partitioning``, :func:`jaxgen.models.shard_parameters`, or ``UNetField(shard_axis="data")``).
+The trainer then keeps each annotated parameter, its optimizer moments and its EMA split over that axis
+(:func:`parameter_shardings`); each step gathers the weights whole for its forward and backward passes and XLA
+reduce-scatters their gradients onto the split state (what is saved is the optimizer state, the EMA and the master
+copy, ZeRO-2 style; the weights are whole during a step). Dimensions that the axis does not divide stay whole. The
+losses are those of the replicated run.
 
 Migrating from ``pmap``: drop the leading device axis and ``jax.lax.pmean``; build the trainer with
 ``mesh=data_mesh()`` and give it the *global* batch (``batch_size`` = per-device size x device count). What ``pmap``

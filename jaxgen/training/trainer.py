@@ -143,7 +143,7 @@ class Trainer:
         is replicated on every device of the mesh and each batch is split over the data axis inside the one compiled
         step (XLA adds the gradient all-reduce); the same seed and global batch give the same losses as on one
         device. The batch size must be divisible by the data axis. Works across processes (``jax.distributed``).
-        Parameters annotated with NNX partitioning metadata (:func:`jaxgen.training.shard_parameters`,
+        Parameters annotated with NNX partitioning metadata (:func:`jaxgen.models.shard_parameters`,
         ``UNetField(shard_axis="data")``) are instead kept split over their mesh axis, with their optimizer moments
         and EMA (parameter sharding, FSDP style; :func:`jaxgen.training.parallel.parameter_shardings`).
       checked: trace the steps in jaxgen's checked mode (:func:`jaxgen.checked`): every batch the step draws is
