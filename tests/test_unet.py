@@ -143,7 +143,8 @@ def _lax_conv(x, k, stride):
 
 
 @pytest.mark.parametrize("size,cin,cout,ksize,stride", [
-    (8, 3, 5, 3, 1), (7, 4, 6, 3, 2), (8, 4, 6, 3, 2), (5, 2, 3, 1, 1), (9, 2, 3, 5, 1), (9, 2, 3, 5, 2)])
+    (8, 3, 5, 3, 1), (7, 4, 6, 3, 2), (8, 4, 6, 3, 2), (5, 2, 3, 1, 1), (9, 2, 3, 5, 1), (9, 2, 3, 5, 2),
+    (8, 12, 5, 3, 1), (7, 4, 3, 5, 1)])  # the last two: partial products summed over shifts (kh kw C > 72)
 @pytest.mark.slow
 def test_matmul_convolution_equals_xla_convolution_and_its_gradients(size, cin, cout, ksize, stride):
     """The matrix-product convolution is the same function as lax.conv ('same' padding), values and both gradients."""
