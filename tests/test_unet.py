@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.losses import flow_matching_loss
-from jaxgen.models.unet import AttentionBlock, Conv2d, Dropout, GroupNorm, UNetField, Upsample, _conv_matmul
+from jaxgen.models.layers import Conv2d, Dropout, GroupNorm, _conv_matmul
+from jaxgen.models.unet import AttentionBlock, UNetField, Upsample
 
 # TorchCFM 1.0.7's UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
 # class_cond=True, num_classes=11, attention_resolutions="4", dropout=0.1), counted with
