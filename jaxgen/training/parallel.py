@@ -166,6 +166,15 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(make, local_batch)
 
 
+def global_from_local_copy(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+    """The global array with ``sharding`` of which every process holds the full value ``x``: each process gives its
+    own devices their parts (``jax.make_array_from_callback``)."""
+    is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    host = np.asarray(jax.random.key_data(x) if is_key else x)
+    out = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.random.wrap_key_data(out, impl=jax.random.key_impl(x)) if is_key else out
+
+
 def parameter_shardings(params: Any, mesh: Mesh) -> Any:
     """The ``NamedSharding`` of every parameter of an ``nnx.State`` on ``mesh``, from its NNX partitioning metadata
     (``out_sharding``): the annotated dimensions split over their mesh axes, except those the axis size does not divide
@@ -199,4 +208,5 @@ def parameter_shardings(params: Any, mesh: Mesh) -> Any:
 
 
 __all__ = ["initialize", "is_main_process", "data_mesh", "replicated", "batch_sharding", "data_size", "shard_batch",
-           "parameter_shardings", "check_batch_divisible", "global_batch", "check_mesh", "DATA_AXIS"]
+           "parameter_shardings", "global_from_local_copy", "check_batch_divisible", "global_batch", "check_mesh",
+           "DATA_AXIS"]

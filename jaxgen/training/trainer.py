@@ -41,7 +41,8 @@ from flax import nnx
 
 from jaxgen._checks import check_key, checkified, raise_failed_check
 from jaxgen.training.finite import nonfinite_leaves
-from jaxgen.training.parallel import check_mesh, parameter_shardings, replicated, shard_batch
+from jaxgen.training.parallel import (check_mesh, global_from_local_copy, parameter_shardings, replicated,
+                                      shard_batch)
 
 Array = jax.Array
 
@@ -99,15 +100,6 @@ def _accepts(fn: Callable) -> frozenset:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return frozenset(_CONTEXT)
     return frozenset(k for k in _CONTEXT if k in params)
-
-
-def _global_from_local_copy(x: Array, sharding: jax.sharding.Sharding) -> Array:
-    """The global array with ``sharding`` of which every process holds the full value ``x``: each process gives its
-    own devices their parts (``jax.make_array_from_callback``)."""
-    is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-    host = np.asarray(jax.random.key_data(x) if is_key else x)
-    out = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    return jax.random.wrap_key_data(out, impl=jax.random.key_impl(x)) if is_key else out
 
 
 class Trainer:
@@ -266,7 +258,7 @@ class Trainer:
         # the parts its own devices hold (no transfer between processes, no compiled program)
         if isinstance(sharding, jax.sharding.Sharding):
             sharding = jax.tree.map(lambda _: sharding, state)
-        return jax.tree.map(_global_from_local_copy, state, sharding)
+        return jax.tree.map(global_from_local_copy, state, sharding)
 
     def abstract_state(self, key: Array | int = 0) -> TrainState:
         """The shapes, dtypes and shardings of :meth:`init`'s state, allocating nothing: the template to restore a
