@@ -174,7 +174,7 @@ def section_overhead(steps, repeats):
                                                     samplers, steps, repeats)
     bare_u, rows_u = bench_sampler_overhead.measure("U-Net", unet, jax.random.normal(jax.random.key(0), (256, 8, 8, 1)),
                                                     path, samplers, steps, repeats)
-    rows = [[spec, nfe, rm[3], ru[3]] for (spec, nfe, *_), rm, ru in zip(rows_m, rows_m, rows_u)]
+    rows = [[rm[0], rm[1], rm[3], ru[3]] for rm, ru in zip(rows_m, rows_u)]  # sampler, NFE, MLP ratio, U-Net ratio
     return [f"## Sampler overhead: time per NFE / one bare network call ({steps} steps)", "",
             f"One bare call: MLP (batch 2,048) {bare_m * 1e3:.3f} ms, U-Net (batch 256) {bare_u * 1e3:.2f} ms. "
             "1.00 means the sampler costs nothing beyond its network calls.", "",
