@@ -44,13 +44,12 @@ import bench_toy2d  # noqa: E402
 
 
 def _cpu_model() -> str:
-    try:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what the platform module knows)."""
+    if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or "unknown CPU"
 
 

@@ -58,10 +58,10 @@ def check_batch_size(batch_size: int, name: str = "batch_size") -> None:
 
 
 def writes() -> bool:
-    """Whether this process writes files (process 0 of a multi-process run, or the only one)."""
-    import jax
+    """Whether this process writes files and prints (process 0 of a multi-process run, or the only one)."""
+    from jaxgen.training import is_main_process
 
-    return jax.process_index() == 0
+    return is_main_process()
 
 
 def write_config(out: str, cfg) -> None:

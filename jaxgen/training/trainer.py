@@ -256,9 +256,7 @@ class Trainer:
             return jax.device_put(state, sharding)
         # several processes: every process holds the same values (same seed, same initialisation); each one places
         # the parts its own devices hold (no transfer between processes, no compiled program)
-        if isinstance(sharding, jax.sharding.Sharding):
-            sharding = jax.tree.map(lambda _: sharding, state)
-        return jax.tree.map(global_from_local_copy, state, sharding)
+        return jax.tree.map(global_from_local_copy, state, self._per_leaf(sharding, state))
 
     def abstract_state(self, key: Array | int = 0) -> TrainState:
         """The shapes, dtypes and shardings of :meth:`init`'s state, allocating nothing: the template to restore a
@@ -266,10 +264,13 @@ class Trainer:
         shapes = jax.eval_shape(self._init, key)
         if self.mesh is None:
             return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
-        sharding = self._state_sharding()
-        if isinstance(sharding, jax.sharding.Sharding):
-            return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self._per_leaf(self._state_sharding(), shapes))
+
+    @staticmethod
+    def _per_leaf(sharding, state):
+        """``sharding`` (one for the whole state, or a tree of them) as a tree matching ``state`` leaf for leaf."""
+        return jax.tree.map(lambda _: sharding, state) if isinstance(sharding, jax.sharding.Sharding) else sharding
 
     def _state_sharding(self):
         """Where the state lives on the mesh: one replicated sharding for the whole state, or (when parameters carry
