@@ -1,7 +1,8 @@
 r"""Drifts of SDEs built from a field: the SDE extension trick and score_sde's reverse-time SDEs.
 
 * :func:`sde_drift` / :func:`sde_drift_field`: drift ``u_t + sigma_t^2 / 2 * score_t`` (notes eq. 3.3.2), whose SDE
-  has the marginals of the ODE for any ``sigma_t``.
+  has the marginals of the ODE for any ``sigma_t``; :func:`interpolant_drift` from two fields (stochastic
+  interpolants, SB-CFM).
 * :func:`reverse_drift`, :func:`reverse_diffusion`, :func:`probability_flow_velocity`: the reverse-time SDE and the
   probability-flow ODE of a forward SDE (:mod:`jaxgen.paths.sde`), in jaxgen time ``t = 1 - tau``.
 """
@@ -49,6 +50,25 @@ def sde_drift_field(path: GaussianPath, field: Callable, sigma: Callable | float
         s = from_data_and_noise(path, z, eps, t, "score")
         sig = sigma(t) if callable(sigma) else sigma
         return sde_drift(u, s, jnp.broadcast_to(jnp.asarray(sig, x.dtype), t.shape))
+
+    return drift
+
+
+def interpolant_drift(velocity_field: Callable, score_field: Callable, sigma: Callable | float) -> Callable:
+    r"""Drift field ``x, t -> b_t(x) + sigma_t^2/2 * s_t(x)`` from a velocity field and a separate score field.
+
+    The SDE of a stochastic interpolant (Albergo et al. 2023, eq. 2.32 with ``eps_t = sigma_t^2 / 2``) and of
+    Schrödinger-bridge CFM (Tong et al. 2024, SF2M: ``sigma_t = sigma``), where ``b`` and ``s`` are learned by two
+    regressions (:func:`jaxgen.losses.velocity_and_score_loss`) and one does not determine the other. Sample it with
+    ``sample(drift, x0, EulerMaruyama(sigma=sigma, drift="field"), key=key)``; one drift evaluation calls both
+    fields (counted as one NFE).
+    """
+
+    def drift(x, t, **cond):
+        t = batch_time(t, x)
+        sig = sigma(t) if callable(sigma) else sigma
+        return sde_drift(velocity_field(x, t, **cond), score_field(x, t, **cond),
+                         jnp.broadcast_to(jnp.asarray(sig, x.dtype), t.shape))
 
     return drift
 

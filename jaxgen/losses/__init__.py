@@ -6,11 +6,12 @@ from jaxgen.losses.consistency import (consistency_distillation_loss, consistenc
 from jaxgen.losses.rectified import distillation_loss, reflow_loss
 from jaxgen.losses.regression import (data_prediction_loss, denoising_score_matching_loss, flow_matching_loss,
                                       logit_normal_time, marginal_regression_loss, noise_prediction_loss,
-                                      regression_loss, split_batch, uniform_time, v_prediction_loss, with_params)
+                                      regression_loss, split_batch, uniform_time, v_prediction_loss,
+                                      velocity_and_score_loss, with_params)
 
 __all__ = [
     "regression_loss", "flow_matching_loss", "denoising_score_matching_loss", "noise_prediction_loss",
     "data_prediction_loss", "v_prediction_loss", "marginal_regression_loss", "with_params", "split_batch",
     "uniform_time", "logit_normal_time", "consistency_distillation_loss", "consistency_training_loss",
-    "consistency_times", "ct_schedule", "reflow_loss", "distillation_loss",
+    "consistency_times", "ct_schedule", "reflow_loss", "distillation_loss", "velocity_and_score_loss",
 ]

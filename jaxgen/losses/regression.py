@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from jaxgen.fields import canonical_prediction, from_data_and_noise
 from jaxgen.paths.gaussian import GaussianPath, as_path
+from jaxgen.paths.interpolants import StochasticInterpolant
 from jaxgen._checks import check_data, check_key, expand_like, safe_divide
 
 Array = jax.Array
@@ -81,7 +82,7 @@ def _check_output(out, z, prediction):
 
 
 def regression_loss(
-    path: GaussianPath | str,
+    path: GaussianPath | StochasticInterpolant | str,
     prediction: str = "velocity",
     *,
     source: Source | None = None,
@@ -96,15 +97,23 @@ def regression_loss(
     r"""The generic objective ``E_{t, z, eps} [ w(t) || f_theta(x_t, t) - target(z, eps, t) ||^2 ]``.
 
     Args:
-      path: the Gaussian path (or a schedule name).
+      path: the Gaussian path (or a schedule name), or a :class:`~jaxgen.paths.StochasticInterpolant`
+        ``x_t = alpha_t z + beta_t x_source + gamma_t xi`` (Albergo et al. 2023, eq. 2.1; Schrödinger-bridge CFM).
+        With ``gamma != 0`` the targets are the interpolant's: velocity ``d_alpha z + d_beta x_source + d_gamma xi``
+        (eq. 2.10) and score ``-xi / gamma_t`` (eq. 2.14, regressed as ``|| gamma_t s_theta + xi ||^2``, valid for any
+        source and coupling); other predictions are refused.
       prediction: what the field predicts: ``velocity``, ``score``, ``eps``, ``data`` or ``v`` (aliases allowed).
       source: sampler ``source(key, n) -> (n, ...)`` of the noise ``eps``; ``None`` draws
         ``eps ~ N(0, I)``. The t=0 distribution is then that of ``alpha_0 z + beta_0 eps``, so sample
         from ``beta_0 * source`` (``beta_0 = 1`` except for VE/EDM). A non-Gaussian source (e.g. 8 Gaussians -> moons) makes
         ``x_t = alpha_t z + beta_t x_source`` an interpolant rather than a Gaussian path; velocity,
         data, eps (= the source point) and v targets stay valid, the score target does not.
-      coupling: optional ``coupling(key, x_source, z) -> (x_source, z)`` that re-pairs a minibatch
-        (e.g. minibatch optimal transport, OT-CFM).
+      coupling: how the source points are paired with the data minibatch (default: independently). A
+        :mod:`jaxgen.couplings` object (``ExactOT()``, ``SinkhornOT(...)``: minibatch OT, OT-CFM; Tong et al. 2024)
+        returns index pairs ``(i, j)``: the loss trains on ``(x_source[i], z[j])`` and gathers the conditioning with
+        ``j`` (a class-conditional coupling receives the labels ``batch[coupling.label_key]``). A plain
+        ``coupling(key, x_source, z) -> (x_source, z)`` (e.g. :func:`jaxgen.couplings.reflow_coupling`) returns the
+        pairs themselves and must keep the data's order when the batch has conditioning.
       weighting: optional ``w(t) -> (B,)`` time weighting. For ``score`` the default is
         ``w = beta_t^2`` (Song et al. 2021's ``lambda(t) = sigma^2``), computed as
         ``|| beta_t s_theta + eps ||^2`` so that it stays finite at ``beta_t = 0``.
@@ -115,11 +124,19 @@ def regression_loss(
         ``null_label`` (classifier-free guidance training, Ho & Salimans 2022; notes sec. 5.2.2), so one
         network learns both ``u(x|y)`` and ``u(x|null)``.
     """
-    path = as_path(path)
+    interpolant = path if isinstance(path, StochasticInterpolant) and path.has_noise else None
+    path = path.path if isinstance(path, StochasticInterpolant) else as_path(path)
     prediction = canonical_prediction(prediction)
-    if source is not None and prediction == "score":
+    if interpolant is not None and prediction not in ("velocity", "score"):
+        raise ValueError(f"a stochastic interpolant (gamma != 0) has velocity and score targets; got prediction="
+                         f"{prediction!r}. Use 'velocity' or 'score' (or gamma='zero').")
+    if source is not None and prediction == "score" and interpolant is None:
         raise ValueError("the score target -eps/beta_t assumes a Gaussian source; with a custom source use "
-                         "prediction='velocity', 'data', 'eps' or 'v'.")
+                         "prediction='velocity', 'data', 'eps' or 'v', or a StochasticInterpolant (gamma != 0), "
+                         "whose score target -xi/gamma_t holds for any source.")
+    if coupling is not None and not callable(coupling) and not hasattr(coupling, "indices"):
+        raise TypeError(f"coupling must be a jaxgen coupling (e.g. jaxgen.couplings.ExactOT()) or a callable "
+                        f"coupling(key, x_source, z) -> (x_source, z), got {type(coupling).__name__}.")
     lo, hi = t_range if t_range is not None else (path.schedule.t_min, path.schedule.t_max)
     if not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}.")
@@ -141,6 +158,22 @@ def regression_loss(
         check_key(key, owner="the loss")
         n = z.shape[0]
         k_t, k_eps, k_c = jax.random.split(key, 3)
+        if source is None:
+            eps = jax.random.normal(k_eps, z.shape, z.dtype)
+        else:
+            eps = source(k_eps, n).astype(z.dtype)
+            if eps.shape != z.shape:
+                raise ValueError(f"source returned shape {tuple(eps.shape)}, expected the data's shape {tuple(z.shape)}.")
+        if hasattr(coupling, "indices"):
+            label = getattr(coupling, "label_key", None)
+            if label is not None and label not in cond:
+                raise ValueError(f"the class-conditional coupling needs labels in the batch under key {label!r}; got "
+                                 f"keys {sorted(['x', *cond])}.")
+            i, j = coupling.indices(k_c, eps, z, labels=None if label is None else cond[label])
+            eps, z = eps[i], z[j]
+            cond = {k: (v[j] if jnp.ndim(v) >= 1 else v) for k, v in cond.items()}
+        elif coupling is not None:
+            eps, z = coupling(k_c, eps, z)
         if label_dropout > 0:
             if label_key not in cond:
                 raise ValueError(f"label_dropout needs labels in the batch under key {label_key!r}; got keys "
@@ -148,14 +181,20 @@ def regression_loss(
             drop = jax.random.bernoulli(jax.random.fold_in(k_c, 1), label_dropout, (n,))
             cond = {**cond, label_key: jnp.where(drop, jnp.asarray(null_label, cond[label_key].dtype), cond[label_key])}
         t = time_sampler(k_t, n).astype(z.dtype)
-        if source is None:
-            eps = jax.random.normal(k_eps, z.shape, z.dtype)
-        else:
-            eps = source(k_eps, n).astype(z.dtype)
-            if eps.shape != z.shape:
-                raise ValueError(f"source returned shape {tuple(eps.shape)}, expected the data's shape {tuple(z.shape)}.")
-        if coupling is not None:
-            eps, z = coupling(k_c, eps, z)
+        if interpolant is not None:
+            xi = jax.random.normal(jax.random.fold_in(k_eps, 1), z.shape, z.dtype)
+            xt = interpolant.sample(z, eps, xi, t)
+            out = field(xt, t, **cond)
+            _check_output(out, z, prediction)
+            if prediction == "velocity":
+                per = jnp.mean(jnp.reshape((out - interpolant.conditional_velocity(z, eps, xi, t)) ** 2, (n, -1)), -1)
+                return jnp.mean(per if weighting is None else weighting(t) * per)
+            # w/gamma^2 * || gamma s + xi ||^2, with w = gamma^2 by default.
+            g = interpolant.coefficients(t).gamma.astype(z.dtype)
+            per = jnp.mean(jnp.reshape((expand_like(g, z) * out + xi) ** 2, (n, -1)), -1)
+            if weighting is not None:
+                per = safe_divide(weighting(t) * per, g**2, floor=1e-12)
+            return jnp.mean(per)
         xt = path.sample(z, eps, t)
         out = field(xt, t, **cond)
         _check_output(out, z, prediction)
@@ -173,6 +212,29 @@ def regression_loss(
         if weighting is not None:
             per = weighting(t) * per
         return jnp.mean(per)
+
+    return loss
+
+
+def velocity_and_score_loss(path: GaussianPath | StochasticInterpolant | str, *, score_weight: float = 1.0,
+                            **kwargs) -> LossFn:
+    r"""Velocity and score regressed together from the same draws: ``L_u(model.velocity) + w L_s(model.score)``.
+
+    For the SDE of a stochastic interpolant or of Schrödinger-bridge CFM (SF2M, Tong et al. 2024, eq. 20), whose
+    velocity and score are two fields (:func:`jaxgen.fields.interpolant_drift`). ``model`` is any object with
+    ``velocity`` and ``score`` fields, e.g. :class:`jaxgen.models.VelocityAndScore`; both losses see the same times,
+    source points, coupling and noise (one key). Options as :func:`regression_loss`.
+    """
+    if not (isinstance(score_weight, (int, float)) and score_weight >= 0):
+        raise ValueError(f"score_weight must be a number >= 0, got {score_weight!r}.")
+    velocity = regression_loss(path, "velocity", **kwargs)
+    score = regression_loss(path, "score", **kwargs)
+
+    def loss(model, batch, key: Array) -> Array:
+        if not (hasattr(model, "velocity") and hasattr(model, "score")):
+            raise TypeError(f"velocity_and_score_loss trains a model with .velocity and .score fields (e.g. "
+                            f"jaxgen.models.VelocityAndScore), got {type(model).__name__}.")
+        return velocity(model.velocity, batch, key) + score_weight * score(model.score, batch, key)
 
     return loss
 

@@ -1,5 +1,5 @@
 """Probability paths: schedules ``(alpha_t, beta_t)``, Gaussian conditional paths (notes ch. 3), the discrete DDPM
-chain and score_sde's forward SDEs."""
+chain, score_sde's forward SDEs and stochastic interpolants."""
 
 from jaxgen.paths.schedules import (
     SCHEDULES,
@@ -18,6 +18,8 @@ from jaxgen.paths.schedules import (
 )
 from jaxgen.paths.gaussian import (GaussianPath, as_path, gaussian_log_prob, log_snr, log_snr_from_coefficients,
                                   sigmas_from_times, times_from_lambdas, times_from_sigmas)
+from jaxgen.paths.interpolants import (InterpolantCoefficients, StochasticInterpolant, as_interpolant,
+                                      schrodinger_bridge)
 from jaxgen.paths.ddpm import DDPMSchedule, cosine_betas, linear_betas
 from jaxgen.paths.sde import SDE, VESDE, VPSDE, SubVPSDE, subVPSDE, to_diffusion_time, to_jaxgen_time
 
@@ -26,5 +28,6 @@ __all__ = [
     "log_snr_from_coefficients", "gaussian_log_prob", "sigmas_from_times", "times_from_lambdas", "times_from_sigmas",
     "linear", "cond_ot", "cosine", "polynomial", "vp", "sub_vp", "ve", "edm", "custom",
     "DDPMSchedule", "linear_betas", "cosine_betas", "SDE", "VPSDE", "SubVPSDE", "subVPSDE", "VESDE",
-    "to_jaxgen_time", "to_diffusion_time",
+    "to_jaxgen_time", "to_diffusion_time", "StochasticInterpolant", "InterpolantCoefficients", "as_interpolant",
+    "schrodinger_bridge",
 ]

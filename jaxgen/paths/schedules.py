@@ -176,9 +176,20 @@ def _validate(s: Schedule) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def linear() -> Schedule:
-    r"""CondOT / rectified-flow schedule: ``alpha_t = t``, ``beta_t = 1 - t`` (notes eq. 4.1.3)."""
-    return Schedule(lambda t: t, lambda t: 1.0 - t, name="linear")
+def linear(sigma_min: float = 0.0) -> Schedule:
+    r"""CondOT / rectified-flow schedule: ``alpha_t = t``, ``beta_t = 1 - t`` (notes eq. 4.1.3).
+
+    With ``sigma_min > 0`` it is the optimal-transport path of Lipman et al. (2023, eq. 20), the *target CFM* of
+    Tong et al. (2024, eq. 16): ``beta_t = 1 - (1 - sigma_min) t``, so that the path ends at ``N(z, sigma_min^2 I)``
+    around each data point rather than at the point (``get_schedule("linear", sigma_min=1e-4)``).
+    """
+    sigma_min = float(sigma_min)
+    if not 0.0 <= sigma_min < 1.0:
+        raise ValueError(f"linear schedule needs 0 <= sigma_min < 1 (the noise left at t=1), got {sigma_min}.")
+    if sigma_min == 0.0:
+        return Schedule(lambda t: t, lambda t: 1.0 - t, name="linear")
+    return Schedule(lambda t: t, lambda t: 1.0 - (1.0 - sigma_min) * t, name="linear",
+                    boundary="approximate", boundary_tol=max(sigma_min * (1 + 1e-6), 1e-5))
 
 
 cond_ot = linear

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, ClassVar
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 
@@ -84,7 +85,7 @@ class EulerMaruyama(Solver):
             if self.sigma != "beta":
                 raise ValueError(f"sigma must be a number >= 0, a function of t, or 'beta' (the path's beta_t), got "
                                  f"{self.sigma!r}.")
-        elif not callable(self.sigma) and is_concrete(self.sigma) and not float(jnp.min(jnp.asarray(self.sigma))) >= 0:
+        elif not callable(self.sigma) and is_concrete(self.sigma) and not float(np.min(np.asarray(self.sigma))) >= 0:
             raise ValueError(f"sigma must be >= 0 (or a function of t), got {self.sigma!r}.")
 
     def needs_key(self) -> bool:
