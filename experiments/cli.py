@@ -22,7 +22,7 @@ import math
 import os
 import sys
 
-EXPERIMENTS = ("images", "toy2d", "distill")
+EXPERIMENTS = ("images", "toy2d", "distill", "differentiable")
 
 
 def _parser() -> argparse.ArgumentParser:
