@@ -11,7 +11,16 @@ program), draws the per-step keys, saves the trajectory, and counts the field ev
     res = sample(eps_net, x0, DDIM(eta=1.0), path=vp, prediction="eps", key=key, t0=1e-3)
 
 Time runs from ``t0`` (noise; default the path's ``t_min``, or 0) to ``t1`` (data; default ``t_max``, or 1) on
-``steps`` steps, or on an explicit grid ``ts``.
+``steps`` steps, or on an explicit grid ``ts``. The grid is float32, or float64 for a float64 state or ``ts`` (with
+``jax_enable_x64``), so that derivatives checked by finite differences in float64 are meaningful.
+
+Gradients. ``jax.grad`` flows through every solver, with respect to the field's parameters, ``x0``, anything the
+field closes over (a guidance scale) and the time grid (a traced ``ts``, ``t0`` or ``t1``). ``gradient=`` picks the
+memory strategy of the backward pass (:data:`GRADIENTS`): ``"full"`` stores every step (plain backpropagation
+through ``lax.scan``, memory ``O(N)``), ``"checkpoint"`` stores ``O(sqrt N)`` states and recomputes the steps of one
+block at a time (:func:`checkpointed_scan`; same values and gradients, one more forward pass), and ``"adjoint"``
+(adaptive diffrax solves only) solves the continuous adjoint equations backwards (``O(1)`` memory, approximate
+gradients).
 
 NFE. A solver evaluates the field only through :class:`Model`, which counts its calls while the program is
 traced; a step traced once inside a ``lax.scan`` of ``m`` iterations costs ``m`` times its count. The count is
@@ -29,6 +38,8 @@ from __future__ import annotations
 import abc
 import ast
 import dataclasses
+import functools
+import math
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
@@ -42,6 +53,9 @@ from jaxgen.fields.wrappers import change_path
 from jaxgen.paths.gaussian import GaussianPath, as_path
 
 Array = jax.Array
+
+# The memory strategies of the backward pass through a sampler (``sample(..., gradient=...)``).
+GRADIENTS = ("full", "checkpoint", "adjoint")
 
 
 class SampleResult(NamedTuple):
@@ -96,7 +110,8 @@ class Model:
     :meth:`score`; everything else needs the path.
     """
 
-    def __init__(self, field: Callable, path: GaussianPath | None, prediction: str, cond: dict | None):
+    def __init__(self, field: Callable, path: GaussianPath | None, prediction: str, cond: dict | None,
+                 time_dtype=jnp.float32):
         if not callable(field):
             raise TypeError(f"field must be callable as field(x, t, **cond), got {type(field).__name__}.")
         self.field = field
@@ -104,6 +119,7 @@ class Model:
         self.prediction = prediction
         self.cond = dict(cond or {})
         self.count = 0
+        self.time_dtype = time_dtype  # of the grid: float32, or float64 for a float64 state (:func:`time_dtype`)
 
     def _t(self, x: Array, t) -> Array:
         return jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
@@ -170,17 +186,26 @@ def concrete_float(v) -> float | None:
     return float(np.asarray(v)) if is_concrete(v) else None
 
 
-def uniform_grid(steps: int, t0, t1) -> Grid:
-    """``steps + 1`` times from ``t0`` to ``t1``, uniform (``t1 < t0`` runs backwards)."""
+def time_dtype(*arrays) -> Any:
+    """The dtype of a time grid for these states / grids: float64 when one of them is float64 (with
+    ``jax_enable_x64``), else float32 (also for bfloat16 and float16 states, whose times stay float32)."""
+    wide = any(a is not None and jnp.asarray(a).dtype == jnp.float64 for a in arrays)
+    return jnp.float64 if wide else jnp.float32
+
+
+def uniform_grid(steps: int, t0, t1, dtype=jnp.float32) -> Grid:
+    """``steps + 1`` times from ``t0`` to ``t1``, uniform (``t1 < t0`` runs backwards), in ``dtype``."""
     steps = check_steps(steps)
     check_time(jnp.asarray([t0, t1]), name="(t0, t1)")
-    return Grid(jnp.linspace(t0, t1, steps + 1, dtype=jnp.float32), concrete_float(t0), concrete_float(t1))
+    return Grid(jnp.linspace(t0, t1, steps + 1, dtype=dtype), concrete_float(t0), concrete_float(t1))
 
 
-def explicit_grid(ts, *, direction: str = "increasing") -> Grid:
+def explicit_grid(ts, *, direction: str = "increasing", dtype=None) -> Grid:
     """A user's grid ``ts`` (1-D, at least 2 times in ``[0, 1]``), checked to be ``direction`` when concrete:
-    ``"increasing"`` (noise to data), ``"monotone"`` (either way) or ``"nondecreasing"``."""
-    ts = jnp.asarray(ts, jnp.float32)
+    ``"increasing"`` (noise to data), ``"monotone"`` (either way) or ``"nondecreasing"``. In ``dtype``, by default
+    float32, or float64 for a float64 ``ts`` (kept, so that its derivatives are float64's)."""
+    ts = jnp.asarray(ts)
+    ts = ts.astype(time_dtype(ts) if dtype is None else dtype)
     if ts.ndim != 1 or ts.shape[0] < 2:
         raise ValueError(f"a time grid ts must be a 1-D array of at least 2 times, got shape {tuple(ts.shape)}.")
     check_time(ts, name="ts")
@@ -242,16 +267,32 @@ class Solver(abc.ABC):
         return float(model.path.schedule.t_min), float(model.path.schedule.t_max)
 
     def grid(self, model: Model, steps, t0, t1, ts) -> Grid:
-        """The time grid: ``ts``, or ``steps`` uniform steps from ``t0`` to ``t1``."""
+        """The time grid: ``ts``, or ``steps`` uniform steps from ``t0`` to ``t1`` (in ``model.time_dtype``)."""
         if ts is not None:
-            return explicit_grid(ts, direction=self.direction)
+            return explicit_grid(ts, direction=self.direction, dtype=model.time_dtype)
         lo, hi = self.default_interval(model)
         t0 = lo if t0 is None else t0
         t1 = hi if t1 is None else t1
-        g = uniform_grid(self.default_steps if steps is None else steps, t0, t1)
+        g = uniform_grid(self.default_steps if steps is None else steps, t0, t1, model.time_dtype)
         if self.direction == "increasing" and g.first is not None and g.last is not None and not g.first < g.last:
             raise ValueError(f"need t0 < t1 (this sampler runs from noise at t0 to data at t1), got t0={t0}, t1={t1}.")
         return g
+
+    def gradient_modes(self) -> tuple[str, ...]:
+        """The values of ``sample(..., gradient=...)`` the solver supports (default: ``"full"`` and ``"checkpoint"``,
+        the two ways of backpropagating through the step loops)."""
+        return ("full", "checkpoint")
+
+    def check_gradient(self, gradient: str | None) -> None:
+        """``ValueError`` for a ``gradient`` the solver does not support (called by :func:`sample` before any work)."""
+        if gradient is None or gradient in self.gradient_modes():
+            return
+        if gradient == "adjoint":
+            raise ValueError(f"gradient='adjoint' is the continuous adjoint (diffrax.BacksolveAdjoint) of an adaptive "
+                             f"diffrax solve (e.g. solver='tsit5'); the {self.name} sampler backpropagates through its "
+                             "steps: use gradient='full', or gradient='checkpoint' for O(sqrt(steps)) memory.")
+        raise ValueError(f"the {self.name} sampler supports gradient={' or '.join(map(repr, self.gradient_modes()))}, "
+                         f"got {gradient!r}.")
 
     def check(self, model: Model, grid: Grid) -> None:
         """Input checks that need the grid (default: an eps/score prediction must not be decoded where
@@ -286,8 +327,10 @@ class Solver(abc.ABC):
         return jnp.concatenate([x0[None], *records], axis=0)
 
     def solve(self, model: Model, x0: Array, grid: Grid, key: Array | None, save_trajectory: bool,
-              unroll: int | bool = 1) -> SampleResult:
-        """Run the segments (the generic loop; the adaptive solvers override it)."""
+              unroll: int | bool = 1, gradient: str | None = None) -> SampleResult:
+        """Run the segments (the generic loop; the adaptive solvers override it): each segment of several steps as
+        one ``lax.scan``, or as a :func:`checkpointed_scan` with ``gradient="checkpoint"``."""
+        scan = checkpointed_scan if gradient == "checkpoint" else jax.lax.scan
         nfe = 0
         before = model.count
         carry = self.init(model, x0, grid)
@@ -314,7 +357,7 @@ class Solver(abc.ABC):
                 per_step[0] = model.count - start  # the last trace's count (a retrace recounts)
                 return _keep_dtypes(new, c), (rec if save_trajectory else None)
 
-            carry, rec = jax.lax.scan(body, carry, seg.inputs, unroll=unroll)
+            carry, rec = scan(body, carry, seg.inputs, unroll=unroll)
             nfe += per_step[0] * m
             if save_trajectory:
                 records.append(rec)
@@ -323,6 +366,41 @@ class Solver(abc.ABC):
         nfe += model.count - before
         traj = self.trajectory(x0, records, x) if save_trajectory else None
         return SampleResult(x, int(nfe), grid.times, traj)
+
+
+def checkpointed_scan(f: Callable, init: Any, xs: Any, *, unroll: int | bool = 1) -> tuple[Any, Any]:
+    r"""``lax.scan(f, init, xs)`` whose reverse-mode derivative stores ``O(sqrt(n))`` carries instead of ``n``.
+
+    Two-level checkpointing (Griewank 1992, "Achieving logarithmic growth of temporal and spatial complexity in
+    reverse automatic differentiation"; Chen et al. 2016, "Training deep nets with sublinear memory cost"):
+    the ``n`` steps run as a scan over ``n // k`` blocks of ``k = round(sqrt(n))`` steps, each block an inner scan
+    wrapped in ``jax.checkpoint``. The backward pass keeps only the carry at each block's start and, block by block
+    from the last, recomputes the block's forward pass to get its residuals: peak memory ``O(n / k + k)`` carries and
+    step residuals, ``O(sqrt(n))``, for one extra forward pass. The ``n mod k < k`` remaining steps run as a last,
+    also checkpointed, scan.
+
+    The steps, their order and their arithmetic are those of ``lax.scan`` (``f`` is traced once), so values and
+    gradients equal the plain scan's; ``unroll`` applies to the inner scans. Stacked outputs come back in step order.
+    """
+    leaves = jax.tree.leaves(xs)
+    n = int(leaves[0].shape[0]) if leaves else 0
+    k = max(1, int(round(math.sqrt(n))))
+    blocks = n // k
+    if blocks < 2 or k < 2:  # nothing to nest (n < 4): a plain scan
+        return jax.lax.scan(f, init, xs, unroll=unroll)
+    main = blocks * k
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan, CSE cannot undo the recomputation
+    def block(carry, xb):
+        return jax.lax.scan(f, carry, xb, unroll=unroll)
+
+    head = jax.tree.map(lambda a: a[:main].reshape((blocks, k) + a.shape[1:]), xs)
+    carry, ys = jax.lax.scan(block, init, head)
+    ys = jax.tree.map(lambda a: a.reshape((main,) + a.shape[2:]), ys)
+    if main == n:
+        return carry, ys
+    carry, ys_tail = block(carry, jax.tree.map(lambda a: a[main:], xs))
+    return carry, jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), ys, ys_tail)
 
 
 def _keep_dtypes(new: Any, old: Any) -> Any:
@@ -352,6 +430,7 @@ def sample(
     cond: dict | None = None,
     save_trajectory: bool = False,
     unroll: int | bool = 1,
+    gradient: str | None = None,
 ) -> SampleResult:
     r"""Sample by integrating a field from noise ``x0`` (at ``t0``) to data (at ``t1``) with ``solver``.
 
@@ -374,13 +453,19 @@ def sample(
       cond: conditioning keywords passed to the field (e.g. ``{"y": labels}``).
       save_trajectory: also return the states at every grid time.
       unroll: ``lax.scan``'s ``unroll`` of the step loops.
+      gradient: the memory strategy of ``jax.grad`` through the sampler (:data:`GRADIENTS`; the forward pass and the
+        values are the same for all): ``"full"`` stores every step (plain backpropagation, memory ``O(steps)``);
+        ``"checkpoint"`` stores ``O(sqrt(steps))`` states and recomputes the rest (:func:`checkpointed_scan`; the
+        same gradients); ``"adjoint"`` (adaptive :class:`~jaxgen.samplers.Diffrax` only) the continuous adjoint,
+        ``O(1)`` memory and approximate gradients. ``None`` (default): ``"full"``, or for :class:`Diffrax` its
+        ``adjoint`` (diffrax's default checkpointing). Diffrax maps the names to its own adjoints (:class:`Diffrax`).
 
     Returns:
       :class:`SampleResult` ``(x, nfe, ts, trajectory)`` with the exact number of field evaluations.
 
     Call it inside ``jax.jit`` when you call it repeatedly (eagerly, each call traces and compiles its loops
-    anew). Gradients flow through every solver (``jax.grad`` with respect to the field's parameters, ``x0`` and a
-    traced ``ts``).
+    anew). Gradients flow through every solver (``jax.grad`` with respect to the field's parameters, ``x0``, what the
+    field closes over, and a traced ``ts``, ``t0`` or ``t1``); with ``x0`` (or ``ts``) in float64 the grid is float64.
     """
     solver = get_solver(solver) if isinstance(solver, str) else solver
     if not isinstance(solver, Solver):
@@ -410,10 +495,16 @@ def sample(
         check_key(key, owner="sample()")
     if not isinstance(unroll, bool) and (not isinstance(unroll, (int, np.integer)) or unroll < 1):
         raise ValueError(f"unroll must be a positive integer (or True: unroll fully), got {unroll!r}.")
-    model = Model(field, path, prediction, cond)
+    if gradient is not None and gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS} (the memory strategy of jax.grad through the sampler: "
+                         f"'full' stores every step, 'checkpoint' O(sqrt(steps)) of them), got {gradient!r}.")
+    solver.check_gradient(gradient)
+    model = Model(field, path, prediction, cond, time_dtype=time_dtype(x0, ts))
     grid = solver.grid(model, steps, t0, t1, ts)
+    if grid.times.dtype != model.time_dtype and model.time_dtype == jnp.float64:  # a solver's own float32 grid
+        grid = grid._replace(times=grid.times.astype(jnp.float64))
     solver.check(model, grid)
-    return solver.solve(model, x0, grid, key, bool(save_trajectory), unroll)
+    return solver.solve(model, x0, grid, key, bool(save_trajectory), unroll, gradient)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,5 +566,6 @@ def get_solver(spec: str | Solver, **options) -> Solver:
                          f"{', '.join(fields) or 'none'}.") from None
 
 
-__all__ = ["sample", "SampleResult", "Solver", "Model", "Grid", "Segment", "SOLVERS", "register", "get_solver",
-           "parse_solver_spec", "uniform_grid", "explicit_grid", "check_steps"]
+__all__ = ["sample", "SampleResult", "Solver", "Model", "Grid", "Segment", "SOLVERS", "GRADIENTS", "register",
+           "get_solver", "parse_solver_spec", "uniform_grid", "explicit_grid", "check_steps", "checkpointed_scan",
+           "time_dtype"]

@@ -114,10 +114,10 @@ class ConsistencyMultistep(Solver):
         # one segment per jump, unrolled (a few steps; each call of the field sees its own step's values)
         return [Segment(first if i == 0 else renoise, jax.tree.map(lambda a: a[i:i + 1], inp)) for i in range(n)]
 
-    def solve(self, model, x0, grid, key, save_trajectory, unroll=1):
+    def solve(self, model, x0, grid, key, save_trajectory, unroll=1, gradient=None):
         if grid.steps > 1 and key is None:
             raise ValueError("multistep consistency sampling re-noises between steps: pass key=jax.random.key(...).")
-        res = super().solve(model, x0, grid, key, save_trajectory, unroll)
+        res = super().solve(model, x0, grid, key, save_trajectory, unroll, gradient)
         # the trajectory: the output of every jump (the estimates of the data end), one per evaluation time
         traj = None if res.trajectory is None else res.trajectory[1:]
         return res._replace(ts=grid.times[:-1], trajectory=traj)

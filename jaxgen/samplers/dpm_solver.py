@@ -256,10 +256,10 @@ class DPMSolverPP(_SingleStep):
             return ddim_update(*zs_es, c["alpha_t"], c["beta_t"])
         return _dpm_solver_pp_2s_update(model, x, zs_es, c)
 
-    def solve(self, model, x0, grid, key, save_trajectory, unroll=1):
+    def solve(self, model, x0, grid, key, save_trajectory, unroll=1, gradient=None):
         if self.method == "multistep" and self.order > 1:
-            return self._multistep().solve(model, x0, grid, key, save_trajectory, unroll)
-        return super().solve(model, x0, grid, key, save_trajectory, unroll)
+            return self._multistep().solve(model, x0, grid, key, save_trajectory, unroll, gradient)
+        return super().solve(model, x0, grid, key, save_trajectory, unroll, gradient)
 
 
 register(DPMSolver.name, DPMSolver)

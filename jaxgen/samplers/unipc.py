@@ -48,7 +48,7 @@ Warm-up: step ``i`` has order ``min(order, i + 1)`` (only ``i`` previous outputs
 The coefficients depend on the log-SNR grid only (:func:`unipc_weights`). When the grid is known at trace
 time (``steps`` with Python-float ``t0``/``t1``, or a concrete ``ts``: the usual case) they are computed once
 in float64 NumPy and enter the program as constants; for a traced grid (a ``ts`` passed to a jitted
-function, or differentiated) the same formulas run inside the program in float32.
+function, or differentiated) the same formulas run inside the program in float32 (float64 for a float64 grid).
 
 The ends of the path: a step starting where ``alpha = 0`` or ending where ``beta = 0`` has ``h = inf`` and
 is taken with DDIM and not corrected, as in DPM-Solver++(2M); an output at ``lambda = -inf`` is never used as
@@ -206,7 +206,8 @@ def unipc_weights(lambdas: Array, *, order: int, variant: str = "bh2", lower_ord
     nodes are ``r_k = (lambda_{i-k} - lambda_i) / h_i`` for ``k < q_i``, and (corrector) ``r = 1``.
 
     A NumPy ``lambdas`` is computed in float64 NumPy (what :func:`unipc` does for a grid known at trace time,
-    so that its program holds constants), anything else in float32 JAX (jit-able, differentiable).
+    so that its program holds constants), anything else in float32 JAX, or float64 for float64 ``lambdas`` (jit-able,
+    differentiable).
 
     Returns ``{"h", "ddim", "pred", "corr", "corr_new"}`` with ``ddim_i = 1 - e^{-h_i}``; ``pred[i, k-1]``,
     ``corr[i, k-1]`` the weights (:func:`unipc_order_weights`) of ``z_hat_{i-k} - z_hat_i`` in UniP and UniC,
@@ -222,7 +223,7 @@ def unipc_weights(lambdas: Array, *, order: int, variant: str = "bh2", lower_ord
     order = check_order(order, (1, 2, 3), "unipc")
     _check_variant(variant)
     xp = _xp(lambdas)
-    lam = xp.asarray(lambdas, np.float64 if xp is np else jnp.float32)
+    lam = xp.asarray(lambdas, np.float64 if xp is np else jnp.promote_types(jnp.result_type(lambdas), jnp.float32))
     n = lam.shape[0] - 1
     i = xp.arange(n)
     lam_s = lam[:-1]
