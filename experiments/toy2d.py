@@ -32,10 +32,15 @@ class Toy2DConfig:
     source: str = "8gaussians"  # "gaussian" (N(0, I)) or any jaxgen.data.toy2d distribution
     target: str = "moons"
     schedule: str = "linear"  # probability path (linear = CondOT)
+    sigma_min: float = 0.0  # linear schedule only: beta_t = 1 - (1 - sigma_min) t (target CFM, Lipman et al. 2023)
+    bridge_noise: float = 0.0  # > 0: Brownian-bridge noise sigma sqrt(t(1-t)) (SB-CFM / stochastic interpolant)
+    coupling: str = "independent"  # jaxgen.couplings spec: "exact" (OT-CFM), "sinkhorn:epsilon=0.5", ...
+    train_score: bool = False  # also learn the score (needs bridge_noise > 0); Euler-Maruyama then uses both fields
     steps: int = 20_000
     batch_size: int = 256
     learning_rate: float = 1e-3
     warmup_steps: int = 0
+    lr_decay: bool = True  # cosine decay of the learning rate to 0 over `steps` (false: constant, TorchCFM's recipe)
     width: int = 64
     hidden_layers: int = 3
     activation: str = "selu"
@@ -74,40 +79,107 @@ def check_config(cfg: Toy2DConfig) -> None:
     if cfg.source not in ("gaussian", "normal", "standard_normal"):
         get_distribution(cfg.source)
     get_schedule(cfg.schedule)
+    if cfg.sigma_min != 0.0 and cfg.schedule not in ("linear", "cond_ot"):
+        raise ValueError(f"sigma_min (target CFM) applies to the linear schedule only, got schedule={cfg.schedule!r}; "
+                         "use --set schedule=linear.")
+    if not 0.0 <= cfg.sigma_min < 1.0:
+        raise ValueError(f"sigma_min must be in [0, 1), got {cfg.sigma_min}.")
+    if not (cfg.bridge_noise >= 0.0 and np.isfinite(cfg.bridge_noise)):
+        raise ValueError(f"bridge_noise must be a finite number >= 0, got {cfg.bridge_noise}.")
+    if cfg.train_score and cfg.bridge_noise <= 0:
+        raise ValueError("train_score learns the score -xi/gamma_t of a stochastic interpolant: set bridge_noise > 0 "
+                         "(e.g. --set bridge_noise=0.5), or train_score=false.")
+    from jaxgen.couplings import get_coupling
+
+    get_coupling(cfg.coupling)
     common.check_sampler(cfg.adaptive_method, rtol=cfg.adaptive_tol, atol=cfg.adaptive_tol)
     common.check_batch_size(cfg.batch_size)
 
 
+def method_name(cfg: Toy2DConfig) -> str:
+    """The TorchCFM name of a config's method: I-CFM, OT-CFM, SB-CFM, target CFM, VP-CFM, or ``"<schedule> FM"``."""
+    ot = cfg.coupling.split(":")[0] in ("exact", "sinkhorn")
+    if cfg.bridge_noise > 0:
+        return "SB-CFM" if ot else "SI (Brownian bridge)"
+    if cfg.sigma_min > 0:
+        return "target CFM" + (" + OT" if ot else "")
+    base = {"linear": "CFM", "cond_ot": "CFM", "cosine": "VP-CFM"}.get(cfg.schedule, f"{cfg.schedule} FM")
+    if base == "CFM":
+        return "OT-CFM" if ot else "I-CFM"
+    return base + (" + OT" if ot else "")
+
+
 def _setup(cfg: Toy2DConfig):
-    """``(path, target sampler, source sampler, gaussian_source, trainer)``."""
+    """``(path, target sampler, source sampler, gaussian_source, trainer)``; ``path`` is the Gaussian path or the
+    stochastic interpolant the field is trained on."""
     import jax.numpy as jnp
     from flax import nnx
 
+    from jaxgen.couplings import get_coupling
     from jaxgen.data.toy2d import get_distribution
-    from jaxgen.losses import flow_matching_loss
-    from jaxgen.models import MLPField
-    from jaxgen.paths import GaussianPath
+    from jaxgen.losses import flow_matching_loss, velocity_and_score_loss
+    from jaxgen.models import MLPField, VelocityAndScore
+    from jaxgen.paths import GaussianPath, StochasticInterpolant
     from jaxgen.training import Trainer, adam_with_schedule
 
-    path = GaussianPath.from_name(cfg.schedule)
+    options = {"sigma_min": cfg.sigma_min} if cfg.sigma_min > 0 else {}
+    path = GaussianPath.from_name(cfg.schedule, **options)
+    if cfg.bridge_noise > 0:
+        path = StochasticInterpolant(path, gamma="brownian_bridge", sigma=cfg.bridge_noise)
+    coupling = get_coupling(cfg.coupling)
+    coupling = None if type(coupling).__name__ == "IndependentCoupling" else coupling
+    make_loss = velocity_and_score_loss if cfg.train_score else flow_matching_loss
     target = get_distribution(cfg.target)
     gaussian_source = cfg.source in ("gaussian", "normal", "standard_normal")
     if gaussian_source:
-        source_sampler = lambda key, n: path.sample_prior(key, (n, 2))
-        loss = flow_matching_loss(path)
+        prior = path.path if isinstance(path, StochasticInterpolant) else path
+        source_sampler = lambda key, n: prior.sample_prior(key, (n, 2))
+        loss = make_loss(path, coupling=coupling)
     else:
         raw_source = get_distribution(cfg.source)
-        loss = flow_matching_loss(path, source=raw_source)
+        loss = make_loss(path, source=raw_source, coupling=coupling)
         # x_0 = alpha_0 z + beta_0 x_source: beta_0 = 1 except for VE/EDM, whose prior is scaled up.
         beta0 = float(path.coefficients(jnp.zeros(())).beta)
         source_sampler = lambda key, n: beta0 * raw_source(key, n)
-    model = MLPField(2, width=cfg.width, hidden_layers=cfg.hidden_layers, activation=cfg.activation,
-                     rngs=nnx.Rngs(cfg.seed))
-    optimizer = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
+
+    def mlp(seed):
+        return MLPField(2, width=cfg.width, hidden_layers=cfg.hidden_layers, activation=cfg.activation,
+                        rngs=nnx.Rngs(seed))
+
+    model = VelocityAndScore(mlp(cfg.seed), mlp(cfg.seed + 1)) if cfg.train_score else mlp(cfg.seed)
+    optimizer = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps if cfg.lr_decay else None,
+                                   warmup_steps=cfg.warmup_steps)
     trainer = Trainer(model, loss, optimizer, data=lambda key: target(key, cfg.batch_size),
                       ema_decay=cfg.ema_decay if cfg.ema_decay > 0 else None, checked=cfg.checked,
                       mesh=common.mesh())
     return path, target, source_sampler, gaussian_source, trainer
+
+
+def decoding_path(cfg: Toy2DConfig, path):
+    """The Gaussian path whose marginals the trained velocity has, for samplers that decode it into a score or noise
+    (diffusion solvers, Euler-Maruyama): the schedule's path, or a Brownian-bridge interpolant's marginal path
+    (:meth:`~jaxgen.paths.StochasticInterpolant.gaussian_path`); ``None`` when no Gaussian path describes the flow (a
+    data source, or an optimal-transport coupling, which changes the marginals between the ends)."""
+    from jaxgen.paths import StochasticInterpolant
+
+    gaussian_source = cfg.source in ("gaussian", "normal", "standard_normal")
+    if not gaussian_source or cfg.coupling.split(":")[0] != "independent":
+        return None
+    return path.gaussian_path() if isinstance(path, StochasticInterpolant) else path
+
+
+def _solver_for(cfg: Toy2DConfig, path, spec: str | None):
+    """``(solver, decoding path)`` for ``spec`` (default Euler), refusing a solver that decodes the field when the run
+    has no Gaussian path."""
+    from jaxgen.samplers import Diffrax, Euler, Heun, Midpoint, RK4, get_solver
+
+    solver = get_solver(spec) if spec else Euler()
+    dpath = decoding_path(cfg, path)
+    if dpath is None and not isinstance(solver, (Euler, Heun, Midpoint, RK4, Diffrax)):
+        raise ValueError(f"sampler {spec!r} decodes the velocity into a score or noise on a Gaussian path, but this run "
+                         f"({method_name(cfg)}, source {cfg.source!r}, coupling {cfg.coupling!r}) has none; use an "
+                         "ODE solver: euler, midpoint, heun, rk4 or an adaptive one (tsit5, dopri5).")
+    return solver, dpath
 
 
 def train(cfg: Toy2DConfig, out: str, *, progress: bool = True) -> dict:
@@ -138,6 +210,7 @@ def evaluate(cfg: Toy2DConfig, out: str, trainer, state, *, losses=None, sampler
     import jax
 
     from jaxgen import metrics
+    from jaxgen.fields import interpolant_drift
     from jaxgen.samplers import Euler, EulerMaruyama, get_solver, sample
 
     path, target, source_sampler, gaussian_source, _ = _setup(cfg)
@@ -145,10 +218,11 @@ def evaluate(cfg: Toy2DConfig, out: str, trainer, state, *, losses=None, sampler
     keys = jax.random.split(jax.random.key(cfg.seed + 1), 5)
     n = cfg.num_samples
     x0 = source_sampler(keys[0], n)
-    solver = get_solver(sampler) if sampler else Euler()
+    solver, dpath = _solver_for(cfg, path, sampler)
     n_steps = (steps or cfg.euler_steps) if solver.takes_steps() else None
-    fixed = jax.jit(lambda f, x: sample(f, x, solver, path=path, steps=n_steps, key=keys[4], save_trajectory=True))
+    fixed = jax.jit(lambda f, x: sample(f, x, solver, path=dpath, steps=n_steps, key=keys[4], save_trajectory=True))
     res = fixed(field, x0)
+    one_step = jax.jit(lambda f, x: sample(f, x, Euler(), steps=1))(field, x0)
     adaptive = sample(field, x0, get_solver(cfg.adaptive_method, rtol=cfg.adaptive_tol, atol=cfg.adaptive_tol))
     ref = target(keys[1], n)
     ref2 = target(keys[2], n)
@@ -162,10 +236,14 @@ def evaluate(cfg: Toy2DConfig, out: str, trainer, state, *, losses=None, sampler
         }
 
     name = sampler or "euler"
+    straight = ({"straightness": float(metrics.straightness(res.trajectory, res.ts))}
+                if res.trajectory is not None and res.trajectory.shape[0] > 2 else {})
     report = {
         "config": cfg.name,
         "step": int(state.step),
-        "euler" if sampler is None else name: {"nfe": int(res.nfe), **quality(res.x)},
+        "method": method_name(cfg),
+        "euler" if sampler is None else name: {"nfe": int(res.nfe), **quality(res.x), **straight},
+        "euler_1_step": {"nfe": 1, **quality(one_step.x)},
         "adaptive": {"method": cfg.adaptive_method, "tol": cfg.adaptive_tol, "nfe": int(adaptive.nfe),
                      **quality(adaptive.x)},
         "reference_two_target_sets": quality(ref2),
@@ -173,10 +251,16 @@ def evaluate(cfg: Toy2DConfig, out: str, trainer, state, *, losses=None, sampler
         "notes": "metrics compare num_samples generated points with as many fresh target points; "
                  "'reference_two_target_sets' is the floor (two independent target sets).",
     }
-    if gaussian_source:
-        sde = sample(field, x0, EulerMaruyama(cfg.sde_sigma), path=path, key=keys[4], steps=cfg.euler_steps, t0=0.0,
+    if cfg.train_score:  # the interpolant's SDE: drift b + sigma^2/2 s from the two learned fields
+        drift = interpolant_drift(field.velocity, field.score, cfg.bridge_noise)
+        sde = sample(drift, x0, EulerMaruyama(cfg.bridge_noise, drift="field"), key=keys[4], steps=cfg.euler_steps)
+        report["euler_maruyama"] = {"sigma": cfg.bridge_noise, "nfe": int(sde.nfe), "score": "learned",
+                                    **quality(sde.x)}
+    elif dpath is not None:
+        sde = sample(field, x0, EulerMaruyama(cfg.sde_sigma), path=dpath, key=keys[4], steps=cfg.euler_steps, t0=0.0,
                      t1=1.0)
-        report["euler_maruyama"] = {"sigma": cfg.sde_sigma, "nfe": int(sde.nfe), **quality(sde.x)}
+        report["euler_maruyama"] = {"sigma": cfg.sde_sigma, "nfe": int(sde.nfe), "score": "decoded from the velocity",
+                                    **quality(sde.x)}
     np.save(os.path.join(out, "samples.npy"), np.asarray(res.x))
     np.save(os.path.join(out, "samples_adaptive.npy"), np.asarray(adaptive.x))
     if losses is None or not len(losses):
@@ -208,15 +292,15 @@ def sample_command(run_dir: str, args) -> str:
     """``jaxgen sample`` on a 2-D run: ``--num`` samples with the chosen sampler, as a scatter plot and an array."""
     import jax
 
-    from jaxgen.samplers import get_solver, sample
+    from jaxgen.samplers import sample
 
     cfg, trainer, state = load_run(run_dir, step=args.step)
     path, target, source_sampler, _, _ = _setup(cfg)
-    solver = get_solver(args.sampler or "euler")
+    solver, dpath = _solver_for(cfg, path, args.sampler)
     steps = (args.steps or cfg.euler_steps) if solver.takes_steps() else None
     k0, k1 = jax.random.split(jax.random.key(args.seed))
     res = sample(trainer.model(state, ema=trainer.ema_decay is not None), source_sampler(k0, args.num), solver,
-                 path=path, steps=steps, key=k1)
+                 path=dpath, steps=steps, key=k1)
     out = args.out or "samples.png"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stem = os.path.splitext(out)[0]

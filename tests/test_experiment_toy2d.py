@@ -66,3 +66,35 @@ def test_default_recipe_reaches_sliced_w2_target(tmp_path):
     assert report["euler"]["nfe"] == 100
     assert report["euler"]["sliced_w2"] < 0.15, report["euler"]
     assert report["source_to_target"]["sliced_w2"] > 1.0  # the metric does separate distributions
+
+
+def test_transport_options_are_checked_before_any_work(tmp_path):
+    bad = [(["--set", "coupling=hungarian"], "unknown coupling"),
+           (["--set", "schedule=cosine", "--set", "sigma_min=0.01"], "linear schedule only"),
+           (["--set", "train_score=true"], "bridge_noise > 0"),
+           (["--set", "bridge_noise=-1"], "bridge_noise")]
+    for extra, match in bad:
+        cfg = configs.get_config("toy2d_8gaussians_to_moons", [e for e in extra if e != "--set"])
+        with pytest.raises(ValueError, match=match):
+            toy2d.train(cfg, str(tmp_path / "run"), progress=False)
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sb_cfm_with_learned_score_trains_and_samples_both_ways(tmp_path, capsys):
+    """SB-CFM (entropic OT plan + Brownian-bridge noise, velocity and score) from 8 Gaussians: the ODE and the SDE that
+    uses both fields sample; a decoding sampler is refused with the reason."""
+    out = tmp_path / "sb"
+    assert cli.main(["train", "toy2d_8gaussians_to_moons_sb_cfm", "--out", str(out), "--no-progress", "--set",
+                     "steps=400", "--set", "num_samples=256", "--set", "euler_steps=20", "--set", "chunk=200",
+                     "--set", "checkpoint_every=200"]) == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["method"] == "SB-CFM"
+    assert saved["euler_maruyama"]["score"] == "learned" and saved["euler_maruyama"]["nfe"] == 20
+    src = saved["source_to_target"]["w2_exact_1024"]
+    for k in ("euler", "euler_1_step", "euler_maruyama"):  # far closer to the target than the source is
+        assert saved[k]["w2_exact_1024"] < 0.5 * src, (k, saved[k], src)
+    assert 0 <= saved["euler"]["straightness"] < 1.0
+    with pytest.raises(ValueError, match="has none; use an ODE solver"):
+        cli.main(["--debug", "sample", "--checkpoint", str(out), "--sampler", "dpm_solver_pp", "--out",
+                  str(tmp_path / "s.png")])

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jaxgen._checks import check_finite, check_key, check_time, check_tolerances, is_concrete
 from jaxgen.fields.algebra import as_field, canonical_prediction, check_data_identifiable
 from jaxgen.paths.gaussian import GaussianPath, as_path
+from jaxgen.paths.interpolants import StochasticInterpolant
 from jaxgen.samplers.ode import ADAPTIVE, diffrax_solver, diffrax_stages
 
 Array = jax.Array
@@ -224,7 +225,9 @@ def log_likelihood(
         parameterisation: it is converted to a velocity with :func:`jaxgen.fields.as_field`.
       x: data, floating point, shape ``(B, ...)``; the per-sample dimension is ``D = prod(x.shape[1:])``.
         For 8-bit images dequantise first (:func:`dequantize`, :func:`image_bits_per_dim`).
-      path: the :class:`GaussianPath` (or its name) the field was trained on.
+      path: the :class:`GaussianPath` (or its name) the field was trained on, or the
+        :class:`~jaxgen.paths.StochasticInterpolant` of a velocity field. For data-to-data transport (a source that is
+        not ``N(0, beta_0^2 I)``) pass the source's density as ``prior_log_prob``.
       prediction: ``velocity`` (flow matching), ``eps``/``score``/``data``/``v`` (diffusion models).
       method: adaptive Runge-Kutta method ``tsit5`` | ``dopri5`` | ``dopri8`` | ``bosh3`` (diffrax).
       rtol, atol: tolerances of diffrax's ``PIDController`` (on ``x`` and on ``g`` alike).
@@ -252,8 +255,13 @@ def log_likelihood(
 
     Call it inside ``jax.jit`` (with the field and options closed over) when calling it repeatedly.
     """
-    path = as_path(path)
     prediction = canonical_prediction(prediction)
+    if isinstance(path, StochasticInterpolant):  # its velocity field is all the ODE needs; its domain is its path's
+        if prediction != "velocity":
+            raise ValueError(f"the likelihood of a stochastic interpolant's field needs its velocity; got prediction="
+                             f"{prediction!r}.")
+        path = path.path
+    path = as_path(path)
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; use 'exact' (small dimensions) or 'hutchinson'.")
     solver = _adaptive_solver(method)

@@ -1,0 +1,158 @@
+"""TorchCFM's 2-D table, side by side in one run: I-CFM, OT-CFM, SB-CFM and target CFM in jaxgen and in TorchCFM.
+
+For each task (8 Gaussians -> moons; N(0, I) -> 8 Gaussians) and method, both libraries train TorchCFM's recipe (MLP of
+width 64, SELU, batch 256, Adam 1e-3 at a constant rate, no EMA, the same number of steps) and sample 2,048 points with
+Euler at 1 and 100 steps from their own source draws. The same code then measures, for both: the exact W2 to 2,048
+fresh target points (host Hungarian solver, ``jaxgen.metrics.wasserstein2_exact``), the straightness of the 100-step
+trajectories (``jaxgen.metrics.straightness``: 0 for straight lines at constant speed) and the training steps/s on this
+machine. jaxgen runs its experiment code (``experiments.toy2d``: the ``jaxgen train`` configs) with the training steps
+fused in chunks on the device, the coupling computed inside the compiled step; TorchCFM computes its exact OT plan with
+POT on the host at every step (``ot_method="exact"``, also for SB-CFM).
+
+    python benchmarks/bench_cfm_variants.py [--steps 5000] [--ot-coupling exact] [--no-peers] [--out table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+TASKS = {"8gaussians_to_moons": ("8gaussians", "moons"), "gaussian_to_8gaussians": ("gaussian", "8gaussians")}
+
+
+def methods(a) -> list[tuple[str, str, dict]]:
+    """``(label, peer method, Toy2DConfig overrides)``: TorchCFM's classes and jaxgen's configs of the same method."""
+    return [
+        ("I-CFM", "i", {}),
+        ("OT-CFM", "ot", {"coupling": a.ot_coupling}),
+        (f"SB-CFM (sigma {a.sb_sigma:g})", "sb", {"coupling": a.ot_coupling, "bridge_noise": a.sb_sigma}),
+        (f"target CFM (sigma_min {a.sigma_min:g})", "target", {"sigma_min": a.sigma_min}),
+    ]
+
+
+def metrics_of(x1, one, traj, ref):
+    import jax.numpy as jnp
+
+    from jaxgen.metrics import straightness, wasserstein2_exact
+
+    return {"w2_1": wasserstein2_exact(one, ref), "w2_100": wasserstein2_exact(x1, ref),
+            "straightness": float(straightness(jnp.asarray(traj), jnp.linspace(0.0, 1.0, traj.shape[0])))}
+
+
+def run_jaxgen(task, over, steps, num, seed, chunk=500):
+    import jax
+
+    from experiments import toy2d
+    from jaxgen.samplers import Euler, sample
+
+    src, tgt = TASKS[task]
+    cfg = toy2d.Toy2DConfig(name=f"bench_{task}", source=src, target=tgt, steps=steps, ema_decay=0.0, lr_decay=False,
+                            checked=False, seed=seed, **over)
+    toy2d.check_config(cfg)
+    path, target, source_sampler, _, trainer = toy2d._setup(cfg)
+    state = trainer.init(jax.random.key(seed))
+    chunk = min(chunk, steps)
+    state, _ = trainer.steps(state, chunk)  # compile (and 'chunk' steps of warm-up, as the peers' 50)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    done = 0
+    while done < steps:
+        state, losses = trainer.steps(state, chunk)
+        done += chunk
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - start
+    field = trainer.model(state)
+    x0 = source_sampler(jax.random.key(seed + 1), num)
+    res = jax.jit(lambda f, x: sample(f, x, Euler(), steps=100, save_trajectory=True))(field, x0)
+    one = jax.jit(lambda f, x: sample(f, x, Euler(), steps=1))(field, x0)
+    return {"steps_per_second": done / seconds, "final_loss": float(losses[-1])}, np.asarray(res.x), \
+        np.asarray(one.x), np.asarray(res.trajectory)
+
+
+def run_peer(py, peer_method, task, steps, sigma, num, seed, threads):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "samples.npz")
+        cmd = [py, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_torchcfm_variants.py"),
+               "--method", peer_method, "--task", task, "--steps", str(steps), "--sigma", str(sigma), "--num", str(num),
+               "--seed", str(seed), "--threads", str(threads), "--out", out]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            print(f"[bench] TorchCFM {peer_method} on {task} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return None
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        d = np.load(out)
+        return info, d["euler100"], d["euler1"], d["trajectory"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--num", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ot-coupling", default="exact", help="jaxgen's coupling spec for OT-CFM and SB-CFM")
+    p.add_argument("--sb-sigma", type=float, default=0.5)
+    p.add_argument("--sigma-min", type=float, default=0.01)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--only", default="", help="comma-separated method labels' prefixes to run (e.g. 'OT,I-')")
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--peers-python", default=None)
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
+    a = p.parse_args(argv)
+    import jax
+
+    from bench_toy2d import _peer_python
+    from jaxgen.data.toy2d import get_distribution
+    from jaxgen.metrics import wasserstein2_exact
+
+    py = None if a.no_peers else _peer_python(a.peers_python)
+    rows = []
+    for task in a.tasks.split(","):
+        ref = np.asarray(get_distribution(TASKS[task][1])(jax.random.key(10_000 + a.seed), a.num))
+        ref2 = np.asarray(get_distribution(TASKS[task][1])(jax.random.key(20_000 + a.seed), a.num))
+        rows.append((task, "floor: two target sets", "", {"w2_1": float("nan"), "w2_100": wasserstein2_exact(ref2, ref),
+                                                           "straightness": float("nan"), "steps_per_second": None}))
+        for label, peer_method, over in methods(a):
+            if a.only and not any(label.startswith(o) for o in a.only.split(",")):
+                continue
+            if peer_method == "target" and TASKS[task][0] != "gaussian":
+                continue  # TorchCFM's target CFM assumes a N(0, I) source
+            sigma = {"sb": a.sb_sigma, "target": a.sigma_min}.get(peer_method, 0.0)
+            info, x1, one, traj = run_jaxgen(task, over, a.steps, a.num, a.seed)
+            rows.append((task, label, "jaxgen", {**metrics_of(x1, one, traj, ref), **info}))
+            print(f"[bench] {task} {label} jaxgen: {rows[-1][3]}", flush=True)
+            if py:
+                got = run_peer(py, peer_method, task, a.steps, sigma, a.num, a.seed, a.threads)
+                if got is not None:
+                    info, x1, one, traj = got
+                    rows.append((task, label, "TorchCFM", {**metrics_of(x1, one, traj, ref), **info}))
+                    print(f"[bench] {task} {label} TorchCFM: {rows[-1][3]}", flush=True)
+    lines = [f"{a.steps} training steps each, batch 256, seed {a.seed}; W2 of {a.num} Euler samples to {a.num} fresh "
+             f"target points; jaxgen OT coupling: `{a.ot_coupling}`.", "",
+             "| task | method | library | W2, 1 Euler step | W2, 100 Euler steps | straightness | train steps/s |",
+             "|---|---|---|---|---|---|---|"]
+    for task, label, lib, m in rows:
+        sps = f"{m['steps_per_second']:,.0f}" if m.get("steps_per_second") else ""
+        fmt = lambda v: "" if v != v else f"{v:.3f}"  # NaN -> empty
+        lines.append(f"| {task} | {label} | {lib} | {fmt(m['w2_1'])} | {fmt(m['w2_100'])} | {fmt(m['straightness'])} "
+                     f"| {sps} |")
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        with open(a.out, "w") as fh:
+            fh.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
