@@ -9,7 +9,7 @@ machine. jaxgen runs its experiment code (``experiments.toy2d``: the ``jaxgen tr
 fused in chunks on the device, the coupling computed inside the compiled step; TorchCFM computes its exact OT plan with
 POT on the host at every step (``ot_method="exact"``, also for SB-CFM).
 
-    python benchmarks/bench_cfm_variants.py [--steps 5000] [--ot-coupling exact] [--no-peers] [--out table.md]
+    python benchmarks/bench_cfm_variants.py [--steps 5000] [--seeds 3] [--ot-coupling exact] [--no-peers] [--out t.md]
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 TASKS = {"8gaussians_to_moons": ("8gaussians", "moons"), "gaussian_to_8gaussians": ("gaussian", "8gaussians")}
 
 
-def methods(a) -> list[tuple[str, str, dict]]:
-    """``(label, peer method, Toy2DConfig overrides)``: TorchCFM's classes and jaxgen's configs of the same method."""
+def methods(a) -> list[tuple[str, str | None, dict]]:
+    """``(label, peer method or None, Toy2DConfig overrides)``: TorchCFM's classes and jaxgen's configs of the same
+    method (``None``: a jaxgen-only row)."""
     return [
         ("I-CFM", "i", {}),
         ("OT-CFM", "ot", {"coupling": a.ot_coupling}),
+        ("OT-CFM, exact OT", None, {"coupling": "exact"}),
         (f"SB-CFM (sigma {a.sb_sigma:g})", "sb", {"coupling": a.ot_coupling, "bridge_noise": a.sb_sigma}),
         (f"target CFM (sigma_min {a.sigma_min:g})", "target", {"sigma_min": a.sigma_min}),
     ]
@@ -99,9 +101,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--num", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per row: the table shows mean (and std)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ot-coupling", default="exact", help="jaxgen's coupling spec for OT-CFM and SB-CFM")
+    p.add_argument("--ot-coupling", default="sinkhorn:max_iterations=20",
+                   help="jaxgen's coupling spec for OT-CFM and SB-CFM")
     p.add_argument("--sb-sigma", type=float, default=0.5)
     p.add_argument("--sigma-min", type=float, default=0.01)
     p.add_argument("--tasks", default=",".join(TASKS))
@@ -118,35 +121,54 @@ def main(argv=None):
 
     py = None if a.no_peers else _peer_python(a.peers_python)
     rows = []
+    keys = ("w2_1", "w2_100", "straightness", "steps_per_second")
+
+    def summary(runs):
+        return {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))) for k in keys}
+
     for task in a.tasks.split(","):
-        ref = np.asarray(get_distribution(TASKS[task][1])(jax.random.key(10_000 + a.seed), a.num))
-        ref2 = np.asarray(get_distribution(TASKS[task][1])(jax.random.key(20_000 + a.seed), a.num))
-        rows.append((task, "floor: two target sets", "", {"w2_1": float("nan"), "w2_100": wasserstein2_exact(ref2, ref),
-                                                           "straightness": float("nan"), "steps_per_second": None}))
+        ref = np.asarray(get_distribution(TASKS[task][1])(jax.random.key(10_000), a.num))
+        ref2 = np.asarray(get_distribution(TASKS[task][1])(jax.random.key(20_000), a.num))
+        nan = (float("nan"), float("nan"))
+        rows.append((task, "floor: two target sets", "", {"w2_1": nan, "w2_100": (wasserstein2_exact(ref2, ref), nan[1]),
+                                                           "straightness": nan, "steps_per_second": nan}))
         for label, peer_method, over in methods(a):
             if a.only and not any(label.startswith(o) for o in a.only.split(",")):
                 continue
             if peer_method == "target" and TASKS[task][0] != "gaussian":
                 continue  # TorchCFM's target CFM assumes a N(0, I) source
             sigma = {"sb": a.sb_sigma, "target": a.sigma_min}.get(peer_method, 0.0)
-            info, x1, one, traj = run_jaxgen(task, over, a.steps, a.num, a.seed)
-            rows.append((task, label, "jaxgen", {**metrics_of(x1, one, traj, ref), **info}))
-            print(f"[bench] {task} {label} jaxgen: {rows[-1][3]}", flush=True)
-            if py:
-                got = run_peer(py, peer_method, task, a.steps, sigma, a.num, a.seed, a.threads)
-                if got is not None:
-                    info, x1, one, traj = got
-                    rows.append((task, label, "TorchCFM", {**metrics_of(x1, one, traj, ref), **info}))
-                    print(f"[bench] {task} {label} TorchCFM: {rows[-1][3]}", flush=True)
-    lines = [f"{a.steps} training steps each, batch 256, seed {a.seed}; W2 of {a.num} Euler samples to {a.num} fresh "
-             f"target points; jaxgen OT coupling: `{a.ot_coupling}`.", "",
+            runs = []
+            for seed in range(a.seeds):
+                info, x1, one, traj = run_jaxgen(task, over, a.steps, a.num, seed)
+                runs.append({**metrics_of(x1, one, traj, ref), **info})
+                print(f"[bench] {task} {label} jaxgen seed {seed}: {runs[-1]}", flush=True)
+            rows.append((task, label, "jaxgen", summary(runs)))
+            if py and peer_method:
+                runs = []
+                for seed in range(a.seeds):
+                    got = run_peer(py, peer_method, task, a.steps, sigma, a.num, seed, a.threads)
+                    if got is not None:
+                        info, x1, one, traj = got
+                        runs.append({**metrics_of(x1, one, traj, ref), **info})
+                        print(f"[bench] {task} {label} TorchCFM seed {seed}: {runs[-1]}", flush=True)
+                if runs:
+                    rows.append((task, label, "TorchCFM", summary(runs)))
+    lines = [f"{a.steps} training steps each, batch 256, {a.seeds} seed(s) (mean, and std over seeds when several); W2 "
+             f"of {a.num} Euler samples to {a.num} fresh target points; jaxgen OT coupling: `{a.ot_coupling}`.", "",
              "| task | method | library | W2, 1 Euler step | W2, 100 Euler steps | straightness | train steps/s |",
              "|---|---|---|---|---|---|---|"]
+
+    def fmt(v, digits=3):
+        mean, std = v
+        if mean != mean:
+            return ""
+        text = f"{mean:,.{digits}f}"
+        return text + (f" ± {std:,.{digits}f}" if a.seeds > 1 and std == std else "")
+
     for task, label, lib, m in rows:
-        sps = f"{m['steps_per_second']:,.0f}" if m.get("steps_per_second") else ""
-        fmt = lambda v: "" if v != v else f"{v:.3f}"  # NaN -> empty
         lines.append(f"| {task} | {label} | {lib} | {fmt(m['w2_1'])} | {fmt(m['w2_100'])} | {fmt(m['straightness'])} "
-                     f"| {sps} |")
+                     f"| {fmt(m['steps_per_second'], 0)} |")
     table = "\n".join(lines)
     print(table)
     if a.out:

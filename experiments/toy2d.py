@@ -35,6 +35,7 @@ class Toy2DConfig:
     sigma_min: float = 0.0  # linear schedule only: beta_t = 1 - (1 - sigma_min) t (target CFM, Lipman et al. 2023)
     bridge_noise: float = 0.0  # > 0: Brownian-bridge noise sigma sqrt(t(1-t)) (SB-CFM / stochastic interpolant)
     coupling: str = "independent"  # jaxgen.couplings spec: "exact" (OT-CFM), "sinkhorn:epsilon=0.5", ...
+    coupling_scope: str = "device"  # several devices: OT within each device's shard ("device") or the global batch
     train_score: bool = False  # also learn the score (needs bridge_noise > 0); Euler-Maruyama then uses both fields
     steps: int = 20_000
     batch_size: int = 256
@@ -92,13 +93,26 @@ def check_config(cfg: Toy2DConfig) -> None:
     from jaxgen.couplings import get_coupling
 
     get_coupling(cfg.coupling)
+    if cfg.coupling_scope not in ("device", "global"):
+        raise ValueError(f"coupling_scope must be 'device' (OT within each device's shard of the batch) or 'global' "
+                         f"(the whole batch, all-gathered), got {cfg.coupling_scope!r}.")
+    if cfg.checked and cfg.coupling_scope == "device" and not _independent(cfg) and common.mesh() is not None:
+        raise ValueError("checked mode cannot trace a per-device coupling on several devices (JAX's checkify does not "
+                         "support the solver's while loops inside shard_map): pass --set checked=false, or --set "
+                         "coupling_scope=global.")
     common.check_sampler(cfg.adaptive_method, rtol=cfg.adaptive_tol, atol=cfg.adaptive_tol)
     common.check_batch_size(cfg.batch_size)
 
 
+def _independent(cfg: Toy2DConfig) -> bool:
+    from jaxgen.couplings import IndependentCoupling, get_coupling
+
+    return isinstance(get_coupling(cfg.coupling), IndependentCoupling)
+
+
 def method_name(cfg: Toy2DConfig) -> str:
     """The TorchCFM name of a config's method: I-CFM, OT-CFM, SB-CFM, target CFM, VP-CFM, or ``"<schedule> FM"``."""
-    ot = cfg.coupling.split(":")[0] in ("exact", "sinkhorn")
+    ot = not _independent(cfg)
     if cfg.bridge_noise > 0:
         return "SB-CFM" if ot else "SI (Brownian bridge)"
     if cfg.sigma_min > 0:
@@ -115,7 +129,7 @@ def _setup(cfg: Toy2DConfig):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxgen.couplings import get_coupling
+    from jaxgen.couplings import OnMesh, get_coupling
     from jaxgen.data.toy2d import get_distribution
     from jaxgen.losses import flow_matching_loss, velocity_and_score_loss
     from jaxgen.models import MLPField, VelocityAndScore
@@ -126,8 +140,11 @@ def _setup(cfg: Toy2DConfig):
     path = GaussianPath.from_name(cfg.schedule, **options)
     if cfg.bridge_noise > 0:
         path = StochasticInterpolant(path, gamma="brownian_bridge", sigma=cfg.bridge_noise)
-    coupling = get_coupling(cfg.coupling)
-    coupling = None if type(coupling).__name__ == "IndependentCoupling" else coupling
+    mesh = common.mesh()
+    coupling = None if _independent(cfg) else get_coupling(cfg.coupling)
+    if coupling is not None and mesh is not None:  # a sharded batch: per device, or the all-gathered global batch
+        coupling = OnMesh(coupling=coupling, mesh=mesh, axis=mesh.axis_names[0],
+                          per_device=cfg.coupling_scope == "device")
     make_loss = velocity_and_score_loss if cfg.train_score else flow_matching_loss
     target = get_distribution(cfg.target)
     gaussian_source = cfg.source in ("gaussian", "normal", "standard_normal")
@@ -151,7 +168,7 @@ def _setup(cfg: Toy2DConfig):
                                    warmup_steps=cfg.warmup_steps)
     trainer = Trainer(model, loss, optimizer, data=lambda key: target(key, cfg.batch_size),
                       ema_decay=cfg.ema_decay if cfg.ema_decay > 0 else None, checked=cfg.checked,
-                      mesh=common.mesh())
+                      mesh=mesh)
     return path, target, source_sampler, gaussian_source, trainer
 
 
@@ -163,7 +180,7 @@ def decoding_path(cfg: Toy2DConfig, path):
     from jaxgen.paths import StochasticInterpolant
 
     gaussian_source = cfg.source in ("gaussian", "normal", "standard_normal")
-    if not gaussian_source or cfg.coupling.split(":")[0] != "independent":
+    if not gaussian_source or not _independent(cfg):
         return None
     return path.gaussian_path() if isinstance(path, StochasticInterpolant) else path
 
@@ -236,8 +253,12 @@ def evaluate(cfg: Toy2DConfig, out: str, trainer, state, *, losses=None, sampler
         }
 
     name = sampler or "euler"
-    straight = ({"straightness": float(metrics.straightness(res.trajectory, res.ts))}
+    straight = ({"straightness": float(metrics.straightness(res.trajectory, res.ts)),
+                 "curvature": float(metrics.curvature(res.trajectory))}
                 if res.trajectory is not None and res.trajectory.shape[0] > 2 else {})
+    m = min(n, 1024)  # the flow's transport cost against the OT cost between its own two marginals
+    straight["transport_cost"] = float(metrics.transport_cost(x0[:m], res.x[:m]))
+    straight["ot_cost_of_its_marginals"] = metrics.wasserstein2_exact(np.asarray(x0[:m]), np.asarray(res.x[:m])) ** 2
     report = {
         "config": cfg.name,
         "step": int(state.step),

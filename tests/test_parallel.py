@@ -426,3 +426,42 @@ def test_unet_shard_axis_annotates_its_large_kernels_and_keeps_its_weights():
     assert annotated.conv_in.kernel.get_metadata().get("out_sharding") is None  # (3, 3, 1, 32): 288 weights
     for a, b in zip(jax.tree.leaves(nnx.state(plain, nnx.Param)), jax.tree.leaves(nnx.state(annotated, nnx.Param))):
         np.testing.assert_array_equal(a, b)  # the same weights: annotations place arrays, they do not change them
+
+
+def _ot_cli(out, coupling, scope, devices):
+    env = _env()
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.Popen([sys.executable, "-m", "experiments", "train", "toy2d_8gaussians_to_moons_ot_cfm", "--out",
+                             str(out), "--no-progress", "--set", f"coupling={coupling}", "--set",
+                             f"coupling_scope={scope}", "--set", "steps=200", "--set", "chunk=100", "--set",
+                             "checkpoint_every=200", "--set", "num_samples=256", "--set", "euler_steps=10", "--set",
+                             "checked=false"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_ot_coupling_per_device_and_global_on_eight_fake_devices(tmp_path):
+    """OT-CFM on 8 fake devices: the global coupling (all-gathered batch) trains exactly as one device coupling the
+    whole batch, and the per-device coupling exactly as one device coupling 8 blocks of the batch (exact OT draws
+    nothing, so the pairs are the same)."""
+    runs = {"one_global": _ot_cli(tmp_path / "one_global", "exact", "global", 1),
+            "eight_global": _ot_cli(tmp_path / "eight_global", "exact", "global", 8),
+            "one_blocks": _ot_cli(tmp_path / "one_blocks", "exact:blocks=8", "device", 1),
+            "eight_device": _ot_cli(tmp_path / "eight_device", "exact", "device", 8)}
+    outputs = {}
+    try:
+        for name, p in runs.items():
+            outputs[name] = p.communicate(timeout=600)
+    finally:
+        for p in runs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for name, p in runs.items():
+        assert p.returncode == 0, (name, outputs[name][1][-3000:])
+    loss = {name: np.load(tmp_path / name / "losses.npy") for name in runs}
+    np.testing.assert_allclose(loss["eight_global"], loss["one_global"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loss["eight_device"], loss["one_blocks"], rtol=1e-4, atol=1e-5)
+    assert np.abs(loss["one_global"] - loss["one_blocks"]).max() > 1e-3  # the two scopes do pair differently

@@ -14,8 +14,8 @@ def _python_blocks():
 @pytest.mark.slow
 def test_readme_python_snippets_run_in_order(tmp_path, monkeypatch):
     blocks = _python_blocks()
-    assert len(blocks) == 5, "each README python block is run here: add the new one's assertions"
-    tour, oracle, new_sampler, mesh, diffusion = blocks
+    assert len(blocks) == 6, "each README python block is run here: add the new one's assertions"
+    tour, oracle, new_sampler, mesh, diffusion, transport = blocks
     assert "10_000" in tour
     ns: dict = {}
     exec(compile(tour.replace("10_000", "200"), "README tour", "exec"), ns)
@@ -38,6 +38,12 @@ def test_readme_python_snippets_run_in_order(tmp_path, monkeypatch):
         SOLVERS.pop("ralston", None)
     exec(compile(diffusion, "README diffusion samplers", "exec"), ns)
     assert ns["pp"].nfe == 8 and ns["edm"].nfe == 35 and ns["ll"].log_prob.shape == (256,)
+    import jax.numpy as jnp
+
+    assert transport.count("5_000") == 2
+    exec(compile(transport.replace("5_000", "100"), "README optimal transport", "exec"), ns)
+    assert ns["sde"].x.shape == ns["one"].x.shape == ns["grad"].shape == (512, 2)
+    assert ns["ode"].nfe == 100 and bool(jnp.all(jnp.isfinite(ns["grad"])))
     monkeypatch.chdir(tmp_path)  # the data-parallel block writes runs/mesh_demo
     assert "1_000" in mesh and "every=500" in mesh
     exec(compile(mesh.replace("1_000", "20").replace("every=500", "every=10"), "README scaling out", "exec"), ns)
