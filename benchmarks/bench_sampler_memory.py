@@ -20,19 +20,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
-
-def _best(fn, repeats):
-    import jax
-
-    jax.block_until_ready(fn())  # compile and warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
+from bench_sampler_overhead import _best  # best-of-N timing after a warm-up call (this folder is on sys.path)
 
 
 def measure(steps, batch, repeats, modes=("full", "checkpoint")):
