@@ -33,7 +33,8 @@ class Toy2DConfig:
     target: str = "moons"
     schedule: str = "linear"  # probability path (linear = CondOT)
     sigma_min: float = 0.0  # linear schedule only: beta_t = 1 - (1 - sigma_min) t (target CFM, Lipman et al. 2023)
-    bridge_noise: float = 0.0  # > 0: Brownian-bridge noise sigma sqrt(t(1-t)) (SB-CFM / stochastic interpolant)
+    bridge_noise: float = 0.0  # > 0: interpolant noise gamma_t xi of scale sigma = bridge_noise (SB-CFM / interpolant)
+    bridge_gamma: str = "brownian_bridge"  # gamma_t: sigma sqrt(t(1-t)) (brownian_bridge) or sigma t(1-t) (quadratic)
     coupling: str = "independent"  # jaxgen.couplings spec: "exact" (OT-CFM), "sinkhorn:epsilon=0.5", ...
     coupling_scope: str = "device"  # several devices: OT within each device's shard ("device") or the global batch
     train_score: bool = False  # also learn the score (needs bridge_noise > 0); Euler-Maruyama then uses both fields
@@ -87,6 +88,9 @@ def check_config(cfg: Toy2DConfig) -> None:
         raise ValueError(f"sigma_min must be in [0, 1), got {cfg.sigma_min}.")
     if not (cfg.bridge_noise >= 0.0 and np.isfinite(cfg.bridge_noise)):
         raise ValueError(f"bridge_noise must be a finite number >= 0, got {cfg.bridge_noise}.")
+    if cfg.bridge_gamma not in ("brownian_bridge", "quadratic"):
+        raise ValueError(f"bridge_gamma must be 'brownian_bridge' (sigma sqrt(t(1-t))) or 'quadratic' (sigma t(1-t)), "
+                         f"got {cfg.bridge_gamma!r}.")
     if cfg.train_score and cfg.bridge_noise <= 0:
         raise ValueError("train_score learns the score -xi/gamma_t of a stochastic interpolant: set bridge_noise > 0 "
                          "(e.g. --set bridge_noise=0.5), or train_score=false.")
@@ -114,6 +118,8 @@ def method_name(cfg: Toy2DConfig) -> str:
     """The TorchCFM name of a config's method: I-CFM, OT-CFM, SB-CFM, target CFM, VP-CFM, or ``"<schedule> FM"``."""
     ot = not _independent(cfg)
     if cfg.bridge_noise > 0:
+        if cfg.bridge_gamma != "brownian_bridge":
+            return f"stochastic interpolant ({cfg.bridge_gamma})" + (" + OT" if ot else "")
         return "SB-CFM" if ot else "SI (Brownian bridge)"
     if cfg.sigma_min > 0:
         return "target CFM" + (" + OT" if ot else "")
@@ -139,7 +145,7 @@ def _setup(cfg: Toy2DConfig):
     options = {"sigma_min": cfg.sigma_min} if cfg.sigma_min > 0 else {}
     path = GaussianPath.from_name(cfg.schedule, **options)
     if cfg.bridge_noise > 0:
-        path = StochasticInterpolant(path, gamma="brownian_bridge", sigma=cfg.bridge_noise)
+        path = StochasticInterpolant(path, gamma=cfg.bridge_gamma, sigma=cfg.bridge_noise)
     mesh = common.mesh()
     coupling = None if _independent(cfg) else get_coupling(cfg.coupling)
     if coupling is not None and mesh is not None:  # a sharded batch: per device, or the all-gathered global batch
