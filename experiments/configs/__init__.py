@@ -1,7 +1,8 @@
 """One config per experiment, score_sde's habit: ``experiments/configs/<name>.py`` defines ``get_config()``.
 
 A config is a dataclass of the experiment it runs (:class:`experiments.images.ImageConfig`,
-:class:`experiments.toy2d.Toy2DConfig`, :class:`experiments.distill.DistillConfig`); its class names the experiment.
+:class:`experiments.toy2d.Toy2DConfig`, :class:`experiments.distill.DistillConfig`,
+:class:`experiments.differentiable.DifferentiableConfig`); its class names the experiment.
 Load one by name (``load("digits_cfm")``) or from any Python file that defines ``get_config()``
 (``load("path/to/my_config.py")``), and override any field from the command line::
 
@@ -48,8 +49,8 @@ def load(name_or_path: str):
         raise ValueError(f"{where} must define get_config() returning an experiment config.")
     cfg = module.get_config()
     if not dataclasses.is_dataclass(cfg) or not hasattr(cfg, "experiment"):
-        raise ValueError(f"get_config() of {where} must return an experiment config (ImageConfig, Toy2DConfig or "
-                         f"DistillConfig), got {type(cfg).__name__}.")
+        raise ValueError(f"get_config() of {where} must return an experiment config (ImageConfig, Toy2DConfig, "
+                         f"DistillConfig or DifferentiableConfig), got {type(cfg).__name__}.")
     return cfg
 
 
