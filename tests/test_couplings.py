@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,58 @@ def test_get_coupling_parses_specs():
 def test_bad_inputs_raise_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def _mesh_training_worker():
+    """(8 fake devices) 20 OT-CFM training steps with the coupling per device and global under the data mesh, and on
+    one device with ``blocks=8`` and with the whole batch: the per-chunk losses, printed as a REPORT line."""
+    import json
+
+    import optax
+    from flax import nnx
+
+    from jaxgen.data.toy2d import get_distribution
+    from jaxgen.losses import flow_matching_loss
+    from jaxgen.models import MLPField
+    from jaxgen.training import Trainer, data_mesh
+
+    source, target = get_distribution("8gaussians"), get_distribution("moons")
+    mesh = data_mesh()
+
+    def run(coupling, on_mesh):
+        trainer = Trainer(MLPField(2, width=16, rngs=nnx.Rngs(0)), flow_matching_loss("linear", source=source,
+                          coupling=coupling), optax.adam(1e-2), data=lambda k: target(k, 64),
+                          mesh=mesh if on_mesh else None)
+        return np.asarray(trainer.fit(trainer.init(0), 20, chunk=10, progress=False)[1]).tolist()
+
+    out = {"device": run(OnMesh(coupling=ExactOT(), mesh=mesh), True), "blocks": run(ExactOT(blocks=8), False),
+           "global": run(OnMesh(coupling=ExactOT(), mesh=mesh, per_device=False), True), "whole": run(ExactOT(), False)}
+    print("REPORT " + json.dumps(out), flush=True)
+
+
+@pytest.mark.slow
+def test_training_with_the_coupling_per_device_and_global_on_eight_fake_devices():
+    """Under the data mesh of 8 fake devices, OT-CFM with the per-device coupling (OnMesh, each device's shard in
+    ``shard_map``) trains exactly as one device with ``ExactOT(blocks=8)``, and with the global coupling (the batch
+    all-gathered) exactly as one device coupling the whole batch; the two scopes pair differently."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "mesh"], capture_output=True, text=True,
+                          env=env, timeout=600, stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    loss = {k: np.asarray(v) for k, v in json.loads(lines[-1][len("REPORT "):]).items()}
+    assert loss["device"].shape == (20,)
+    np.testing.assert_allclose(loss["device"], loss["blocks"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loss["global"], loss["whole"], rtol=1e-4, atol=1e-5)
+    assert np.abs(loss["device"] - loss["global"]).max() > 1e-3
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["mesh"]:
+    _mesh_training_worker()
