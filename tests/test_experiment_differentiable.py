@@ -23,6 +23,7 @@ def base_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("diff")
 
 
+@pytest.mark.slow
 def test_inversion_reduces_reconstruction_error_by_a_large_factor(base_dir):
     report = _run("toy2d_invert_noise", base_dir, "target=moons", "opt_batch=64", "opt_steps=300")
     m = report["invert_noise"]
@@ -34,6 +35,7 @@ def test_inversion_reduces_reconstruction_error_by_a_large_factor(base_dir):
     assert "gradient inversion" in (base_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_learned_time_grid_beats_uniform_grid_at_equal_nfe_on_fresh_noise(base_dir):
     report = _run("toy2d_learn_time_grid", base_dir, "target=moons", "sample_steps=4", "opt_batch=128",
                   "opt_steps=150", "opt_learning_rate=0.1")
@@ -45,6 +47,7 @@ def test_learned_time_grid_beats_uniform_grid_at_equal_nfe_on_fresh_noise(base_d
     assert report["base"]["steps"] == 1000  # the base of the inversion test, resumed, not retrained
 
 
+@pytest.mark.slow
 def test_reward_finetuning_increases_the_reward(base_dir):
     report = _run("toy2d_reward_finetune", base_dir, "target=moons", "opt_batch=128", "opt_steps=100")
     m = report["reward_finetune"]

@@ -136,6 +136,7 @@ def test_target_cfm_path_and_joint_velocity_score_loss():
     np.testing.assert_allclose(model(data, jnp.zeros(128)), model.velocity(data, jnp.zeros(128)))
 
 
+@pytest.mark.slow
 def test_data_to_data_likelihood_through_the_ode():
     """A flow from a Gaussian-mixture source (not noise) that translates by c: ``p_1(x) = p_source(x - c)``, and the
     probability-flow likelihood with the source's density as the prior returns it, for an interpolant's field too."""

@@ -117,8 +117,7 @@ def _case(case, modes, slow=False):
 
 
 @pytest.mark.parametrize("case,modes", [
-    _case("euler", ("full", "checkpoint")), _case("heun", ("full",)), _case("dpm_solver_pp", ("full",)),
-    _case("euler_maruyama", ("full",)), _case("tsit5", ("adjoint",)),
+    _case("euler", ("full", "checkpoint")), _case("heun", ("full",)),
     _case("heun", ("full", "checkpoint"), slow=True), _case("dpm_solver_pp", ("full", "checkpoint"), slow=True),
     _case("euler_maruyama", ("full", "checkpoint"), slow=True),
     _case("tsit5", ("full", "checkpoint", "adjoint"), slow=True),
