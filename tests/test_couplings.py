@@ -244,7 +244,7 @@ def test_training_with_the_coupling_per_device_and_global_on_eight_fake_devices(
     import subprocess
     import sys
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                       os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "mesh"], capture_output=True, text=True,

@@ -190,7 +190,9 @@ def _loader_worker(pid, num, port, out):
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("XLA_FLAGS", None)
+    # the parent's XLA flags but the suite's optimisation level (tests/conftest.py): each child sets its own devices
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if f.startswith("--xla_backend_optimization_level"))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -274,7 +276,9 @@ if __name__ == "__main__" and len(sys.argv) > 1:
 
 def _cli(out, *, env_extra=None):
     env = _env()
-    env.update(env_extra or {})
+    extra = dict(env_extra or {})
+    env["XLA_FLAGS"] = " ".join(filter(None, [env["XLA_FLAGS"], extra.pop("XLA_FLAGS", "")]))
+    env.update(extra)
     return subprocess.Popen([sys.executable, "-m", "experiments", "train", "digits_smoke", "--out", str(out),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=REPO, stdin=subprocess.DEVNULL)
