@@ -1,15 +1,18 @@
 """TorchCFM's 2-D table, side by side in one run: I-CFM, OT-CFM, SB-CFM and target CFM in jaxgen and in TorchCFM.
 
 For each task (8 Gaussians -> moons; N(0, I) -> 8 Gaussians) and method, both libraries train TorchCFM's recipe (MLP of
-width 64, SELU, batch 256, Adam 1e-3 at a constant rate, no EMA, the same number of steps) and sample 2,048 points with
+width 64, SELU, PyTorch's nn.Linear initialisation (``--init``), batch 256, Adam 1e-3 at a constant rate, no EMA, the
+same number of steps) and sample 2,048 points with
 Euler at 1 and 100 steps from their own source draws. The same code then measures, for both: the exact W2 to 2,048
 fresh target points (host Hungarian solver, ``jaxgen.metrics.wasserstein2_exact``), the straightness of the 100-step
 trajectories (``jaxgen.metrics.straightness``: 0 for straight lines at constant speed) and the training steps/s on this
-machine. jaxgen runs its experiment code (``experiments.toy2d``: the ``jaxgen train`` configs) with the training steps
+machine. The 1-step W2 on N(0, I) -> 8 Gaussians varies by +-0.05 from seed to seed in both libraries (the floor,
+two target sets, is 0.56): compare means over 10 or more seeds. jaxgen runs its experiment code (``experiments.toy2d``: the ``jaxgen train`` configs) with the training steps
 fused in chunks on the device, the coupling computed inside the compiled step; TorchCFM computes its exact OT plan with
 POT on the host at every step (``ot_method="exact"``, also for SB-CFM).
 
-    python benchmarks/bench_cfm_variants.py [--steps 5000] [--seeds 3] [--ot-coupling exact] [--no-peers] [--out t.md]
+    python benchmarks/bench_cfm_variants.py [--steps 5000] [--seeds 3] [--ot-coupling exact] [--init lecun_normal]
+        [--tasks gaussian_to_8gaussians] [--only OT-CFM] [--no-peers] [--out t.md]
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def metrics_of(x1, one, traj, ref):
             "straightness": float(straightness(jnp.asarray(traj), jnp.linspace(0.0, 1.0, traj.shape[0])))}
 
 
-def run_jaxgen(task, over, steps, num, seed, chunk=500):
+def run_jaxgen(task, over, steps, num, seed, init="pytorch", chunk=500):
     import jax
 
     from experiments import toy2d
@@ -60,7 +63,7 @@ def run_jaxgen(task, over, steps, num, seed, chunk=500):
 
     src, tgt = TASKS[task]
     cfg = toy2d.Toy2DConfig(name=f"bench_{task}", source=src, target=tgt, steps=steps, ema_decay=0.0, lr_decay=False,
-                            checked=False, seed=seed, **over)
+                            checked=False, seed=seed, init=init, **over)
     toy2d.check_config(cfg)
     path, target, source_sampler, _, trainer = toy2d._setup(cfg)
     state = trainer.init(jax.random.key(seed))
@@ -105,6 +108,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ot-coupling", default="sinkhorn:max_iterations=20",
                    help="jaxgen's coupling spec for OT-CFM and SB-CFM")
+    p.add_argument("--init", default="pytorch", choices=["pytorch", "lecun_normal"],
+                   help="jaxgen's MLP initialisation: PyTorch's (TorchCFM's recipe) or Flax's default")
     p.add_argument("--sb-sigma", type=float, default=0.5)
     p.add_argument("--sigma-min", type=float, default=0.01)
     p.add_argument("--tasks", default=",".join(TASKS))
@@ -140,7 +145,7 @@ def main(argv=None):
             sigma = {"sb": a.sb_sigma, "target": a.sigma_min}.get(peer_method, 0.0)
             runs = []
             for seed in range(a.seeds):
-                info, x1, one, traj = run_jaxgen(task, over, a.steps, a.num, seed)
+                info, x1, one, traj = run_jaxgen(task, over, a.steps, a.num, seed, a.init)
                 runs.append({**metrics_of(x1, one, traj, ref), **info})
                 print(f"[bench] {task} {label} jaxgen seed {seed}: {runs[-1]}", flush=True)
             rows.append((task, label, "jaxgen", summary(runs)))
@@ -155,7 +160,8 @@ def main(argv=None):
                 if runs:
                     rows.append((task, label, "TorchCFM", summary(runs)))
     lines = [f"{a.steps} training steps each, batch 256, {a.seeds} seed(s) (mean, and std over seeds when several); W2 "
-             f"of {a.num} Euler samples to {a.num} fresh target points; jaxgen OT coupling: `{a.ot_coupling}`.", "",
+             f"of {a.num} Euler samples to {a.num} fresh target points; jaxgen OT coupling: `{a.ot_coupling}`, MLP "
+             f"init `{a.init}`.", "",
              "| task | method | library | W2, 1 Euler step | W2, 100 Euler steps | straightness | train steps/s |",
              "|---|---|---|---|---|---|---|"]
 

@@ -46,6 +46,7 @@ class Toy2DConfig:
     width: int = 64
     hidden_layers: int = 3
     activation: str = "selu"
+    init: str = "lecun_normal"  # dense layers' initialisation: Flax's "lecun_normal" or "pytorch" (TorchCFM's MLP)
     ema_decay: float = 0.999
     seed: int = 0
     euler_steps: int = 100
@@ -77,6 +78,12 @@ def check_config(cfg: Toy2DConfig) -> None:
         "num_samples": "must be >= 2", "chunk": "must be >= 1", "checkpoint_every": "must be >= 1",
         "learning_rate": "must be > 0", "sde_sigma": "must be >= 0",
     })
+    from jaxgen.models.mlp import ACTIVATIONS, INITS
+
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {cfg.activation!r}; choose from {sorted(ACTIVATIONS)}.")
+    if cfg.init not in INITS:
+        raise ValueError(f"init must be one of {INITS} (Flax's default, or PyTorch nn.Linear's), got {cfg.init!r}.")
     get_distribution(cfg.target)
     if cfg.source not in ("gaussian", "normal", "standard_normal"):
         get_distribution(cfg.source)
@@ -167,7 +174,7 @@ def _setup(cfg: Toy2DConfig):
 
     def mlp(seed):
         return MLPField(2, width=cfg.width, hidden_layers=cfg.hidden_layers, activation=cfg.activation,
-                        rngs=nnx.Rngs(seed))
+                        init=cfg.init, rngs=nnx.Rngs(seed))
 
     model = VelocityAndScore(mlp(cfg.seed), mlp(cfg.seed + 1)) if cfg.train_score else mlp(cfg.seed)
     optimizer = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps if cfg.lr_decay else None,

@@ -16,6 +16,20 @@ def test_mlp_matches_torchcfm_parameter_count():
     assert n == 3 * 64 + 64 + 2 * (64 * 64 + 64) + 64 * 2 + 2
 
 
+def test_pytorch_initialisation_is_nn_linears_uniform_fan_in():
+    """init="pytorch": every weight and bias of a layer with n inputs in U(-1/sqrt(n), 1/sqrt(n)) (variance 1/(3n));
+    the default is Flax's: zero biases, weights of variance 1/n."""
+    torch_like, flax_like = (MLPField(2, width=256, init=i, rngs=nnx.Rngs(0)) for i in ("pytorch", "lecun_normal"))
+    for layer, ref in zip([*torch_like.layers, torch_like.out], [*flax_like.layers, flax_like.out]):
+        n = layer.kernel.shape[0]
+        for p in (layer.kernel[...], layer.bias[...]):
+            assert 0 < np.abs(p).max() <= 1 / np.sqrt(n)
+        np.testing.assert_allclose(np.var(layer.kernel[...]), 1 / (3 * n), rtol=0.2)
+        assert np.all(ref.bias[...] == 0) and np.var(ref.kernel[...]) > 2 / (3 * n)
+    with pytest.raises(ValueError, match="init must be one of"):
+        MLPField(2, init="torch", rngs=nnx.Rngs(0))
+
+
 def test_field_signature_shapes_and_time_dependence():
     m = MLPField(4, width=16, time_embedding="sinusoidal", rngs=nnx.Rngs(0))
     x = jnp.ones((5, 2, 2))  # trailing dims are flattened and restored

@@ -20,13 +20,32 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": nnx.tanh, "elu": nnx.elu,
 }
 
+INITS = ("lecun_normal", "pytorch")
+
+
+def _linear(n_in: int, n_out: int, init: str, rngs: nnx.Rngs) -> nnx.Linear:
+    """A dense layer initialised as Flax's default (``"lecun_normal"``: truncated normal weights of variance
+    ``1/n_in``, zero biases) or as PyTorch's ``nn.Linear`` (``"pytorch"``: weights and biases ``U(+-1/sqrt(n_in))``,
+    i.e. ``kaiming_uniform_(a=sqrt(5))``), to reproduce a PyTorch recipe."""
+    if init == "lecun_normal":
+        return nnx.Linear(n_in, n_out, rngs=rngs)
+    bound = 1.0 / math.sqrt(n_in)
+
+    def bias_init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nnx.Linear(n_in, n_out, kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+                      bias_init=bias_init, rngs=rngs)
+
 
 class MLPField(nnx.Module):
     r"""A vector field ``u_theta(x, t)`` on ``R^d``: an MLP on ``[x, embed(t)]``.
 
     With ``time_embedding="concat"`` the input is ``[x, t]`` (TorchCFM's ``MLP(dim, w, time_varying=True)``:
     ``hidden_layers`` Linear+activation blocks of width ``width`` and a linear output). With
-    ``"sinusoidal"`` the time enters as a ``time_dim``-dimensional sinusoidal embedding.
+    ``"sinusoidal"`` the time enters as a ``time_dim``-dimensional sinusoidal embedding. ``init`` chooses the dense
+    layers' initialisation: Flax's ``"lecun_normal"`` (default) or ``"pytorch"`` (``nn.Linear``'s uniform fan-in
+    weights and biases), with which the model reproduces a PyTorch recipe's runs in distribution.
 
     Call it with jaxgen's field signature: ``model(x, t)`` with ``x`` of shape ``(B, d)`` (or ``(B, ...)``,
     flattened) and ``t`` of shape ``(B,)``; optional ``num_classes`` adds a learned label embedding
@@ -45,10 +64,13 @@ class MLPField(nnx.Module):
         time_dim: int = 32,
         num_classes: int | None = None,
         out_dim: int | None = None,
+        init: str = "lecun_normal",
         rngs: nnx.Rngs,
     ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}.")
+        if init not in INITS:
+            raise ValueError(f"MLPField init must be one of {INITS}, got {init!r}.")
         if time_embedding not in ("concat", "sinusoidal"):
             raise ValueError(f"time_embedding must be 'concat' or 'sinusoidal', got {time_embedding!r}.")
         for name, value in (("dim", dim), ("width", width), ("hidden_layers", hidden_layers), ("time_dim", time_dim)):
@@ -68,8 +90,8 @@ class MLPField(nnx.Module):
         self.label_embed = nnx.Embed(num_classes + 1, time_dim, rngs=rngs) if num_classes else None
         c_in = time_dim if num_classes else 0
         sizes = [dim + t_in + c_in] + [width] * hidden_layers
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-        self.out = nnx.Linear(width, out_dim or dim, rngs=rngs)
+        self.layers = nnx.List([_linear(a, b, init, rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.out = _linear(width, out_dim or dim, init, rngs)
 
     def __call__(self, x: Array, t: Array, y: Array | None = None) -> Array:
         shape = jnp.shape(x)
