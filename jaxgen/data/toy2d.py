@@ -121,7 +121,10 @@ def moons(
     each point's moon chosen with probability 1/2 (scikit-learn uses evenly
     spaced angles and exact halves instead). Gaussian noise of std ``noise``
     is added, then the result is mapped to ``x * scale + shift``. The defaults
-    reproduce TorchCFM's ``sample_moons`` (``make_moons(noise=0.2) * 3 - 1``).
+    give scikit-learn's ``make_moons(noise=0.2) * 3 - 1``, the placement of
+    TorchCFM's ``sample_moons``, whose noise differs: it calls torchdyn's
+    ``generate_moons``, which shifts each point along the diagonal by
+    ``U[0, 0.2)`` instead of adding Gaussian noise.
 
     Before the affine map the mean is ``(1/2, 1/4)``, so by default the mean
     is ``(0.5, -0.25)``.
