@@ -15,4 +15,3 @@ os.environ.setdefault("JAXGEN_COMPILATION_CACHE", "0")
 TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAG).strip()
-

@@ -190,7 +190,7 @@ def _loader_worker(pid, num, port, out):
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # the parent's XLA flags but the suite's optimisation level (tests/conftest.py): each child sets its own devices
+    # of the parent's XLA flags only the suite's optimisation level (tests/conftest.py): each child sets its devices
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                                 if f.startswith("--xla_backend_optimization_level"))
     env["PYTHONUNBUFFERED"] = "1"
