@@ -242,7 +242,6 @@ def test_training_with_the_coupling_per_device_and_global_on_eight_fake_devices(
     import json
     import os
     import subprocess
-    import sys
 
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

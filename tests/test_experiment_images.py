@@ -107,13 +107,12 @@ def test_every_sampler_runs_by_name_in_the_image_generator():
     from jaxgen.models import MLPField
     from jaxgen.samplers import SOLVERS
 
-    adaptive = ("tsit5", "dopri5", "dopri8", "bosh3", "diffrax")
     model = MLPField(64, width=16, hidden_layers=1, num_classes=10, rngs=nnx.Rngs(0))
     cfg = get_config("digits_smoke")
     eps_cfg = dataclasses.replace(cfg, schedule="vp", prediction="eps")
     runs = [(cfg, name) for name in sorted(SOLVERS)] + [(eps_cfg, n) for n in ("euler", "dpm_solver_pp", "pc", "edm")]
     for c, name in runs:
-        steps = None if name in adaptive else SAMPLER_STEPS.get(name, 3)
+        steps = SAMPLER_STEPS.get(name, 3) if images.resolve_sampler(name, c.prediction)[0].takes_steps() else None
         x, nfe = images.generate(model, c, np.array([1, 7]), 2.0, jax.random.key(0), sampler=name, steps=steps,
                                  shape=(8, 8, 1))
         assert x.shape == (2, 8, 8, 1) and np.all(np.isfinite(x)), (c.prediction, name)
