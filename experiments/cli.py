@@ -22,7 +22,7 @@ import math
 import os
 import sys
 
-EXPERIMENTS = ("images", "toy2d", "distill", "differentiable")
+EXPERIMENTS = ("images", "toy2d", "distill", "differentiable", "generative", "compare")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,7 +73,8 @@ def _list() -> None:
 
     for name in configs.names():
         cfg = configs.load(name)
-        d = {k: getattr(cfg, k) for k in ("steps", "batch_size", "sampler", "schedule", "teacher", "source", "target")
+        d = {k: getattr(cfg, k) for k in ("family", "data", "steps", "batch_size", "sampler", "schedule", "teacher", "source",
+                                          "target")
              if hasattr(cfg, k)}
         print(f"{name:32s} [{cfg.experiment}] " + " ".join(f"{k}={v}" for k, v in d.items()))
     print("\nsamplers (--sampler NAME[:key=value,...]): " + ", ".join(sorted(SOLVERS)))

@@ -1,0 +1,8 @@
+"""A beta-VAE (beta = 4) on the digits (:mod:`experiments.generative`).
+Any 2-D target instead: ``--set data=moons``."""
+
+from experiments.generative import GenerativeConfig
+
+
+def get_config() -> GenerativeConfig:
+    return GenerativeConfig(name="digits_beta_vae", family="beta_vae")

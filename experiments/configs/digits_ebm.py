@@ -1,0 +1,8 @@
+"""An energy-based model by contrastive divergence (short-run Langevin, replay buffer) on the digits (:mod:`experiments.generative`).
+Any 2-D target instead: ``--set data=moons``."""
+
+from experiments.generative import GenerativeConfig
+
+
+def get_config() -> GenerativeConfig:
+    return GenerativeConfig(name="digits_ebm", family="ebm")

@@ -1,0 +1,8 @@
+"""FFJORD: a continuous normalizing flow trained by maximum likelihood (Hutchinson's trace estimator) on the digits (:mod:`experiments.generative`).
+Any 2-D target instead: ``--set data=moons``."""
+
+from experiments.generative import GenerativeConfig
+
+
+def get_config() -> GenerativeConfig:
+    return GenerativeConfig(name="digits_ffjord", family="ffjord")

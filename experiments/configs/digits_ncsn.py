@@ -1,0 +1,8 @@
+"""A noise-conditional score network sampled by annealed Langevin dynamics on the digits (:mod:`experiments.generative`).
+Any 2-D target instead: ``--set data=moons``."""
+
+from experiments.generative import GenerativeConfig
+
+
+def get_config() -> GenerativeConfig:
+    return GenerativeConfig(name="digits_ncsn", family="ncsn")
