@@ -131,10 +131,10 @@ def markdown(reports: dict[str, dict[str, dict]]) -> str:
                 row = [family, _fmt(nll), _fmt(q.get("frechet_distance"), 2), _fmt(q.get("class_tv_from_uniform")),
                        _fmt(q.get("mean_confidence")), _fmt(q.get("classifier_score"), 2), _fmt(q.get("precision")),
                        _fmt(q.get("recall")), _fmt(q.get("density")), _fmt(q.get("coverage"))] + common_tail
-                floor = floor or q.get("frechet_floor")
+                floor = floor or q.get("frechet_distance_floor")
             else:
                 modes = _get(q, "modes")
-                mtxt = (f"{modes['modes_covered']:.0f}/8 ({modes['high_quality_fraction']:.2f})" if modes else "-")
+                mtxt = (f"{modes['modes_covered']:.0f}/8 ({modes['high_quality']:.2f})" if modes else "-")
                 row = [family, _fmt(nll), _fmt(q.get("sliced_w2")), _fmt(q.get("energy_distance")),
                        _fmt(q.get("precision")), _fmt(q.get("recall")), _fmt(q.get("density")),
                        _fmt(q.get("coverage")), mtxt] + common_tail

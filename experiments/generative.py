@@ -220,23 +220,25 @@ def _quality_2d(name: str, x: np.ndarray, target, key) -> dict:
     import jax
 
     from jaxgen import metrics
-    from jaxgen.metrics.manifold import density_coverage, precision_recall
+    from jaxgen.metrics.manifold import manifold_metrics
 
     k1, k2, k3 = jax.random.split(key, 3)
     n = x.shape[0]
     ref, ref2 = np.asarray(target(k1, n)), np.asarray(target(k2, n))
 
     def q(y):
-        pr, dc = precision_recall(y, ref, k=5), density_coverage(y, ref, k=5)
         return {"sliced_w2": float(metrics.sliced_wasserstein(y, ref, k3, num_projections=256)),
                 "energy_distance": float(metrics.energy_distance(y, ref)), "mmd_rbf": float(metrics.mmd_rbf(y, ref)),
-                **_floats(pr), **_floats(dc)}
+                **_floats(manifold_metrics(ref, y, k=5))}
 
     out = {"extractor": "raw 2-D coordinates", "num_samples": n, **q(x), "floor_two_target_sets": q(ref2)}
     if name == "8gaussians":
-        from jaxgen.metrics.modes import eight_gaussians_coverage
+        from jaxgen.metrics.modes import eight_gaussians_modes, mode_coverage
 
-        out["modes"] = _floats(eight_gaussians_coverage(x))
+        cov = mode_coverage(x, *eight_gaussians_modes())
+        out["modes"] = {"modes_covered": int(cov.modes_covered), "high_quality": float(cov.high_quality),
+                        "kl_from_uniform": float(cov.kl_from_uniform), "counts": np.asarray(cov.counts).tolist(),
+                        "rule": "nearest of the 8 centres, within 3 std; covered with >= 0.8% of the samples"}
     return out
 
 
@@ -250,10 +252,12 @@ def _classifier():
 
 
 def _digits_quality(x: np.ndarray, test_set) -> dict:
+    from jaxgen.data.images import load_digits
     from jaxgen.evaluation.digits import digits_sample_metrics
 
     x = np.clip(x, -1.0, 1.0)
-    return _floats_nested(digits_sample_metrics(x, classifier=_classifier(), reference=test_set.images))
+    return _floats_nested(digits_sample_metrics(x, classifier=_classifier(), reference=test_set.images,
+                                                train_images=load_digits("train").images))
 
 
 def _floats_nested(d):

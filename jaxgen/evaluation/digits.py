@@ -31,7 +31,9 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
+from jaxgen.evaluation.inception import inception_score_from_logits
 from jaxgen.metrics.frechet import _batched, feature_moments, frechet_distance_from_features
+from jaxgen.metrics.manifold import manifold_metrics
 from jaxgen.models.classifier import DigitsClassifier
 
 Array = jax.Array
@@ -45,6 +47,10 @@ __all__ = [
     "classifier_feature_fn",
     "guided_label_accuracy",
     "digits_report",
+    "classifier_logits",
+    "classifier_score",
+    "class_balance",
+    "digits_sample_metrics",
 ]
 
 #: Bumped whenever the architecture or the training recipe changes, so stale caches are not reused.
@@ -388,3 +394,131 @@ def digits_report(
                                                             batch_size, jit=False)
         report["fd_floor_source"] = "split_half"
     return report
+
+
+# ---------------------------------------------------------------------------
+# Sample metrics across model families: classifier score, class balance, k-NN manifold metrics
+# ---------------------------------------------------------------------------
+
+
+def classifier_logits(classifier: nnx.Module, images: ArrayLike, *, batch_size: int = 512) -> np.ndarray:
+    """The classifier's logits ``(N, num_classes)`` (batched, jitted)."""
+    return _batched(_jit_module_method(classifier, "__call__"), images, batch_size)
+
+
+def classifier_score(classifier: nnx.Module, samples: ArrayLike, *, splits: int = 1, batch_size: int = 512) -> float:
+    r"""The Inception Score computed with the digits classifier in place of Inception (Salimans et al., NeurIPS 2016):
+
+    .. math:: \exp\big(\mathbb{E}_x\, \mathrm{KL}(p(y \mid x) \,\|\, p(y))\big),
+              \qquad p(y) = \mathbb{E}_x\, p(y \mid x),
+
+    with :math:`p(y \mid x)` the classifier's softmax (:func:`jaxgen.evaluation.inception.inception_score_from_logits`;
+    the mean over ``splits`` parts). Between 1 (every sample gets the same prediction) and ``num_classes`` (confident
+    predictions spread evenly over the classes); real held-out digits score close to ``num_classes``.
+    """
+    mean, _ = inception_score_from_logits(classifier_logits(classifier, samples, batch_size=batch_size), splits)
+    return float(mean)
+
+
+def class_balance(predictions: ArrayLike, num_classes: int) -> dict[str, Any]:
+    r"""The class histogram of predicted labels and its divergences from the uniform distribution :math:`u = 1/K`:
+
+    .. math:: \mathrm{KL}(h \,\|\, u) = \sum_c h_c \log(K h_c) = \log K - H(h), \qquad
+              \mathrm{TV}(h, u) = \tfrac12 \sum_c |h_c - 1/K|
+
+    (``0 log 0 = 0``). Both are 0 for a perfectly balanced set; a generator that drops modes (classes) raises them
+    (KL up to :math:`\log K`, TV up to :math:`1 - 1/K`, when every sample is one class).
+
+    Args:
+      predictions: ``(N,)`` integer labels in ``[0, num_classes)``.
+      num_classes: ``K``.
+
+    Returns:
+      ``{"class_histogram": list of K fractions, "class_kl_from_uniform": float, "class_tv_from_uniform": float}``.
+    """
+    pred = np.asarray(predictions)
+    if pred.ndim != 1 or pred.size == 0 or not np.issubdtype(pred.dtype, np.integer):
+        raise ValueError(f"predictions must be a non-empty 1-D array of integer labels, got shape {pred.shape} and "
+                         f"dtype {pred.dtype}.")
+    if pred.min() < 0 or pred.max() >= num_classes:
+        raise ValueError(f"predictions must lie in [0, {num_classes}), got range [{pred.min()}, {pred.max()}].")
+    h = np.bincount(pred, minlength=num_classes).astype(np.float64) / pred.size
+    nz = h > 0
+    return {"class_histogram": h.tolist(),
+            "class_kl_from_uniform": float(np.sum(h[nz] * np.log(num_classes * h[nz]))),
+            "class_tv_from_uniform": float(0.5 * np.sum(np.abs(h - 1.0 / num_classes)))}
+
+
+def digits_sample_metrics(
+    samples: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    classifier: DigitsClassifier,
+    reference: ArrayLike,
+    train_images: ArrayLike | None = None,
+    k: int = 5,
+    splits: int = 1,
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """Every sample metric of generated digits in one dict, comparable across model families.
+
+    In the digits classifier's feature space (:func:`classifier_feature_fn`, penultimate layer): the Fréchet
+    distance and its floor (from :func:`digits_report`), and improved precision / recall (Kynkäänniemi et al. 2019)
+    and density / coverage (Naeem et al. 2020) against ``reference`` (:func:`jaxgen.metrics.manifold.manifold_metrics`).
+    From the classifier's predictions: the classifier score (:func:`classifier_score`), the class histogram and its
+    KL / total variation from uniform (:func:`class_balance`), and, for class-conditional samples, the label
+    consistency: the fraction classified as the requested label (:func:`guided_label_accuracy`), overall and per class.
+
+    Args:
+      samples: generated images ``(M, 8, 8, 1)`` in ``[-1, 1]``, ``M >= k + 1``.
+      labels: requested classes ``(M,)`` of class-conditional samples, or ``None``.
+      classifier: a trained :class:`DigitsClassifier` (:func:`load_or_train_digits_classifier`).
+      reference: real images ``(N, 8, 8, 1)`` (the held-out test split), ``N >= k + 1``.
+      train_images: real training images for the Fréchet floor (see :func:`digits_report`).
+      k: neighbourhood size of the manifold metrics.
+      splits: parts of the classifier score.
+      batch_size: images per forward pass.
+
+    Returns:
+      A dict with ``extractor`` ("digits_classifier"), ``feature_dim``, ``num_classes``, ``num_samples``,
+      ``num_reference``, ``frechet_distance``, ``frechet_distance_floor``, ``frechet_distance_floor_source``,
+      ``classifier_score``, ``classifier_score_max`` (= ``num_classes``), ``mean_confidence`` (the mean of the
+      classifier's largest softmax probability: how recognisable the samples are), ``class_histogram``,
+      ``class_kl_from_uniform``, ``class_tv_from_uniform``, ``label_consistency`` and
+      ``per_class_label_consistency`` (``None`` without labels), ``knn_k``, ``precision``, ``recall``, ``density``
+      and ``coverage``. Values depend on the sample sizes: compare runs with equal ``M`` and ``N``.
+    """
+    samples = np.asarray(samples, np.float32)
+    reference = np.asarray(reference, np.float32)
+    for name, x in (("samples", samples), ("reference", reference)):
+        if x.ndim < 2 or x.shape[0] < k + 1:
+            raise ValueError(f"{name} must hold at least k + 1 = {k + 1} images for the k-NN metrics, got shape "
+                             f"{x.shape}.")
+    if not np.all(np.isfinite(samples)):
+        raise ValueError("samples hold NaN or inf; the sampler diverged (check its step count and the model).")
+    report = digits_report(classifier, samples, labels, reference, train_images=train_images, batch_size=batch_size)
+    logits = classifier_logits(classifier, samples, batch_size=batch_size)
+    num_classes = int(logits.shape[-1])
+    feat = classifier_feature_fn(classifier)
+    f_fake = _batched(feat, samples, batch_size)
+    f_real = _batched(feat, reference, batch_size)
+    manifold = manifold_metrics(f_real, f_fake, k)
+    out: dict[str, Any] = {
+        "extractor": "digits_classifier",
+        "feature_dim": int(f_fake.shape[-1]),
+        "num_classes": num_classes,
+        "num_samples": int(samples.shape[0]),
+        "num_reference": int(reference.shape[0]),
+        "frechet_distance": float(report["fd"]),
+        "frechet_distance_floor": float(report["fd_floor"]),
+        "frechet_distance_floor_source": report["fd_floor_source"],
+        "classifier_score": float(inception_score_from_logits(logits, splits)[0]),
+        "classifier_score_max": num_classes,
+        "mean_confidence": float(np.mean(np.max(jax.nn.softmax(jnp.asarray(logits), axis=-1), axis=-1))),
+    }
+    out.update(class_balance(np.argmax(logits, axis=-1), num_classes))
+    out["label_consistency"] = report["accuracy"]
+    out["per_class_label_consistency"] = report["per_class_accuracy"]
+    out["knn_k"] = int(k)
+    out.update({key: float(value) for key, value in manifold.items()})
+    return out
