@@ -1,4 +1,4 @@
-"""A GAN with spectral normalisation of the discriminator on the digits (:mod:`experiments.generative`).
+"""An SN-GAN (spectrally normalised critic, hinge loss) on the digits (:mod:`experiments.generative`).
 Any 2-D target instead: ``--set data=moons``."""
 
 from experiments.generative import GenerativeConfig
