@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import jax
+import jax.numpy as jnp
 import optax
 
 from jaxgen._checks import check_number
@@ -46,5 +48,32 @@ def adam_with_schedule(
     return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm is not None else opt
 
 
+def clip_params(c: float) -> optax.GradientTransformation:
+    r"""Weight clipping as an optimizer stage: the updates become ``clip(p + u, -c, c) - p``, so every parameter
+    ``p`` stays in ``[-c, c]`` after ``optax.apply_updates`` (up to the float rounding of ``p + (a - p)``, about an
+    ulp of ``max(|p|, c)``).
 
-__all__ = ["adam_with_schedule"]
+    WGAN's way of keeping the critic ``K``-Lipschitz (Arjovsky et al. 2017, Algorithm 1: ``w <- clip(w, -c, c)``
+    after each RMSProp step, ``c = 0.01``). Put it last in a chain, e.g.
+    ``optax.chain(optax.rmsprop(5e-5), clip_params(0.01))``; it needs the parameters (``update(..., params)``,
+    which :class:`jaxgen.training.Trainer` passes). Parameters that start outside the box are clipped at the first
+    update.
+    """
+    check_number(c, lambda v: v > 0, name="c", owner="clip_params", what="a finite number > 0 (e.g. 0.01)")
+    c = float(c)
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("clip_params needs the parameters: call update(updates, state, params) (optax's "
+                             "apply-with-params form, as the jaxgen Trainer does).")
+        new = jax.tree.map(lambda u, p: jnp.clip(p + u, -c, c) - p, updates, params)
+        return new, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+__all__ = ["adam_with_schedule", "clip_params"]

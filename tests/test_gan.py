@@ -1,0 +1,380 @@
+"""GANs: the optimal discriminator and the value function (Goodfellow et al. 2014), the non-saturating trick, WGAN's
+weight clipping, WGAN-GP's penalty, spectral normalisation, the mode-coverage measure and the recipes."""
+
+import math
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+from jaxgen.data.toy2d import eight_gaussians
+from jaxgen.losses.gan import (critic_gap, critic_loss, critic_objective, generator_loss, generator_objective,
+                               interpolate_gradient_norm, minimax_value, optimal_discriminator)
+from jaxgen.metrics.modes import eight_gaussians_modes, mode_coverage
+from jaxgen.models.gan import (GAN, ConvCritic, ConvGenerator, MLPCritic, SpectralNorm, _upsample_conv, make_gan,
+                               power_iteration)
+from jaxgen.models.layers import Conv2d
+from jaxgen.training import Trainer, Update
+from jaxgen.training.optim import clip_params
+
+
+def _log_normal(x, mu, s):
+    return -0.5 * ((x - mu) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
+
+
+class _Affine(nnx.Module):
+    """A fixed generator ``z -> mu + s z`` (no parameters)."""
+
+    def __init__(self, mu, s):
+        self.mu, self.s = mu, s
+
+    def __call__(self, z):
+        return jnp.asarray(self.mu, jnp.float32) + self.s * z
+
+
+class _Quadratic(nnx.Module):
+    """A quadratic-logistic critic ``logit = a x^2 + b x + c`` on 1-D data: its family holds the exact log-ratio of two
+    Gaussians, so training it on the minimax objective must reach the optimal discriminator."""
+
+    def __init__(self):
+        self.coef = nnx.Param(jnp.zeros(3))
+
+    def __call__(self, x):
+        x = x[:, 0]
+        return self.coef[0] * x ** 2 + self.coef[1] * x + self.coef[2]
+
+
+class _Shifted(nnx.Module):
+    """A generator ``z -> z + theta`` with one parameter."""
+
+    def __init__(self, theta):
+        self.theta = nnx.Param(jnp.asarray(theta, jnp.float32))
+
+    def __call__(self, z):
+        return z + self.theta[...]
+
+
+class _Linear(nnx.Module):
+    """A fixed linear-logit critic ``w x + b`` on 1-D data (state, not parameters)."""
+
+    def __init__(self, w, b):
+        self.w, self.b = nnx.Variable(jnp.float32(w)), nnx.Variable(jnp.float32(b))
+
+    def __call__(self, x):
+        return self.w[...] * x[:, 0] + self.b[...]
+
+
+# -- the value function and the optimal discriminator ----------------------------------------------------------------
+
+def test_optimal_discriminator_maximises_the_value_function_to_minus_log4_plus_2jsd():
+    """For fixed densities, D*(x) = p_data / (p_data + p_g) (Goodfellow et al. 2014, Prop. 1) maximises the value
+    function pointwise, and V(D*, G) = -log 4 + 2 JSD(p_data || p_g) (Theorem 1): checked on a quadrature grid for two
+    1-D Gaussians, and by Monte Carlo through ``minimax_value`` (which takes logits)."""
+    x = np.linspace(-10.0, 10.0, 20001)
+    dx = x[1] - x[0]
+    lp, lq = _log_normal(x, 0.0, 1.0), _log_normal(x, 1.5, 0.7)
+    p, q = np.exp(lp), np.exp(lq)
+    d_star = np.asarray(optimal_discriminator(lp, lq), np.float64)
+    np.testing.assert_allclose(d_star, p / (p + q), rtol=1e-5, atol=1e-7)
+    value = lambda d: np.sum(p * np.log(np.clip(d, 1e-30, 1)) + q * np.log(np.clip(1 - d, 1e-30, 1))) * dx
+    m = 0.5 * (p + q)
+    jsd = 0.5 * np.sum(p * (lp - np.log(m))) * dx + 0.5 * np.sum(q * (lq - np.log(m))) * dx
+    assert 0.1 < jsd < math.log(2)
+    np.testing.assert_allclose(value(d_star), -math.log(4) + 2 * jsd, atol=1e-5)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # any other discriminator does worse
+        other = np.clip(d_star + 0.05 * rng.standard_normal(x.shape), 1e-6, 1 - 1e-6)
+        assert value(other) < value(d_star)
+    assert value(np.full_like(x, 0.5)) == pytest.approx(-math.log(4), abs=1e-6)  # = V at D* when p_g = p_data
+    # Monte Carlo through the library's value function of logits: logit D* = log p - log q
+    k1, k2 = jax.random.split(jax.random.key(0))
+    xr, xf = jax.random.normal(k1, (200_000,)), 1.5 + 0.7 * jax.random.normal(k2, (200_000,))
+    logit = lambda t: _log_normal(t, 0.0, 1.0) - _log_normal(t, 1.5, 0.7)
+    np.testing.assert_allclose(float(minimax_value(logit(xr), logit(xf))), -math.log(4) + 2 * jsd, atol=0.01)
+    # equal densities: D* = 1/2 everywhere
+    np.testing.assert_allclose(np.asarray(optimal_discriminator(lp, lp)), 0.5)
+
+
+def test_minimax_critic_trained_to_convergence_is_the_optimal_discriminator():
+    """A quadratic-logistic critic trained by the trainer on the minimax critic loss against a fixed generator
+    N(1, 0.5^2), data N(0, 1), reaches D*(x) = p_data / (p_data + p_g)."""
+    model = GAN(_Affine(1.0, 0.5), _Quadratic(), latent_dim=1)
+    schedule = optax.cosine_decay_schedule(0.05, 800)
+    tr = Trainer(model, critic_loss("minimax"), optax.adam(schedule),
+                 data=lambda key: {"x": jax.random.normal(key, (2048, 1))})
+    state, losses = tr.steps(tr.init(0), 800)
+    critic = tr.model(state).critic
+    x = jnp.linspace(-2.0, 2.5, 91)
+    d = jax.nn.sigmoid(critic(x[:, None]))
+    d_star = optimal_discriminator(_log_normal(x, 0.0, 1.0), _log_normal(x, 1.0, 0.5))
+    assert float(jnp.max(jnp.abs(d - d_star))) < 0.03
+    # the critic's loss at the optimum is -V(D*) = log 4 - 2 JSD < log 4 (the densities differ)
+    assert float(np.mean(np.asarray(losses)[-100:])) < math.log(4) - 0.2
+
+
+def test_non_saturating_and_minimax_generator_losses_share_the_fixed_point_not_the_gradients():
+    """Goodfellow et al. 2014, sec. 3: where the critic rejects the samples (D ~ 0) the minimax generator's gradient
+    vanishes (-sigmoid(l) -> 0) and the non-saturating one's does not (-(1 - sigmoid(l)) -> -1); at D = 1/2 the two
+    coincide, and against the optimal critic of p_g = p_data (D* = 1/2, constant) both are zero."""
+    key = jax.random.key(0)
+    batch = {"x": jnp.zeros((64, 1))}
+
+    grads = {kind: nnx.jit(nnx.grad(lambda m, kind=kind: generator_loss(kind)(m, batch, key)))
+             for kind in ("minimax", "non_saturating")}
+
+    def theta_grad(kind, w, b):
+        model = GAN(_Shifted(0.0), _Linear(w, b), latent_dim=1)
+        return float(grads[kind](model)["generator"]["theta"][...])
+
+    # logit l = w (z + theta) + b with w = 0.01 (D nearly flat in z): l ~ b
+    g_mm, g_ns = theta_grad("minimax", 0.01, -10.0), theta_grad("non_saturating", 0.01, -10.0)
+    np.testing.assert_allclose(g_ns, -0.01 * (1 - jax.nn.sigmoid(-10.0)), rtol=1e-3)   # ~ -w: it pushes
+    np.testing.assert_allclose(g_mm, -0.01 * jax.nn.sigmoid(-10.0), rtol=1e-2)         # ~ -4.5e-7: saturated
+    assert abs(g_mm) < 1e-4 * abs(g_ns)
+    np.testing.assert_allclose(theta_grad("minimax", 0.01, 0.0), theta_grad("non_saturating", 0.01, 0.0),
+                               rtol=1e-2)  # D = 1/2: the same gradient
+    assert theta_grad("minimax", 0.0, 0.0) == 0.0 == theta_grad("non_saturating", 0.0, 0.0)
+    # both decrease in D (the generator raises D(G(z)) under both), with slope -1/2 in the logit at D = 1/2
+    for kind in ("minimax", "non_saturating"):
+        slope = jax.grad(lambda l: generator_objective(kind, l))(jnp.zeros(1))
+        np.testing.assert_allclose(slope, [-0.5], rtol=1e-6)
+
+
+def test_critic_objectives_and_gap_on_known_scores():
+    """Each kind's critic loss on hand-set scores, and the critic gap."""
+    r, f = jnp.array([2.0, 0.0]), jnp.array([-1.0, 3.0])
+    np.testing.assert_allclose(critic_objective("wgan", r, f), 1.0 - 1.0)
+    np.testing.assert_allclose(critic_objective("hinge", r, f), (0.0 + 1.0) / 2 + (0.0 + 4.0) / 2)
+    sp = jax.nn.softplus
+    np.testing.assert_allclose(critic_objective("minimax", r, f), jnp.mean(sp(-r)) + jnp.mean(sp(f)), rtol=1e-6)
+    np.testing.assert_allclose(critic_gap(lambda x: x[:, 0], r[:, None], f[:, None]), 1.0 - 1.0)
+    np.testing.assert_allclose(critic_gap(lambda x: 2 * x[:, 0], jnp.ones((3, 1)), jnp.zeros((5, 1))), 2.0)
+
+
+# -- WGAN: weight clipping and the gradient penalty ------------------------------------------------------------------
+
+def test_clip_params_keeps_parameters_in_the_box():
+    """Arjovsky et al. 2017, Algorithm 1: after every update the parameters lie in [-c, c]; inside the box the
+    updates pass unchanged."""
+    c = 0.01
+    params = {"w": jnp.array([0.5, -0.3, 0.002, 0.0]), "b": jnp.array([[0.02, -0.009]])}
+    opt = optax.chain(optax.sgd(0.1), clip_params(c))
+    state = opt.init(params)
+    for i in range(3):
+        grads = jax.tree.map(lambda p: jnp.full_like(p, (-1.0) ** i * 0.3), params)
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        for leaf in jax.tree.leaves(params):
+            assert float(jnp.max(jnp.abs(leaf))) <= c * (1 + 1e-5)
+    small = {"w": jnp.array([0.001, -0.002])}
+    upd, _ = clip_params(c).update({"w": jnp.array([0.003, 0.001])}, optax.EmptyState(), small)
+    np.testing.assert_allclose(upd["w"], [0.003, 0.001], rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the parameters"):
+        clip_params(c).update(small, optax.EmptyState())
+    with pytest.raises(ValueError, match="c must be"):
+        clip_params(0.0)
+
+
+def test_gradient_penalty_drives_the_critic_gradient_norm_to_one():
+    """Gulrajani et al. 2017: training a critic on the WGAN-GP objective (lambda = 10) between two fixed 2-D
+    distributions drives ||grad D(x_hat)|| at random interpolates to 1; without the penalty (and without clipping) it
+    grows far past 1. (The penalty is soft: for means a distance d apart the optimal slope of a linear critic is
+    1 + d / (2 lambda), here 1.05.)"""
+    def train(kind):
+        model = GAN(_Affine(jnp.array([-0.5, 0.0]), 0.3), MLPCritic(2, width=32, depth=2, rngs=nnx.Rngs(1)), 2)
+        data = lambda key: {"x": jnp.array([0.5, 0.0]) + 0.3 * jax.random.normal(key, (256, 2))}
+        tr = Trainer(model, critic_loss(kind), optax.adam(optax.cosine_decay_schedule(3e-3, 300), b1=0.0, b2=0.9),
+                     data=data)
+        state, _ = tr.steps(tr.init(0), 300)
+        m = tr.model(state)
+        k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+        real, fake = data(k1)["x"], m.sample(k2, 256)
+        return float(interpolate_gradient_norm(m.critic, real, fake, k3))
+
+    assert abs(train("wgan_gp") - 1.0) < 0.1
+    assert train("wgan") > 10.0
+
+
+# -- spectral normalisation ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", [nnx.Linear(6, 9, rngs=nnx.Rngs(0)), Conv2d(3, 5, 3, stride=2, rngs=nnx.Rngs(1))],
+                         ids=["dense", "conv"])
+def test_spectral_norm_divides_by_the_largest_singular_value(layer):
+    """Miyato et al. 2018, eq. 8 and Algorithm 1: after enough power iterations sigma = u^T W v is the largest
+    singular value of the (reshaped) kernel, so the normalised kernel's is 1; in evaluation mode u does not move."""
+    sn = SpectralNorm(layer, rngs=nnx.Rngs(2))
+    k = layer.kernel[...]
+    top = float(jnp.linalg.svd(k.reshape(-1, k.shape[-1]), compute_uv=False)[0])
+    x = jax.random.normal(jax.random.key(0), (4, 6) if isinstance(layer, nnx.Linear) else (4, 6, 6, 3))
+    u0 = sn.u[...]
+    sn(x)
+    assert float(jnp.max(jnp.abs(sn.u[...] - u0))) > 1e-3  # training mode: one power iteration per pass
+    for _ in range(50):
+        sn(x)
+    np.testing.assert_allclose(float(sn.sigma()), top, rtol=1e-4)
+    wsn = sn.normalized_kernel()
+    np.testing.assert_allclose(jnp.linalg.svd(wsn.reshape(-1, k.shape[-1]), compute_uv=False)[0], 1.0, rtol=1e-4)
+    sn.eval()
+    u1 = sn.u[...]
+    y = sn(x)
+    np.testing.assert_array_equal(sn.u[...], u1)  # evaluation: no update
+    if isinstance(layer, nnx.Linear):
+        np.testing.assert_allclose(y, x @ wsn + layer.bias[...], rtol=1e-5, atol=1e-6)
+    else:
+        np.testing.assert_allclose(y, _with_kernel(layer, wsn)(x), rtol=1e-5, atol=1e-5)
+
+
+def _with_kernel(layer, kernel):
+    clone = nnx.clone(layer)
+    clone.kernel[...] = kernel
+    return clone
+
+
+def test_spectral_norm_advances_u_once_per_training_forward_pass_in_the_trainer():
+    """With a zero learning rate (fixed weights), one trainer step of 3 WGAN-GP critic updates (their penalty's
+    nested input-gradient pass included) and one generator update leaves u four power iterations further, carried in
+    the state's ``rest``."""
+    model = make_gan((2,), latent_dim=2, width=8, depth=1, spectral_norm=True, rngs=nnx.Rngs(0))
+    updates = [Update(critic_loss("wgan_gp"), nnx.PathContains("critic"), "critic", repeats=3),
+               Update(generator_loss("wgan_gp"), nnx.PathContains("generator"), "generator")]
+    tr = Trainer(model, updates, {"critic": optax.sgd(0.0), "generator": optax.sgd(0.0)},
+                 data=lambda key: {"x": jax.random.normal(key, (16, 2))})
+    s0 = tr.init(0)
+    s1, _ = tr.step(s0)
+    before, after = tr.model(s0).critic, tr.model(s1).critic
+    for old, new in ((before.layers[0], after.layers[0]), (before.out, after.out)):
+        k = old.layer.kernel[...]
+        expected, _ = power_iteration(k.reshape(-1, k.shape[-1]), old.u[...], steps=4)
+        np.testing.assert_allclose(new.u[...], expected, rtol=1e-4, atol=1e-6)
+    assert float(jnp.max(jnp.abs(after.layers[0].u[...] - before.layers[0].u[...]))) > 1e-4  # (the output's u is 1-D)
+
+
+# -- networks --------------------------------------------------------------------------------------------------------
+
+def test_conv_players_shapes_and_upsampling_convolution():
+    """The generator's sub-pixel upsampling convolution equals a convolution of the nearest-upsampled map; the
+    players map noise to (B, 8, 8, 1) images in [-1, 1] and images to (B,) scores."""
+    conv = Conv2d(4, 3, 3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 4))
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    np.testing.assert_allclose(_upsample_conv(conv, x), conv(up), rtol=1e-5, atol=1e-5)
+    gen, critic = ConvGenerator(4, (8, 8, 1), channels=4, rngs=nnx.Rngs(0)), ConvCritic((8, 8, 1), channels=4,
+                                                                                      rngs=nnx.Rngs(1))
+    img = gen(jax.random.normal(jax.random.key(0), (3, 4)))
+    assert img.shape == (3, 8, 8, 1) and float(jnp.max(jnp.abs(img))) <= 1.0
+    assert critic(img).shape == (3,)
+
+
+def test_bad_inputs_are_refused_with_a_fix():
+    with pytest.raises(ValueError, match="unknown GAN objective kind 'lsgan'"):
+        critic_loss("lsgan")
+    with pytest.raises(ValueError, match="gp_weight"):
+        critic_loss("wgan_gp", gp_weight=-1.0)
+    with pytest.raises(ValueError, match="needs a model with a generator, a critic and latent_dim"):
+        generator_loss()(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), {"x": jnp.zeros((4, 2))}, jax.random.key(0))
+    model = make_gan((3,), latent_dim=2, width=4, depth=1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"generator makes samples of shape \(3,\) but the data has \(2,\)"):
+        critic_loss()(model, {"x": jnp.zeros((4, 2))}, jax.random.key(0))
+    with pytest.raises(ValueError, match="batch_size=8 real samples per call, but the batch has only 4"):
+        critic_loss(batch_size=8)(model, {"x": jnp.zeros((4, 3))}, jax.random.key(0))
+    with pytest.raises(ValueError, match="SpectralNorm wraps an nnx.Linear or a jaxgen Conv2d"):
+        SpectralNorm(nnx.Conv(1, 1, (3, 3), rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="vectors .* images"):
+        make_gan((4, 4), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ConvGenerator(4, (6, 6, 1), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="centres"):
+        mode_coverage(jnp.zeros((4, 3)), jnp.zeros((8, 2)), 1.0)
+
+
+# -- mode collapse ---------------------------------------------------------------------------------------------------
+
+def test_mode_coverage_on_hand_made_samples():
+    """VEEGAN's measure: every mode filled evenly -> 8 covered, all high quality, KL 0; one mode -> 1 covered,
+    KL log 8; samples far from every centre -> none; the 8-Gaussians data itself -> 8 covered with P(r <= 3 std) =
+    1 - exp(-9/2) high quality."""
+    centres, std = eight_gaussians_modes()
+    assert std == pytest.approx(0.1 ** 0.25)
+    jitter = 0.1 * std * jax.random.normal(jax.random.key(0), (800, 2))
+    even = jnp.repeat(centres, 100, axis=0) + jitter
+    cov = mode_coverage(even, centres, std)
+    assert int(cov.modes_covered) == 8 and float(cov.high_quality) == 1.0
+    np.testing.assert_allclose(cov.kl_from_uniform, 0.0, atol=1e-6)
+    np.testing.assert_array_equal(cov.counts, np.full(8, 100))
+    one = mode_coverage(centres[3] + jitter, centres, std)
+    assert int(one.modes_covered) == 1 and int(one.counts[3]) == 800
+    np.testing.assert_allclose(one.kl_from_uniform, math.log(8), rtol=1e-6)
+    far = mode_coverage(jnp.zeros((50, 2)), centres, std)  # the origin is 5 / 0.56 ~ 8.9 std from every centre
+    assert int(far.modes_covered) == 0 and float(far.high_quality) == 0.0
+    # one sparse mode: 2 high-quality samples of 702 fall below the 0.008 * N rule
+    sparse = jnp.concatenate([even[:700], centres[7:8] + jitter[:2]])
+    assert int(mode_coverage(sparse, centres, std).modes_covered) == 7
+    assert int(mode_coverage(sparse, centres, std, min_count=2).modes_covered) == 8
+    data = eight_gaussians(jax.random.key(1), 20_000)
+    cov = jax.jit(lambda s: mode_coverage(s, centres, std))(data)
+    assert int(cov.modes_covered) == 8
+    np.testing.assert_allclose(cov.high_quality, 1 - math.exp(-4.5), atol=0.004)
+    assert float(cov.kl_from_uniform) < 0.002
+
+
+# -- recipes ---------------------------------------------------------------------------------------------------------
+
+_RECIPES = [((2,), "build_gan", {}), ((2,), "build_wgan", {}), ((2,), "build_wgan_gp", {}), ((2,), "build_sngan", {}),
+            ((8, 8, 1), "build_gan", {"kind": "minimax"}),
+            ((8, 8, 1), "build_wgan_gp", {"spectral_norm": True, "n_critic": 2})]
+
+
+@pytest.mark.parametrize("shape,builder,opts", _RECIPES, ids=lambda v: str(v).replace(" ", ""))
+def test_recipe_smoke(shape, builder, opts):
+    """Each recipe builds for the 2-D targets and the digits' shape, takes trainer steps, and generates (one pass,
+    NFE 1) and diagnoses."""
+    from experiments.recipes import Context
+    import experiments.recipes.gan as recipes
+
+    ctx = Context(shape=shape, width=8, depth=1, latent_dim=4, batch_size=8, options=opts)
+    r = getattr(recipes, builder)(ctx)
+    data = lambda key: {"x": jnp.tanh(jax.random.normal(key, (8,) + shape))}
+    tr = Trainer(r.model, r.objective, r.optimizer, data=data, ema_decay=r.ema_decay, fuse_steps=r.fuse_steps)
+    state, losses = tr.steps(tr.init(0), 2)
+    assert losses.shape == (2, 2) and np.all(np.isfinite(losses))
+    model = tr.model(state, ema=r.ema_decay is not None)
+    x, nfe = r.generate(model, jax.random.key(0), 5, None)
+    assert x.shape == (5,) + shape and nfe == 1 and bool(jnp.all(jnp.isfinite(x)))
+    assert r.log_likelihood is None and not r.conditional
+    diag = r.diagnostics(model, data(jax.random.key(1))["x"], jax.random.key(2))
+    assert {"critic_gap", "gradient_norm"} <= set(diag) and all(np.isfinite(v) for v in diag.values())
+    if shape == (2,):  # the mode measure appears for 8-Gaussians data only
+        assert "modes_covered" not in diag
+        diag = r.diagnostics(model, eight_gaussians(jax.random.key(3), 256), jax.random.key(2))
+        assert 0 <= diag["modes_covered"] <= 8 and 0 <= diag["high_quality"] <= 1
+
+
+def test_recipe_options_are_checked():
+    from experiments.recipes import Context
+    from experiments.recipes.gan import build_gan
+
+    with pytest.raises(ValueError, match="option kind must be one of"):
+        build_gan(Context(shape=(2,), options={"kind": "lsgan"}))
+    with pytest.raises(ValueError, match="no option 'beta'"):
+        build_gan(Context(shape=(2,), options={"beta": 1.0}))
+    with pytest.raises(ValueError, match="clip must be > 0"):
+        build_gan(Context(shape=(2,), options={"kind": "wgan", "clip": 0.0}))
+
+
+@pytest.mark.slow
+def test_non_saturating_gan_covers_the_eight_gaussians():
+    """Training quality: the default GAN recipe on 8 Gaussians covers all 8 modes with mostly high-quality samples."""
+    from experiments.recipes import Context
+    from experiments.recipes.gan import build_gan
+
+    r = build_gan(Context(shape=(2,), batch_size=256, steps=3000))
+    tr = Trainer(r.model, r.objective, r.optimizer, data=lambda key: {"x": eight_gaussians(key, 256)},
+                 ema_decay=r.ema_decay)
+    state, _ = tr.fit(tr.init(0), 3000, progress=False)
+    x, _ = r.generate(tr.model(state, ema=True), jax.random.key(0), 2500, None)
+    centres, std = eight_gaussians_modes()
+    cov = mode_coverage(x, centres, std)
+    assert int(cov.modes_covered) == 8 and float(cov.high_quality) > 0.8
