@@ -24,7 +24,7 @@ def _perturbed(module, seed=0, scale=0.05):
     split priors) are no longer the identity. (NumPy's generator: no compilation per parameter shape.)"""
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda p: p + jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype), params)
+    params = jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape), p.dtype), params)
     return nnx.merge(graphdef, params, rest)
 
 
@@ -151,6 +151,19 @@ def test_actnorm_data_dependent_initialisation():
     np.testing.assert_array_equal(np.asarray(layer.data_loc[...]), stored)
 
 
+def test_flow_initialize_normalises_the_batch():
+    """At initialisation (couplings are the identity) the actnorm layers make the latent of the initialisation batch
+    standardised per coordinate."""
+    flow = RealNVP((3,), num_layers=2, hidden=8, depth=1, rngs=nnx.Rngs(0))
+    x = _data((3,), n=64) * jnp.array([1.0, 3.0, 0.2]) + 2.0
+    z = flow.initialize(x)
+    np.testing.assert_allclose(np.asarray(jnp.mean(z, 0)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jnp.std(z, 0)), 1.0, atol=1e-4)
+    assert all(float(layer.initialized[...]) == 1.0 for layer in flow.layers if isinstance(layer, ActNorm))
+    with pytest.raises(ValueError, match="eagerly"):
+        jax.jit(flow.initialize)(x)
+
+
 # -- whole flows ---------------------------------------------------------------------------------------------------
 
 FLOWS = {
@@ -267,8 +280,10 @@ SMALL = {"realnvp": {"layers": 1, "levels": 1, "hidden": 8, "depth": 1},
          "glow": {"steps": 1, "levels": 1, "hidden": 8, "depth": 1}, "ffjord": {"hidden": 8}}
 
 
-@pytest.mark.parametrize("family", ["realnvp", "glow", "ffjord"])
-@pytest.mark.parametrize("shape", [(2,), (8, 8, 1)])
+@pytest.mark.parametrize("family,shape", [
+    ("realnvp", (2,)), ("realnvp", (8, 8, 1)), ("glow", (2,)), ("glow", (8, 8, 1)), ("ffjord", (2,)),
+    pytest.param("ffjord", (8, 8, 1), marks=pytest.mark.slow),  # ~15 s of compilation (diffrax's backward pass)
+])
 def test_recipes_train_sample_and_score(family, shape):
     from experiments.recipes import Context
     from experiments.recipes.flows import build_ffjord, build_glow, build_realnvp
@@ -317,3 +332,24 @@ def test_flow_validates_its_layers():
         Flow((2,), [nnx.Linear(2, 2, rngs=nnx.Rngs(0))])
     with pytest.raises(ValueError, match="does not fit shape"):
         AffineCoupling((4,), "checkerboard", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.slow
+def test_realnvp_learns_moons():
+    """Training to quality: RealNVP's held-out NLL on (standardised) moons beats the best Gaussian by a clear margin
+    (measured: 2.42 nats after 1,500 steps; the Gaussian fit is ~2.75)."""
+    from experiments.recipes import Context
+    from experiments.recipes.flows import build_realnvp
+    from jaxgen.data.toy2d import get_distribution
+
+    target = get_distribution("moons")
+    scale = jnp.asarray(np.asarray(target(jax.random.key(12345), 100_000)).std(0))
+    recipe = build_realnvp(Context(shape=(2,), width=64, depth=3, steps=1000, batch_size=256))
+    trainer = Trainer(recipe.model, recipe.objective, recipe.optimizer, data=lambda k: {"x": target(k, 256) / scale})
+    state, losses = trainer.fit(trainer.init(0), 1000, progress=False)
+    x = target(jax.random.key(99), 4000) / scale
+    nll = -float(jnp.mean(jax.jit(recipe.log_likelihood)(trainer.model(state), x, jax.random.key(0))))
+    cov = np.cov(np.asarray(x).T)
+    gaussian = 0.5 * float(np.linalg.slogdet(2 * np.pi * np.e * cov)[1])  # the best Gaussian's NLL (its entropy)
+    assert nll < gaussian - 0.2, (nll, gaussian)
+    np.testing.assert_allclose(float(np.mean(losses[-50:])) * 2, nll, atol=0.15)  # train and test NLL agree

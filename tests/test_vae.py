@@ -308,7 +308,7 @@ def test_bad_inputs_are_refused(models):
 # for the fast tier's time budget (each compiles a convolutional training step).
 SMOKE = [("vae", (2,), {}), ("vae", (8, 8, 1), {}), ("hvae", (2,), {}), ("hvae", (8, 8, 1), {"decoder": "bernoulli"}),
          ("latent_fm", (2,), {}), ("latent_fm", (2,), {"autoencoder": "vqvae"}),
-         ("latent_fm", (8, 8, 1), {"autoencoder": "hvae"})]
+         ("latent_fm", (8, 8, 1), {"autoencoder": "hvae", "decoder_noise": True})]
 SLOW_SMOKE = {3, 6}
 
 
@@ -390,10 +390,14 @@ def test_vae_learns_recognisable_digits():
     from jaxgen.evaluation.digits import load_or_train_digits_classifier
     from jaxgen.training import Trainer
 
+    from jaxgen.likelihood import bits_per_dim
+
     train = load_digits("train")
-    ctx = Context(shape=(8, 8, 1), width=32, depth=3, latent_dim=8, steps=1500, batch_size=128)
+    # a short run at the tests' XLA optimisation level 0 (slower steps); the default recipe's 3,000 steps reach
+    # a mean max-probability of ~0.93 and 3.0 bits/dim
+    ctx = Context(shape=(8, 8, 1), width=32, depth=3, latent_dim=8, steps=800, batch_size=64, learning_rate=2e-3)
     recipe = recipes.build_vae(ctx)
-    trainer = Trainer(recipe.model, recipe.objective, recipe.optimizer, data=device_sampler(train, 128,
+    trainer = Trainer(recipe.model, recipe.objective, recipe.optimizer, data=device_sampler(train, ctx.batch_size,
                       with_labels=False))
     state, losses = trainer.fit(trainer.init(0), ctx.steps, progress=False)
     model = trainer.model(state)
@@ -406,4 +410,7 @@ def test_vae_learns_recognisable_digits():
     test = jnp.asarray(load_digits("test").images[:128]) + 0.125 * jax.random.uniform(jax.random.key(2), (128, 8, 8, 1))
     ll = jax.jit(recipe.log_likelihood)(model, test, jax.random.key(3))
     elbo1 = jax.jit(lambda m, x, k: m.log_prob_iwae(x, k, 1))(model, test, jax.random.key(3))
-    assert float(jnp.mean(ll)) > float(jnp.mean(elbo1))
+    assert float(jnp.mean(ll)) > float(jnp.mean(elbo1))  # the IWAE bound (K = 64) above the ELBO
+    # better than the uniform density over the 17 dequantised levels (log2(17) = 4.09 bits/dim)
+    bpd = float(jnp.mean(bits_per_dim(ll, 64, data_range=(-1.0, 1.125), num_bins=17)))
+    assert bpd < 3.9, bpd

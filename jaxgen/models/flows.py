@@ -159,15 +159,19 @@ class InvertibleLinear(Bijector):
     """
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        import scipy.linalg
+
         channels = _check_positive_int(channels, "channels", "InvertibleLinear")
-        w, _ = jnp.linalg.qr(jax.random.normal(rngs.params(), (channels, channels), jnp.float32))
-        p, lower, upper = jax.scipy.linalg.lu(w)  # w = p @ lower @ upper
-        s = jnp.diag(upper)
-        self.perm = tuple(int(i) for i in np.argmax(np.asarray(p), axis=1))  # P[i, perm[i]] = 1
-        self.sign = tuple(1.0 if v >= 0 else -1.0 for v in np.asarray(s))
-        self.lower = nnx.Param(jnp.tril(lower, -1))
-        self.upper = nnx.Param(jnp.triu(upper, 1))
-        self.log_s = nnx.Param(jnp.log(jnp.maximum(jnp.abs(s), _EPS)))
+        # a random rotation and its LU decomposition, on the host (a one-off set-up; seeded by the params key)
+        seed = np.asarray(jax.random.key_data(rngs.params()), np.uint32).ravel()
+        w, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((channels, channels)))
+        p, lower, upper = scipy.linalg.lu(w)  # w = p @ lower @ upper
+        s = np.diag(upper)
+        self.perm = tuple(int(i) for i in np.argmax(p, axis=1))  # P[i, perm[i]] = 1
+        self.sign = tuple(1.0 if v >= 0 else -1.0 for v in s)
+        self.lower = nnx.Param(jnp.asarray(np.tril(lower, -1), jnp.float32))
+        self.upper = nnx.Param(jnp.asarray(np.triu(upper, 1), jnp.float32))
+        self.log_s = nnx.Param(jnp.asarray(np.log(np.maximum(np.abs(s), _EPS)), jnp.float32))
 
     def _factors(self) -> tuple[Array, Array, Array]:
         c = len(self.perm)

@@ -147,7 +147,10 @@ class _VAEBase(nnx.Module):
         gap = float(log_scale_init) - float(min_log_scale)
         raw = float(min_log_scale) + math.log(math.expm1(gap)) if gap < 30 else float(log_scale_init)
         raw = jnp.full(shape, raw, jnp.float32)
-        self.log_scale_raw = nnx.Param(raw) if learn_scale else nnx.Variable(raw)
+        if decoder == "bernoulli":  # no scale to learn
+            self.log_scale_raw = None
+        else:
+            self.log_scale_raw = nnx.Param(raw) if learn_scale else nnx.Variable(raw)
 
     def _check_x(self, x: Array) -> None:
         if tuple(jnp.shape(x)[1:]) != self.shape or jnp.ndim(x) != len(self.shape) + 1:
@@ -160,6 +163,9 @@ class _VAEBase(nnx.Module):
 
     def log_scale(self) -> Array:
         """The Gaussian decoder's log-scale, shape ``shape``: ``floor + softplus(raw - floor)``."""
+        if self.log_scale_raw is None:
+            raise ValueError(f"{type(self).__name__}: the Bernoulli decoder has no scale; log_scale() is the "
+                             "Gaussian decoder's.")
         m = self.min_log_scale
         return m + jax.nn.softplus(self.log_scale_raw[...] - m)
 
