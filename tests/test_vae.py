@@ -303,13 +303,13 @@ def test_bad_inputs_are_refused(models):
 # -- recipes ---------------------------------------------------------------------------------------------
 
 # (family, shape, options): every recipe on 2-D points and on digits, the Bernoulli decoder, every autoencoder of
-# latent flow matching. The image cases of the hierarchical VAE and of latent flow matching run the code paths of
-# the fast cases (convolutional networks: vae-8x8x1; the recipes' functions are shape-agnostic) and are slow-marked
-# for the fast tier's time budget (each compiles a convolutional training step).
+# latent flow matching. The image cases of the hierarchical VAE and of latent flow matching, and latent flow matching
+# on the VQ-VAE, run code paths of the fast cases (convolutional networks: vae-8x8x1; the recipes' functions are
+# shape-agnostic) and are slow-marked for the fast tier's time budget (each compiles a training step).
 SMOKE = [("vae", (2,), {}), ("vae", (8, 8, 1), {}), ("hvae", (2,), {}), ("hvae", (8, 8, 1), {"decoder": "bernoulli"}),
          ("latent_fm", (2,), {}), ("latent_fm", (2,), {"autoencoder": "vqvae"}),
          ("latent_fm", (8, 8, 1), {"autoencoder": "hvae", "decoder_noise": True})]
-SLOW_SMOKE = {3, 6}
+SLOW_SMOKE = {3, 5, 6}
 
 
 def _tree_changed(a, b) -> bool:
