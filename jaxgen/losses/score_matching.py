@@ -193,22 +193,40 @@ def ncsn_loss(path: GaussianPath | str, num_levels: int | None = 10, **kwargs) -
     return denoising_score_matching_loss(path, **kwargs)
 
 
-def noise_conditional_score(net: Callable, path: GaussianPath | str, *, sigma_data: float = 1.0) -> Callable:
-    r"""The score field ``s(x, t) = net(c_in(t) x, t) / beta_t`` with ``c_in = 1 / sqrt(alpha_t^2 sigma_data^2 +
-    beta_t^2)``: the output scaled by ``1 / sigma`` (Song & Ermon 2020, "Improved Techniques for Training Score-Based
-    Generative Models", technique 3), the input scaled to unit variance (EDM's ``c_in``, Karras et al. 2022, Table 1).
-    With it, :func:`ncsn_loss` is ``E|| net + eps ||^2`` at every level: the network sees and predicts unit-scale
-    quantities however large ``sigma`` is. ``net`` is any field ``net(x, t, **cond)`` (``MLPField``, ``UNetField``);
-    ``beta_t`` is floored at ``1e-6``."""
+PRECONDITIONINGS = ("ncsn", "edm")
+
+
+def noise_conditional_score(net: Callable, path: GaussianPath | str, *, sigma_data: float = 1.0,
+                            preconditioning: str = "ncsn") -> Callable:
+    r"""A score field ``s(x, t)`` from a network ``net(x, t, **cond)`` (``MLPField``, ``UNetField``) that sees and
+    predicts unit-scale quantities at every noise level. Both forms scale the input to unit variance,
+    ``c_in = 1 / sqrt(alpha_t^2 sigma_data^2 + beta_t^2)`` (EDM's ``c_in``, Karras et al. 2022, Table 1):
+
+    * ``"ncsn"``: ``s = net(c_in x, t) / beta_t``, the output scaled by ``1 / sigma`` (Song & Ermon 2020, "Improved
+      Techniques for Training Score-Based Generative Models", technique 3); :func:`ncsn_loss` is then
+      ``E|| net + eps ||^2``, noise prediction, at every level;
+    * ``"edm"``: the network is the denoiser's residual, ``D = c_skip x/alpha + c_out net`` with ``c_skip =
+      sigma_d^2 / (sigma^2 + sigma_d^2)``, ``c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2)``, ``sigma = beta /
+      alpha`` (Karras et al. 2022, Table 1), and the score is Tweedie's ``(alpha D - x) / beta^2``, i.e.
+      ``s = alpha sigma_d net / (beta sqrt(beta^2 + alpha^2 sigma_d^2)) - x / (beta^2 + alpha^2 sigma_d^2)``: at small
+      noise the network predicts the data (a skip connection carries ``x``) instead of extracting the tiny noise.
+
+    ``beta_t`` is floored at ``1e-6``.
+    """
     path = as_path(path)
     check_number(sigma_data, lambda v: v > 0, name="sigma_data", owner="noise_conditional_score", what="a number > 0")
+    if preconditioning not in PRECONDITIONINGS:
+        raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}.")
 
     def field(x: Array, t: Array, **cond: Any) -> Array:
         tb = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
         c = path.coefficients(tb)
         alpha, beta = expand_like(c.alpha.astype(x.dtype), x), expand_like(c.beta.astype(x.dtype), x)
-        c_in = jax.lax.rsqrt(alpha**2 * sigma_data**2 + beta**2)
-        return safe_divide(net(c_in * x, tb, **cond), beta)
+        var = alpha**2 * sigma_data**2 + beta**2
+        out = net(jax.lax.rsqrt(var) * x, tb, **cond)
+        if preconditioning == "ncsn":
+            return safe_divide(out, beta)
+        return safe_divide(alpha * sigma_data * out, beta * jnp.sqrt(var)) - x / var
 
     return field
 
@@ -267,4 +285,5 @@ def annealed_langevin(field: Callable, x0: Array, key: Array, path: GaussianPath
 
 
 __all__ = ["sliced_score_matching_loss", "sliced_score_matching_objective", "ncsn_path", "ncsn_times",
-           "level_time_sampler", "ncsn_loss", "noise_conditional_score", "annealed_langevin", "PROJECTIONS"]
+           "level_time_sampler", "ncsn_loss", "noise_conditional_score", "annealed_langevin", "PROJECTIONS",
+           "PRECONDITIONINGS"]

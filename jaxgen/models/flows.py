@@ -31,6 +31,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.errors import TraceContextError
 
 from jaxgen._checks import is_concrete
 from jaxgen.models.layers import Conv2d
@@ -108,7 +109,8 @@ class ActNorm(Bijector):
     initialised (``Flow.initialize(x)``, or the first training step: the trainer carries this state), so the first
     outputs have zero mean and unit variance per channel. Once initialised (the ``initialized`` flag), the layer is
     a fixed per-sample affine map. A batch with a single position and sample (one vector) cannot be normalised and
-    leaves the layer uninitialised.
+    leaves the layer uninitialised; an uninitialised layer traced inside a nested transformation (``vmap``,
+    ``jacfwd``), where its state cannot be written, normalises with the batch's statistics without storing them.
     """
 
     def __init__(self, channels: int):
@@ -119,27 +121,28 @@ class ActNorm(Bijector):
         self.data_log_scale = FlowInit(jnp.zeros((channels,), jnp.float32))
         self.initialized = FlowInit(jnp.zeros((), jnp.float32))
 
-    def _maybe_initialize(self, x: Array) -> None:
+    def _affine(self, x: Array | None = None) -> tuple[Array, Array]:
+        """``(b, s)``; given a batch ``x`` and not yet initialised, the statistics of ``x`` (stored when the state
+        can be written at this trace level: eagerly, or where the module was passed into the transformation)."""
+        loc, log_scale = self.data_loc[...], self.data_log_scale[...]
         flag = self.initialized[...]
-        if is_concrete(flag) and bool(np.asarray(flag) > 0.5):
-            return  # initialised: no state is touched (the layer is then pure, also under jacfwd/vmap)
-        if int(np.prod(x.shape[:-1], dtype=np.int64)) < 2:
-            return
-        axes = tuple(range(x.ndim - 1))
-        xs = jax.lax.stop_gradient(x.astype(jnp.float32))
-        mean = jnp.mean(xs, axis=axes)
-        std = jnp.sqrt(jnp.var(xs, axis=axes) + _EPS)
-        done = flag > 0.5
-        self.data_loc[...] = jnp.where(done, self.data_loc[...], -mean)
-        self.data_log_scale[...] = jnp.where(done, self.data_log_scale[...], -jnp.log(std))
-        self.initialized[...] = jnp.ones_like(flag)
-
-    def _affine(self) -> tuple[Array, Array]:
-        return self.data_loc[...] + self.loc[...], self.data_log_scale[...] + self.log_scale[...]
+        concrete_done = is_concrete(flag) and bool(np.asarray(flag) > 0.5)
+        if x is not None and not concrete_done and int(np.prod(x.shape[:-1], dtype=np.int64)) >= 2:
+            axes = tuple(range(x.ndim - 1))
+            xs = jax.lax.stop_gradient(x.astype(jnp.float32))
+            done = flag > 0.5
+            loc = jnp.where(done, loc, -jnp.mean(xs, axis=axes))
+            log_scale = jnp.where(done, log_scale, -0.5 * jnp.log(jnp.var(xs, axis=axes) + _EPS))
+            try:
+                self.data_loc[...] = loc
+                self.data_log_scale[...] = log_scale
+                self.initialized[...] = jnp.ones_like(flag)
+            except TraceContextError:
+                pass  # inside a nested transformation (jacfwd, vmap) of a traced module: compute, store nothing
+        return loc + self.loc[...], log_scale + self.log_scale[...]
 
     def forward(self, x: Array) -> tuple[Array, Array]:
-        self._maybe_initialize(x)
-        b, s = self._affine()
+        b, s = self._affine(x)
         z = (x + b) * jnp.exp(s)
         return z, jnp.full((x.shape[0],), _positions(x) * jnp.sum(s), x.dtype)
 
@@ -488,6 +491,16 @@ class RealNVP(Flow):
     half the channels; at the last scale ``num_layers + 1`` checkerboard couplings. For ``(8, 8, 1)`` and ``levels=2``:
     3 checkerboard couplings on 8x8x1, squeeze to 4x4x4, 3 channel couplings, split to 4x4x2, 4 checkerboard
     couplings.
+
+    Args:
+      shape: per-sample shape, ``(d,)`` or ``(H, W, C)``.
+      num_layers: couplings (vectors), or couplings per block (images).
+      levels: scales (images only; ``H`` and ``W`` divisible by ``2 ** (levels - 1)``).
+      hidden, depth, activation: the conditioners' width, hidden layers and activation (default GELU for vectors,
+        ReLU for images).
+      actnorm, linear: an :class:`ActNorm` / an LU :class:`InvertibleLinear` before every coupling.
+      learned_prior: the splits' conditional Gaussian prior (``False``: standard normal).
+      clamp: bound of the couplings' log-scales.
     """
 
     def __init__(self, shape: Sequence[int], *, num_layers: int = 8, levels: int = 2, hidden: int = 64,

@@ -23,6 +23,15 @@ class Glow(Flow):
 
     Vectors ``(d,)``: ``steps`` flow steps ``[ActNorm -> InvertibleLinear -> AffineCoupling (alternating mask)]`` with
     MLP conditioners: the 1x1 convolution is an invertible linear layer with the same LU code.
+
+    Args:
+      shape: per-sample shape, ``(d,)`` or ``(H, W, C)``.
+      steps: flow steps per scale (``K``).
+      levels: scales (images only; ``H`` and ``W`` divisible by ``2 ** levels``).
+      hidden, depth, activation: the coupling networks' width, hidden layers and activation (default GELU for
+        vectors, ReLU for images).
+      learned_prior: the splits' conditional Gaussian prior (``False``: standard normal).
+      clamp: bound of the couplings' log-scales.
     """
 
     def __init__(self, shape: Sequence[int], *, steps: int = 4, levels: int = 2, hidden: int = 64, depth: int = 2,
