@@ -195,9 +195,10 @@ def test_the_cli_keeps_compiled_programs_in_a_persistent_cache(tmp_path, monkeyp
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.setenv("JAXGEN_CACHE", str(tmp_path))
     try:
+        jax.config.update("jax_compilation_cache_dir", None)  # as for a user who configured no cache (the tests do)
         monkeypatch.setenv("JAXGEN_COMPILATION_CACHE", "0")
         cli._compilation_cache()
-        assert jax.config.jax_compilation_cache_dir == before  # turned off: untouched
+        assert jax.config.jax_compilation_cache_dir is None  # turned off: untouched
         monkeypatch.setenv("JAXGEN_COMPILATION_CACHE", "1")
         cli._compilation_cache()
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla") and (tmp_path / "xla").is_dir()

@@ -38,10 +38,11 @@ DIGITS_BIN = 1.0 / 8.0  # the digits' levels k/8 - 1, k = 0..16
 BYTE_BIN = 2.0 / 255.0  # 8-bit images on [-1, 1]: k/127.5 - 1
 
 VAE_DEFAULTS = {"beta": 1.0, "decoder": "gaussian", "kl_warmup": 0, "free_bits": 0.0, "iwae_samples": 64,
-                "dequantize": True, "channels": 0, "decoder_noise": None}
+                "dequantize": True, "channels": 0, "decoder_noise": None, "log_scale_init": None}
 HVAE_DEFAULTS = {**VAE_DEFAULTS, "top_dim": 0}
 LATENT_FM_DEFAULTS = {"autoencoder": "vae", "beta": 1.0, "kl_warmup": 0, "dequantize": True, "channels": 0,
-                      "decoder_noise": None, "fm_width": 0, "fm_depth": 0, "ode_steps": 20, "solver": "heun",
+                      "decoder_noise": None, "log_scale_init": None, "fm_width": 0, "fm_depth": 0, "ode_steps": 20,
+                      "solver": "heun",
                       "ema_decay": 0.0, "num_codes": 64, "code_dim": 4, "downsample": 2}
 AUTOENCODERS = ("vae", "hvae", "vqvae")
 
@@ -64,6 +65,20 @@ def decoder_noise(ctx: Context, opts: dict) -> bool:
     if not isinstance(noise, bool):
         raise ValueError(f"option decoder_noise must be true, false or unset (automatic), got {noise!r}.")
     return noise
+
+
+def log_scale_init(ctx: Context, opts: dict) -> float:
+    """The Gaussian decoder's initial log-scale (in the units of the data; the experiments standardise 2-D data to
+    unit variance per coordinate). Unset: 0 on images; -1.5 on vectors, where a decoder that starts at the data's own
+    scale explains the data as one Gaussian and the posterior collapses (8 Gaussians, 2,000 steps: KL 0.01 nats,
+    held-out NLL 5.38 nats, the isotropic Gaussian fit's; at -1.5: KL 2.5 nats, NLL 4.62, sliced W2 1.02 -> 0.45)."""
+    value = opts.get("log_scale_init")
+    if value is None:
+        return 0.0 if ctx.is_image else -1.5
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= -6.0:
+        raise ValueError(f"option log_scale_init must be a number > -6 (the decoder's log-scale floor) or unset "
+                         f"(automatic), got {value!r}.")
+    return float(value)
 
 
 def _optimizer(ctx: Context) -> optax.GradientTransformation:
@@ -96,14 +111,18 @@ def _built(make):
 
 
 def _vae_model(ctx: Context, opts: dict) -> GaussianVAE:
+    ls = log_scale_init(ctx, opts)
     return _built(lambda: GaussianVAE(ctx.shape, ctx.latent_dim, decoder=opts["decoder"], width=ctx.width,
-                                      depth=ctx.depth, channels=_channels(ctx, opts), rngs=nnx.Rngs(ctx.seed)))
+                                      depth=ctx.depth, channels=_channels(ctx, opts), log_scale_init=ls,
+                                      rngs=nnx.Rngs(ctx.seed)))
 
 
 def _hvae_model(ctx: Context, opts: dict) -> HierarchicalVAE:
     top = opts.get("top_dim", 0) or max(2, ctx.latent_dim // 2)
+    ls = log_scale_init(ctx, opts)
     return _built(lambda: HierarchicalVAE(ctx.shape, (ctx.latent_dim, top), decoder=opts["decoder"], width=ctx.width,
-                                          depth=ctx.depth, channels=_channels(ctx, opts), rngs=nnx.Rngs(ctx.seed)))
+                                          depth=ctx.depth, channels=_channels(ctx, opts), log_scale_init=ls,
+                                          rngs=nnx.Rngs(ctx.seed)))
 
 
 @jax.jit
@@ -156,7 +175,8 @@ def build_vae(ctx: Context) -> Recipe:
     """The Gaussian VAE family: ``"vae:beta=1,decoder=gaussian,kl_warmup=0,free_bits=0,iwae_samples=64,
     dequantize=true,channels=0"`` (``beta != 1``: a beta-VAE; ``kl_warmup``: steps of linear KL warm-up;
     ``free_bits``: nats per latent dimension; ``channels``: the image networks' base channels, 0 =
-    ``max(8, width // 4)``, 16 at the default width 64). MLP encoder/decoder on vectors, convolutional on images,
+    ``max(8, width // 4)``, 16 at the default width 64; ``log_scale_init``: the Gaussian decoder's initial
+    log-scale, :func:`log_scale_init`). MLP encoder/decoder on vectors, convolutional on images,
     ``latent_dim`` latents; samples are the decoder's mean at prior draws (one decoder pass)."""
     opts = options(ctx, VAE_DEFAULTS, "vae")
     _check_common("vae", ctx, opts)
@@ -215,7 +235,7 @@ def build_latent_fm(ctx: Context) -> Recipe:
     r"""Latent flow matching: ``"latent_fm:autoencoder=vae,beta=1,ode_steps=20,solver=heun,fm_width=0,fm_depth=0,
     ema_decay=0"`` (``autoencoder``: ``vae``, ``hvae`` or ``vqvae``; for the VQ-VAE also ``num_codes``, ``code_dim``,
     ``downsample``; ``fm_width``/``fm_depth`` 0: ``2 width`` / ``depth``; ``kl_warmup``, ``dequantize``,
-    ``channels``, ``decoder_noise`` as for ``vae``).
+    ``channels``, ``decoder_noise``, ``log_scale_init`` as for ``vae``).
 
     One :class:`jaxgen.training.Trainer` run, two :class:`~jaxgen.training.Update` s per step, each with its own Adam:
     the autoencoder's loss on its parameters (``nnx.PathContains("autoencoder")``), then conditional flow matching
