@@ -321,8 +321,11 @@ def _piecewise_linear(knots: np.ndarray, values: np.ndarray, T0: float) -> Calla
     slope = ((values[seg + 1] - values[seg]) / (knots[seg + 1] - knots[seg])).astype(np.float32)
 
     def fn(t):
-        n = jnp.clip(T0 - T0 * t, lo, hi)  # T0 - T0 t, not T0 (1 - t): exact integers at t = 1 - n/T0
-        m = jnp.clip(jnp.floor(n).astype(jnp.int32) - lo, 0, hi - lo - 1)
+        n = jnp.clip(T0 - T0 * t, lo, hi)  # T0 - T0 t, not T0 (1 - t): integers at t = 1 - n/T0
+        # The interval starting at the knot k for n in [k - 1e-3, k + 1): at a knot, where the slope jumps, every
+        # evaluation takes the same side whatever the last bit of n (a compiler may fuse T0 - T0 t into one FMA and
+        # land one ulp below k); the two lines meet at k, so the value changes by at most 1e-3 times the slope jump.
+        m = jnp.clip(jnp.floor(n + 1e-3).astype(jnp.int32) - lo, 0, hi - lo - 1)
         return jnp.asarray(y0)[m] + jnp.asarray(slope)[m] * (n - jnp.asarray(x0)[m])
 
     return fn
