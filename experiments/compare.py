@@ -25,7 +25,9 @@ class CompareConfig:
 
     experiment: ClassVar[str] = "compare"
     name: str = "compare_families"
-    families: tuple[str, ...] = ("flow_matching", "vae", "beta_vae", "hvae", "vqvae", "latent_fm", "realnvp",
+    # flow matching's U-Net at 16 base channels (the recipe's default is 32): 59 instead of 126 ms a step on 2 CPU cores,
+    # which keeps the whole comparison within 20 minutes there (2,000 steps: classifier FD 7.7, confidence 0.95)
+    families: tuple[str, ...] = ("flow_matching:channels=16", "vae", "beta_vae", "hvae", "vqvae", "latent_fm", "realnvp",
                                  "glow", "ffjord", "gan", "wgan", "wgan_gp", "sngan", "ebm", "ncsn", "ssm")
     datasets: tuple[str, ...] = ("8gaussians", "digits")
     steps_2d: int = 2000
