@@ -178,7 +178,10 @@ def _figure(out: str, data: str, families: list[str], rows: dict) -> None:
         x = np.load(path)
         if data == "digits":
             tiles = (np.clip(x[:36], -1, 1) + 1) / 2
-            grid = tiles.reshape(6, 6, 8, 8).transpose(0, 2, 1, 3).reshape(48, 48)
+            h, w = tiles.shape[1:3]
+            tiles = np.pad(tiles.reshape(-1, h, w), ((0, 36 - min(len(tiles), 36)), (0, 1), (0, 1)),
+                           constant_values=1.0)  # a white line between the digits (they fill their 8 x 8 frames)
+            grid = tiles.reshape(6, 6, h + 1, w + 1).transpose(0, 2, 1, 3).reshape(6 * (h + 1), 6 * (w + 1))
             ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         else:
             ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)

@@ -16,7 +16,10 @@ from experiments.recipes import Context, Recipe
 FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "flow_matching": ("flow_matching", "build_flow_matching", {}, "conditional flow matching (CondOT path)"),
     "vae": ("vae", "build_vae", {}, "Gaussian VAE (Kingma & Welling 2014)"),
-    "beta_vae": ("vae", "build_vae", {"beta": 4.0}, "beta-VAE, beta = 4 (Higgins et al. 2017)"),
+    # the KL warmed up over 1,000 steps (Bowman et al. 2016): from the start, beta = 4 collapsed the digits' posterior
+    # (2,000 steps: class histogram 0.57 from uniform, classifier FD 238; warmed up: 0.13, FD 45)
+    "beta_vae": ("vae", "build_vae", {"beta": 4.0, "kl_warmup": 1000},
+                 "beta-VAE, beta = 4 (Higgins et al. 2017), KL warmed up over 1,000 steps"),
     "hvae": ("vae", "build_hvae", {}, "VAE with two stochastic layers"),
     "vqvae": ("vqvae", "build_vqvae", {}, "VQ-VAE, EMA codebook (van den Oord et al. 2017)"),
     "latent_fm": ("vae", "build_latent_fm", {}, "flow matching in a VAE's latent space (LDM)"),
