@@ -1,0 +1,98 @@
+"""Flow maps (MeanFlow): the identity and the loss against the exact flow map of Gaussian data on the CondOT path."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from jaxgen.losses.flow_map import adaptive_weight, meanflow_loss, meanflow_target, meanflow_times
+from jaxgen.samplers import RK4, sample
+
+MU = jnp.array([1.5, -0.5])
+S = 0.3  # data ~ N(MU, S^2 I); on the linear path x_t = t z + (1 - t) eps ~ N(t MU, sigma_t^2 I)
+
+
+def _sigma(t):
+    return jnp.sqrt((1 - t) ** 2 + (t * S) ** 2)
+
+
+def velocity(x, t):
+    """The marginal velocity: mu + (sigma_t' / sigma_t) (x - t mu)."""
+    t = jnp.reshape(t, (-1, 1))
+    rate = (-(1 - t) + t * S**2) / _sigma(t) ** 2
+    return MU + rate * (x - t * MU)
+
+
+def flow_map(x, r, t):
+    """The exact average velocity: (psi_{r->t}(x) - x) / (t - r), psi(x) = t mu + sigma_t / sigma_r (x - r mu); the
+    velocity on the diagonal."""
+    r, t = jnp.reshape(r, (-1, 1)), jnp.reshape(t, (-1, 1))
+    h = t - r
+    safe = jnp.where(jnp.abs(h) > 1e-4, h, 1.0)
+    jump = (t * MU + _sigma(t) / _sigma(r) * (x - r * MU) - x) / safe
+    return jnp.where(jnp.abs(h) > 1e-4, jump, velocity(x, t[:, 0]))
+
+
+def _points(n, key=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
+    t = jax.random.uniform(k1, (n,), minval=0.05, maxval=0.95)
+    r = t * jax.random.uniform(k2, (n,))
+    x = r[:, None] * MU + _sigma(r)[:, None] * jax.random.normal(k3, (n, 2))
+    return x, r, t
+
+
+def test_one_jump_of_the_exact_flow_map_equals_the_ode_solve_and_its_diagonal_is_the_velocity():
+    x, r, t = _points(4)
+    for i in range(4):
+        ts = jnp.linspace(r[i], t[i], 201)
+        solved = sample(velocity, x[i:i + 1], RK4(), ts=ts).x
+        jumped = x[i:i + 1] + (t[i] - r[i]) * flow_map(x[i:i + 1], r[i:i + 1], t[i:i + 1])
+        np.testing.assert_allclose(jumped, solved, atol=1e-5)
+    np.testing.assert_allclose(flow_map(x, t, t), velocity(x, t), atol=1e-6)
+
+
+def test_the_exact_flow_map_satisfies_the_meanflow_identity():
+    """With the marginal velocity, u = v + (t - r) du/dr holds exactly (off and on the diagonal)."""
+    x, r, t = _points(256)
+    for rr in (r, t):  # r < t, and r = t where the target is the velocity itself
+        u, target = jax.jit(lambda x, rr, t: meanflow_target(flow_map, x, rr, t, velocity(x, rr)))(x, rr, t)
+        np.testing.assert_allclose(u, target, atol=2e-4, rtol=1e-4)
+    # a wrong map (the velocity at the start, as if the ODE were straight) violates it
+    wrong = lambda x, r, t: velocity(x, r)  # noqa: E731
+    u, target = meanflow_target(wrong, x, r, t, velocity(x, r))
+    assert float(jnp.max(jnp.abs(u - target))) > 0.1
+
+
+def test_the_meanflow_loss_is_stationary_at_the_exact_flow_map():
+    """With conditional velocities the target is noisy, but its mean given (x_r, r, t) is the exact map, so the
+    loss's gradient along any perturbation of the exact map vanishes (Monte Carlo; with p = 0, no adaptive weight),
+    while the same perturbation of a wrong map has a clear gradient."""
+    n = 200_000
+    data = MU + S * jax.random.normal(jax.random.key(1), (n, 2))
+    bump = lambda x, r, t: jnp.stack([jnp.sin(x[:, 0]) * t, jnp.cos(x[:, 1]) * (1 + r)], -1)  # noqa: E731
+    times = meanflow_times(equal_fraction=0.25)
+    loss = meanflow_loss("linear", time_sampler=times, p=0.0)
+
+    def grad_along(base):
+        g = jax.grad(lambda a: loss(lambda x, r, t: base(x, r, t) + a * bump(x, r, t), data, jax.random.key(2)))
+        return float(jax.jit(g)(0.0))
+
+    at_optimum = grad_along(flow_map)
+    off = grad_along(lambda x, r, t: flow_map(x, r, t) + 0.3 * bump(x, r, t))
+    assert abs(at_optimum) < 0.05 * abs(off), (at_optimum, off)
+
+
+def test_meanflow_times_and_adaptive_weight():
+    r, t = meanflow_times(equal_fraction=0.75)(jax.random.key(0), 20_000)
+    r, t = np.asarray(r), np.asarray(t)
+    assert np.all((0 <= r) & (r <= t) & (t <= 1))
+    assert abs(np.mean(r == t) - 0.75) < 0.02
+    # the paper's lognorm(-0.4, 1) puts its mass towards its data end (0); in jaxgen's time that is towards 1
+    assert np.median(t) > 0.5
+    res = jnp.array([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(adaptive_weight(res, p=1.0, c=1e-3), [1 / 25.001, 1 / 1e-3], rtol=1e-6)
+    np.testing.assert_allclose(adaptive_weight(res, p=0.0), [1.0, 1.0])
+    with pytest.raises(ValueError, match="equal_fraction"):
+        meanflow_times(equal_fraction=1.5)
+    with pytest.raises(ValueError, match="p"):
+        meanflow_loss(p=-1.0)
