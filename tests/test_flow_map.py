@@ -96,3 +96,40 @@ def test_meanflow_times_and_adaptive_weight():
         meanflow_times(equal_fraction=1.5)
     with pytest.raises(ValueError, match="p"):
         meanflow_loss(p=-1.0)
+
+
+def test_the_flow_map_sampler_jumps_exactly_with_the_exact_map_and_counts_one_evaluation_per_jump():
+    from jaxgen.fields import flow_map_velocity
+    from jaxgen.samplers import FlowMap, get_solver
+
+    x0 = jax.random.normal(jax.random.key(3), (64, 2))
+    exact = sample(velocity, x0, RK4(), steps=400).x
+    for steps in (1, 3):
+        res = sample(lambda x, r, t: flow_map(x, r, t), x0, FlowMap(), steps=steps)
+        assert res.nfe == steps
+        np.testing.assert_allclose(res.x, exact, atol=1e-5)
+    res = sample(flow_map, x0, "flow_map", ts=jnp.array([0.0, 0.2, 0.7, 1.0]), save_trajectory=True)
+    assert res.nfe == 3 and res.trajectory.shape == (4, 64, 2) and isinstance(get_solver("flow_map"), FlowMap)
+    # the diagonal is a velocity field for every other sampler
+    np.testing.assert_allclose(sample(flow_map_velocity(flow_map), x0, RK4(), steps=100).x, exact, atol=1e-5)
+    with pytest.raises(ValueError, match="average velocity"):
+        sample(flow_map, x0, FlowMap(), prediction="eps", path="linear")
+
+
+def test_flow_map_mlp_takes_two_times_and_its_jvp_matches_finite_differences():
+    from flax import nnx
+
+    from jaxgen.models import FlowMapMLP
+
+    model = FlowMapMLP(2, width=16, hidden_layers=2, activation="silu", rngs=nnx.Rngs(0))  # smooth: FD is exact to O(h^2)
+    x, r, t = _points(8)
+    out = model(x, r, t)
+    assert out.shape == (8, 2)
+    assert float(jnp.max(jnp.abs(model(x, 0.5 * r, t) - out))) > 0  # r matters
+    v = jax.random.normal(jax.random.key(4), x.shape)
+    _, tangent = jax.jvp(lambda a, b, c: model(a, b, c), (x, r, t), (v, jnp.ones_like(r), jnp.zeros_like(t)))
+    h = 1e-3
+    fd = (model(x + h * v, r + h, t) - model(x - h * v, r - h, t)) / (2 * h)
+    np.testing.assert_allclose(tangent, fd, atol=2e-3, rtol=2e-2)
+    with pytest.raises(ValueError, match="times of shape"):
+        model(x, r[:3], t)

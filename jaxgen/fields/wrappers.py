@@ -81,4 +81,17 @@ def chunked_field(field: Callable, chunk_size: int) -> Callable:
     return chunked
 
 
-__all__ = ["chunked_field", "change_path"]
+__all__ = ["chunked_field", "change_path", "flow_map_velocity"]
+
+
+def flow_map_velocity(flow_map: Callable) -> Callable:
+    r"""The diagonal of a flow-map field, ``v(x, t) = u(x, t, t)``: at ``r = t`` the average velocity is the
+    instantaneous one (MeanFlow eq. 3 in the limit; :mod:`jaxgen.losses.flow_map`), so a flow-map model is also a
+    velocity field for every ODE/SDE sampler and for the likelihood (one evaluation per call)."""
+    if not callable(flow_map):
+        raise TypeError(f"flow_map_velocity needs a flow-map field u(x, r, t, **cond), got {type(flow_map).__name__}.")
+
+    def velocity(x, t, **cond):
+        return flow_map(x, t, t, **cond)
+
+    return velocity

@@ -8,14 +8,14 @@ from jaxgen.models.embeddings import sinusoidal_embedding
 from jaxgen.models.flows import (ActNorm, AffineCoupling, Flow, InvertibleLinear, RealNVP, Split, Squeeze)
 from jaxgen.models.gan import GAN, SpectralNorm, make_gan
 from jaxgen.models.glow import Glow
-from jaxgen.models.mlp import MLPField
+from jaxgen.models.mlp import FlowMapMLP, MLPField
 from jaxgen.models.pair import VelocityAndScore
 from jaxgen.models.sharding import shard_parameters
 from jaxgen.models.unet import UNetField
 from jaxgen.models.vae import GaussianVAE, HierarchicalVAE
 from jaxgen.models.vqvae import VQVAE, VectorQuantizer
 
-__all__ = ["MLPField", "UNetField", "ConsistencyFunction", "consistency_fn", "DigitsClassifier", "sinusoidal_embedding",
+__all__ = ["MLPField", "FlowMapMLP", "UNetField", "ConsistencyFunction", "consistency_fn", "DigitsClassifier", "sinusoidal_embedding",
            "shard_parameters", "VelocityAndScore", "GaussianVAE", "HierarchicalVAE", "VQVAE", "VectorQuantizer", "Flow",
            "RealNVP", "Glow", "AffineCoupling", "ActNorm", "InvertibleLinear", "Squeeze", "Split", "GAN", "SpectralNorm",
            "make_gan", "EnergyNet"]

@@ -86,14 +86,19 @@ class MLPField(nnx.Module):
         self.activation = activation
         self.time_embedding = time_embedding
         self.time_dim = time_dim
-        t_in = 1 if time_embedding == "concat" else time_dim
+        t_in = (1 if time_embedding == "concat" else time_dim) * self.num_times
         self.label_embed = nnx.Embed(num_classes + 1, time_dim, rngs=rngs) if num_classes else None
         c_in = time_dim if num_classes else 0
         sizes = [dim + t_in + c_in] + [width] * hidden_layers
         self.layers = nnx.List([_linear(a, b, init, rngs) for a, b in zip(sizes[:-1], sizes[1:])])
         self.out = _linear(width, out_dim or dim, init, rngs)
 
+    num_times: int = 1  # time inputs: 1 for a field u(x, t); FlowMapMLP has 2
+
     def __call__(self, x: Array, t: Array, y: Array | None = None) -> Array:
+        return self._apply(x, [t], y)
+
+    def _apply(self, x: Array, times: list, y: Array | None) -> Array:
         shape = jnp.shape(x)
         if len(shape) < 2:
             raise ValueError(f"MLPField expects x of shape (B, {self.dim}), got {tuple(shape)}; add the batch axis.")
@@ -101,12 +106,15 @@ class MLPField(nnx.Module):
         h_dim = h.shape[1]
         if h.shape[1] != self.dim:
             raise ValueError(f"MLPField was built for dim={self.dim} but got x of shape {tuple(shape)}.")
-        t_shape = jnp.shape(t)
-        if t_shape != (shape[0],) and math.prod(t_shape) not in (1, shape[0]):
-            raise ValueError(f"MLPField expects t of shape (B,) = ({shape[0]},) or a scalar, got {t_shape}.")
-        t = jnp.broadcast_to(jnp.reshape(jnp.asarray(t, h.dtype), (-1,)), (shape[0],))
-        temb = t[:, None] if self.time_embedding == "concat" else sinusoidal_embedding(t, self.time_dim).astype(h.dtype)
-        parts = [h, temb]
+        parts = [h]
+        for t in times:
+            t_shape = jnp.shape(t)
+            if t_shape != (shape[0],) and math.prod(t_shape) not in (1, shape[0]):
+                raise ValueError(f"{type(self).__name__} expects times of shape (B,) = ({shape[0]},) or scalars, got "
+                                 f"{t_shape}.")
+            t = jnp.broadcast_to(jnp.reshape(jnp.asarray(t, h.dtype), (-1,)), (shape[0],))
+            parts.append(t[:, None] if self.time_embedding == "concat"
+                         else sinusoidal_embedding(t, self.time_dim).astype(h.dtype))
         if self.label_embed is not None:
             if y is None:
                 raise ValueError("this MLPField is class-conditional: call it as model(x, t, y=labels).")
@@ -123,3 +131,23 @@ class MLPField(nnx.Module):
             h = act(layer(h))
         out = self.out(h)
         return out.reshape(shape) if out.shape[1] == h_dim else out
+
+
+class FlowMapMLP(MLPField):
+    r"""A flow-map field ``u_theta(x, r, t)``: the average velocity from time ``r`` to time ``t`` at the starting point
+    ``x`` (:mod:`jaxgen.losses.flow_map`), an :class:`MLPField` whose time input is the pair ``(t, t - r)`` (MeanFlow's
+    choice, Geng et al. 2025, sec. 4.3). Same options as :class:`MLPField`; call ``model(x, r, t)`` (``y=labels``
+    for a class-conditional one). ``flow_map_velocity(model)`` is its diagonal ``u(x, t, t)``, a velocity field for
+    every sampler; ``sample(model, x0, FlowMap(), steps=k)`` jumps along the ODE in ``k`` evaluations.
+    """
+
+    num_times = 2
+
+    def __call__(self, x: Array, r: Array, t: Array, y: Array | None = None) -> Array:
+        n = jnp.shape(x)[0] if jnp.ndim(x) >= 1 else 0
+        for name, v in (("r", r), ("t", t)):
+            if math.prod(jnp.shape(v)) not in (1, n):
+                raise ValueError(f"FlowMapMLP expects times of shape (B,) = ({n},) or scalars, got {name} of shape "
+                                 f"{jnp.shape(v)}.")
+        t = jnp.asarray(t)
+        return self._apply(x, [t, t - jnp.asarray(r, t.dtype)], y)

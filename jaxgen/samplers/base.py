@@ -133,6 +133,16 @@ class Model:
                              "a field must return an array of the same shape as x.")
         return out
 
+    def average_velocity(self, x: Array, r, t) -> Array:
+        """A flow-map field's average velocity ``u(x, r, t)`` from time ``r`` to ``t`` (one evaluation: the field
+        called with two times, :mod:`jaxgen.losses.flow_map`)."""
+        self.count += 1
+        out = self.field(x, self._t(x, r), self._t(x, t), **self.cond)
+        if getattr(out, "shape", None) != x.shape:
+            raise ValueError(f"the flow-map field returned shape {getattr(out, 'shape', None)} for x of shape "
+                             f"{tuple(x.shape)}; it must return an average velocity of the shape of x.")
+        return out
+
     def _need_path(self, what: str) -> GaussianPath:
         if self.path is None:
             raise ValueError(f"decoding a {self.prediction!r} prediction into {what} needs the path the field was "
