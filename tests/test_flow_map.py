@@ -133,3 +133,24 @@ def test_flow_map_mlp_takes_two_times_and_its_jvp_matches_finite_differences():
     np.testing.assert_allclose(tangent, fd, atol=2e-3, rtol=2e-2)
     with pytest.raises(ValueError, match="times of shape"):
         model(x, r[:3], t)
+
+
+def test_meanflow_recipe_trains_samples_in_k_jumps_and_scores_through_its_diagonal():
+    from experiments.recipes import Context
+    from experiments.recipes.registry import build
+    from jaxgen.training import Trainer
+
+    recipe = build("meanflow:sample_steps=2", Context(shape=(2,), width=16, depth=2, steps=4, batch_size=16))
+    trainer = Trainer(recipe.model, recipe.objective, recipe.optimizer, ema_decay=recipe.ema_decay,
+                      data=lambda k: {"x": MU + S * jax.random.normal(k, (16, 2))})
+    state, losses = trainer.steps(trainer.init(0), 4)
+    assert np.all(np.isfinite(np.asarray(losses)))
+    model = trainer.model(state, ema=True)
+    x, nfe = recipe.generate(model, jax.random.key(1), 8, None)
+    assert x.shape == (8, 2) and int(nfe) == 2
+    lp = recipe.log_likelihood(model, x, jax.random.key(2))
+    assert lp.shape == (8,) and np.all(np.isfinite(np.asarray(lp)))
+    with pytest.raises(ValueError, match="vectors"):
+        build("meanflow", Context(shape=(8, 8, 1)))
+    with pytest.raises(ValueError, match="no option"):
+        build("meanflow:beta=1", Context(shape=(2,)))

@@ -34,6 +34,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "ebm": ("ebm", "build_ebm", {}, "EBM, contrastive divergence, short-run Langevin + replay buffer"),
     "ncsn": ("ebm", "build_ncsn", {}, "NCSN, annealed Langevin (Song & Ermon 2019)"),
     "ssm": ("ebm", "build_ssm", {}, "score model by sliced score matching (Song et al. 2019)"),
+    "meanflow": ("flow_map", "build_meanflow", {}, "MeanFlow: a flow map u(x, r, t), one-step (Geng et al. 2025)"),
 }
 
 
