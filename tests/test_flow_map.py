@@ -135,12 +135,13 @@ def test_flow_map_mlp_takes_two_times_and_its_jvp_matches_finite_differences():
         model(x, r[:3], t)
 
 
-def test_meanflow_recipe_trains_samples_in_k_jumps_and_scores_through_its_diagonal():
+@pytest.mark.parametrize("family", ["meanflow", "shortcut"])
+def test_flow_map_recipes_train_sample_in_k_jumps_and_score_through_the_diagonal(family):
     from experiments.recipes import Context
     from experiments.recipes.registry import build
     from jaxgen.training import Trainer
 
-    recipe = build("meanflow:sample_steps=2", Context(shape=(2,), width=16, depth=2, steps=4, batch_size=16))
+    recipe = build(f"{family}:sample_steps=2", Context(shape=(2,), width=16, depth=2, steps=4, batch_size=16))
     trainer = Trainer(recipe.model, recipe.objective, recipe.optimizer, ema_decay=recipe.ema_decay,
                       data=lambda k: {"x": MU + S * jax.random.normal(k, (16, 2))})
     state, losses = trainer.steps(trainer.init(0), 4)
@@ -151,6 +152,33 @@ def test_meanflow_recipe_trains_samples_in_k_jumps_and_scores_through_its_diagon
     lp = recipe.log_likelihood(model, x, jax.random.key(2))
     assert lp.shape == (8,) and np.all(np.isfinite(np.asarray(lp)))
     with pytest.raises(ValueError, match="vectors"):
-        build("meanflow", Context(shape=(8, 8, 1)))
+        build(family, Context(shape=(8, 8, 1)))
     with pytest.raises(ValueError, match="no option"):
-        build("meanflow:beta=1", Context(shape=(2,)))
+        build(f"{family}:beta=1", Context(shape=(2,)))
+
+
+def test_the_exact_flow_map_minimises_the_shortcut_loss():
+    """Self-consistency (two jumps of d = one of 2d) holds exactly for the exact map: the flow's semigroup property;
+    with flow matching on the diagonal the full loss is stationary there (Monte Carlo), not at a perturbed map."""
+    from jaxgen.losses import shortcut_loss
+
+    data = MU + S * jax.random.normal(jax.random.key(1), (100_000, 2))
+    consistency = shortcut_loss("linear", consistency_fraction=1.0)
+    assert float(jax.jit(lambda d: consistency(flow_map, d, jax.random.key(2)))(data)) < 1e-8
+    straight = lambda x, r, t: velocity(x, r)  # noqa: E731 (Euler's one-step map: not self-consistent)
+    assert float(consistency(straight, data[:4096], jax.random.key(2))) > 1e-3
+
+    bump = lambda x, r, t: jnp.stack([jnp.sin(x[:, 0]) * t, jnp.cos(x[:, 1]) * (1 + r)], -1)  # noqa: E731
+    loss = shortcut_loss("linear")
+
+    def grad_along(base):
+        g = jax.grad(lambda a: loss(lambda x, r, t: base(x, r, t) + a * bump(x, r, t), data, jax.random.key(3)))
+        return float(jax.jit(g)(0.0))
+
+    at_optimum = grad_along(flow_map)
+    off = grad_along(lambda x, r, t: flow_map(x, r, t) + 0.3 * bump(x, r, t))
+    assert abs(at_optimum) < 0.05 * abs(off), (at_optimum, off)
+    with pytest.raises(ValueError, match="max_doublings"):
+        shortcut_loss(max_doublings=0)
+    with pytest.raises(ValueError, match="consistency_fraction"):
+        shortcut_loss(consistency_fraction=2.0)

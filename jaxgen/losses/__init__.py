@@ -1,11 +1,11 @@
 """Training objectives: pure ``loss(field, batch, key) -> scalar`` functions (flow matching, score matching, DDPM,
-x0 and v prediction, consistency, rectified flow, MeanFlow), and the other families' objectives (VAE and IWAE bounds, VQ-VAE,
+x0 and v prediction, consistency, rectified flow, MeanFlow, shortcut models), and the other families' objectives (VAE and IWAE bounds, VQ-VAE,
 maximum likelihood of flows and FFJORD, GAN players, contrastive divergence, sliced score matching, NCSN)."""
 
 from jaxgen.losses.consistency import (consistency_distillation_loss, consistency_times, consistency_training_loss,
                                        ct_schedule)
 from jaxgen.losses.ebm import contrastive_divergence_loss
-from jaxgen.losses.flow_map import adaptive_weight, meanflow_loss, meanflow_target, meanflow_times
+from jaxgen.losses.flow_map import adaptive_weight, meanflow_loss, meanflow_target, meanflow_times, shortcut_loss
 from jaxgen.losses.gan import critic_gap, critic_loss, generator_loss, gradient_penalty, optimal_discriminator
 from jaxgen.losses.likelihood import cnf_loss, maximum_likelihood_loss
 from jaxgen.losses.rectified import distillation_loss, reflow_loss
@@ -25,4 +25,5 @@ __all__ = [
     "vae_loss", "hvae_loss", "iwae_loss", "vqvae_loss", "maximum_likelihood_loss", "cnf_loss", "critic_loss",
     "generator_loss", "gradient_penalty", "critic_gap", "optimal_discriminator", "contrastive_divergence_loss",
     "sliced_score_matching_loss", "ncsn_loss", "meanflow_loss", "meanflow_target", "meanflow_times", "adaptive_weight",
+    "shortcut_loss",
 ]

@@ -1,4 +1,5 @@
-r"""Flow maps: the average velocity of the probability-flow ODE between two times (MeanFlow, Geng et al. 2025).
+r"""Flow maps: the average velocity of the probability-flow ODE between two times (MeanFlow, Geng et al. 2025;
+shortcut models, Frans et al. 2025).
 
 A flow-map model ``u(x, r, t)`` is the average velocity of the ODE ``dx/ds = v(x, s)`` from time ``r`` to time
 ``t``, evaluated at the starting point ``x = x_r``, so that one evaluation jumps along the ODE:
@@ -119,4 +120,65 @@ def meanflow_loss(path: GaussianPath | str = "linear", *, time_sampler: Callable
     return loss
 
 
-__all__ = ["meanflow_target", "meanflow_times", "adaptive_weight", "meanflow_loss"]
+def shortcut_loss(path: GaussianPath | str = "linear", *, max_doublings: int = 7,
+                  consistency_fraction: float = 0.25) -> Callable:
+    r"""The shortcut-model loss (Frans et al. 2025, eq. 5 and sec. 3) for a flow-map model ``model(x, r, t, **cond)``:
+    a shortcut ``s(x_t, t, d)`` is the flow map ``u(x_t, t, t + d)``.
+
+    * Flow matching at the smallest step (``d = 0``, the diagonal ``r = t``) on ``1 - consistency_fraction`` of the
+      batch: ``|| u(x_t, t, t) - v ||^2`` with the path's conditional velocity ``v``.
+    * Self-consistency on the rest: two jumps of ``d`` make one of ``2 d``,
+
+      .. math:: u(x_t, t, t + 2d) \approx \mathrm{sg}\big(\tfrac12 [u(x_t, t, t + d) + u(x', t + d, t + 2d)]\big),
+         \qquad x' = x_t + d\, u(x_t, t, t + d),
+
+      with ``d = 2^{j - max_doublings}``, ``j`` uniform in ``0 .. max_doublings - 1`` (steps ``1/128 .. 1/2`` for the
+      paper's 7), and ``t`` uniform on the multiples of ``d`` with ``t + 2d <= 1`` (the paper's discrete grid).
+
+    The squared errors are summed over features and averaged over the batch; the split is static (the first
+    ``round(consistency_fraction * B)`` samples). The exact flow map is a minimiser: it satisfies the
+    self-consistency exactly (the flow's semigroup property) and its diagonal is the marginal velocity.
+
+    Returns:
+      ``loss(model, batch, key) -> scalar``; ``batch`` is the data ``x`` or ``{"x": x, **cond}``.
+    """
+    path = as_path(path)
+    if isinstance(max_doublings, bool) or not isinstance(max_doublings, int) or max_doublings < 1:
+        raise ValueError(f"shortcut_loss: max_doublings must be an integer >= 1 (7 in the paper: steps down to "
+                         f"1/128), got {max_doublings!r}.")
+    check_number(consistency_fraction, lambda v: 0.0 <= v <= 1.0, name="consistency_fraction",
+                 owner="shortcut_loss", what="a number in [0, 1] (0.25 in the paper)")
+
+    def loss(model, batch, key: Array) -> Array:
+        z, cond = split_batch(batch, owner="shortcut_loss")
+        check_key(key, owner="shortcut_loss")
+        n = z.shape[0]
+        k = int(round(consistency_fraction * n))
+        k_t, k_j, k_eps, k_u = jax.random.split(key, 4)
+        j = jax.random.randint(k_j, (n,), 0, max_doublings)
+        d = (2.0 ** (j - max_doublings)).astype(z.dtype)
+        slots = jnp.round(1.0 / d).astype(jnp.int32) - 1  # t in {0, d, ..., 1 - 2d}: 1/d - 1 slots
+        t_grid = jnp.floor(jax.random.uniform(k_u, (n,)) * slots).astype(z.dtype) * d
+        t_fm = jax.random.uniform(k_t, (n,), dtype=z.dtype)
+        is_sc = jnp.arange(n) < k
+        t = jnp.where(is_sc, t_grid, t_fm)
+        eps = jax.random.normal(k_eps, z.shape, z.dtype)
+        co = path.coefficients(t)
+        x = expand_like(co.alpha, z) * z + expand_like(co.beta, z) * eps
+        v = expand_like(co.d_alpha, z) * z + expand_like(co.d_beta, z) * eps
+        end = jnp.where(is_sc, t + 2 * d, t)
+        out = model(x, t, end, **cond)
+        target = v
+        if k > 0:
+            def half_jumps(x):
+                u1 = model(x, t, t + d, **cond)
+                x_mid = x + expand_like(d, x) * u1
+                u2 = model(x_mid, t + d, t + 2 * d, **cond)
+                return 0.5 * (u1 + u2)
+            target = jnp.where(expand_like(is_sc, z), jax.lax.stop_gradient(half_jumps(x)), v)
+        return jnp.mean(jnp.sum(jnp.reshape(out - target, (n, -1)) ** 2, axis=-1))
+
+    return loss
+
+
+__all__ = ["meanflow_target", "meanflow_times", "adaptive_weight", "meanflow_loss", "shortcut_loss"]
