@@ -110,7 +110,7 @@ class MLPField(nnx.Module):
         for t in times:
             t_shape = jnp.shape(t)
             if t_shape != (shape[0],) and math.prod(t_shape) not in (1, shape[0]):
-                raise ValueError(f"{type(self).__name__} expects times of shape (B,) = ({shape[0]},) or scalars, got "
+                raise ValueError(f"{type(self).__name__} expects t of shape (B,) = ({shape[0]},) or a scalar, got "
                                  f"{t_shape}.")
             t = jnp.broadcast_to(jnp.reshape(jnp.asarray(t, h.dtype), (-1,)), (shape[0],))
             parts.append(t[:, None] if self.time_embedding == "concat"

@@ -137,7 +137,12 @@ class Model:
         """A flow-map field's average velocity ``u(x, r, t)`` from time ``r`` to ``t`` (one evaluation: the field
         called with two times, :mod:`jaxgen.losses.flow_map`)."""
         self.count += 1
-        out = self.field(x, self._t(x, r), self._t(x, t), **self.cond)
+        try:
+            out = self.field(x, self._t(x, r), self._t(x, t), **self.cond)
+        except TypeError as err:
+            raise ValueError(f"the flow_map sampler needs a flow-map field u(x, r, t, **cond) (a FlowMapMLP trained by "
+                             f"meanflow_loss or shortcut_loss); calling this field with two times failed ({err}). A "
+                             f"velocity field u(x, t) samples with an ODE solver instead, e.g. sampler 'euler'.") from err
         if getattr(out, "shape", None) != x.shape:
             raise ValueError(f"the flow-map field returned shape {getattr(out, 'shape', None)} for x of shape "
                              f"{tuple(x.shape)}; it must return an average velocity of the shape of x.")
