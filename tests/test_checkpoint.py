@@ -497,3 +497,27 @@ def test_a_corrupt_latest_checkpoint_is_named_and_resuming_falls_back_to_the_pre
     assert int(resumed.step) == 10
     again, _ = trainer.fit(resumed, until_step=30, chunk=10, progress=False)
     _assert_same(again, final)  # no progress lost beyond the intact checkpoint: the same run from step 10
+
+
+def test_the_echo_filter_drops_unretrieved_orbax_futures_and_keeps_everything_else():
+    """asyncio's "Future exception was never retrieved" record carries orbax's frames only in its exc_info (the
+    message names the OSError alone): the filter drops it there, and keeps the same record from any other code."""
+    import logging
+
+    from jaxgen.training.checkpoint import _OrbaxFailureEcho
+
+    def record_from(filename):
+        code = compile("def _write():\n    raise OSError(27, 'File too large')\n", filename, "exec")
+        scope = {}
+        exec(code, scope)
+        try:
+            scope["_write"]()
+        except OSError as err:
+            exc_info = (type(err), err, err.__traceback__)
+        msg = "Future exception was never retrieved\nfuture: <Future finished exception=OSError(27, 'File too large')>"
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, exc_info)
+
+    echo = _OrbaxFailureEcho()
+    assert not echo.filter(record_from("/site-packages/orbax/checkpoint/_src/path/async_path.py"))
+    assert echo.filter(record_from("/home/user/my_project/writer.py"))
+    assert echo.filter(logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "something else", None, None))

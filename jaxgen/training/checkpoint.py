@@ -219,8 +219,13 @@ class _OrbaxFailureEcho:
         message = record.getMessage()
         if record.name == "absl" and any(echo in message for echo in _ORBAX_THREAD_ECHOES):
             return False
-        return not ("exception was never retrieved" in message and ("tensorstore" in message or "OCDBT" in message
-                                                                    or "orbax" in message))
+        if "exception was never retrieved" not in message:
+            return True
+        if record.exc_info and record.exc_info[1] is not None:  # the failing frames name orbax (e.g. async_path._write)
+            import traceback
+
+            message += "".join(traceback.format_exception(*record.exc_info))
+        return not ("tensorstore" in message or "OCDBT" in message or "orbax" in message)
 
 
 def _quiet_orbax_echoes() -> None:
