@@ -3,7 +3,8 @@
 ``jaxgen train digits_cfm`` (``./run.sh``) trains a U-Net on the embedded digits, then writes a per-class sample grid,
 a guidance sweep, the loss curve, the evaluation report and the raw guided samples (``samples.npy`` in [-1, 1],
 ``labels.npy``) to the run directory (:mod:`experiments.common`); ``jaxgen sample`` and ``jaxgen evaluate`` use any
-sampler by name on a trained run.
+sampler by name on a trained run. With ``objective="meanflow"`` (``jaxgen train digits_meanflow``) the same experiment
+trains a flow-map U-Net ``u(x, r, t | y, w)`` with the guidance scale as an input, sampled guided in one jump.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class ImageConfig:
     dataset: str = "digits"  # digits (embedded) | mnist | fashion_mnist | cifar10 (TFDS, prepared locally)
     schedule: str = "linear"
     prediction: str = "velocity"
+    # the objective: "flow_matching" (regression on `prediction`), or "meanflow" with options as
+    # "meanflow:p=0,equal_fraction=0.25,w_min=1,w_max=4": a flow-map U-Net u(x, r, t | y, w) trained by
+    # jaxgen.losses.meanflow_loss with guidance built in (w ~ U[w_min, w_max] as an input), sampled with
+    # sampler="flow_map" in sample_steps jumps (or any other sampler through its diagonal u(x, t, t | y, w))
+    objective: str = "flow_matching"
     # network (U-Net)
     channels: int = 32
     channel_mult: tuple = (1, 2)
@@ -97,6 +103,47 @@ def check_config(cfg: ImageConfig) -> None:
     })
     common.check_sampler(cfg.sampler)
     common.check_batch_size(cfg.batch_size)
+    name, opt = objective_options(cfg)
+    if name == "meanflow" and cfg.prediction != "velocity":
+        raise ValueError(f"objective meanflow learns an average velocity: set prediction=velocity (got "
+                         f"{cfg.prediction!r}).")
+    if name == "meanflow" and not 0 <= opt["w_min"] <= opt["w_max"]:
+        raise ValueError(f"objective meanflow needs 0 <= w_min <= w_max, got w_min={opt['w_min']}, "
+                         f"w_max={opt['w_max']}.")
+    if name != "meanflow" and cfg.sampler.split(":")[0] == "flow_map":
+        raise ValueError("the flow_map sampler needs a flow-map model: train with objective=meanflow, or choose an "
+                         "ODE sampler (e.g. sampler=heun).")
+
+
+OBJECTIVES = {
+    "flow_matching": {},
+    "meanflow": {"p": 0.0, "equal_fraction": 0.25, "mean": -0.4, "std": 1.0, "w_min": 1.0, "w_max": 4.0},
+}
+
+
+def objective_options(cfg: ImageConfig) -> tuple[str, dict]:
+    """The objective's name and options (its defaults overridden by the spec's), with a clear error for an unknown
+    objective or option."""
+    from jaxgen.samplers import parse_solver_spec
+
+    name, opts = parse_solver_spec(cfg.objective)
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)} (options as "
+                         "'meanflow:p=0,w_max=4').")
+    unknown = sorted(set(opts) - set(OBJECTIVES[name]))
+    if unknown:
+        raise ValueError(f"objective {name!r} has no option {', '.join(map(repr, unknown))}; its options are "
+                         f"{', '.join(f'{k}={v!r}' for k, v in OBJECTIVES[name].items()) or 'none'}.")
+    out = dict(OBJECTIVES[name])
+    for k, v in opts.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"objective {name!r}: option {k} must be a number, got {v!r}.")
+        out[k] = float(v)
+    return name, out
+
+
+def is_flow_map(cfg: ImageConfig) -> bool:
+    return objective_options(cfg)[0] == "meanflow"
 
 
 # -- building blocks ---------------------------------------------------------------------------
@@ -112,23 +159,36 @@ def load_dataset(cfg: ImageConfig, split: str):
 def build_model(cfg: ImageConfig, image_shape, seed: int):
     from flax import nnx
 
-    from jaxgen.models.unet import UNetField
+    from jaxgen.models.unet import FlowMapUNet, UNetField
 
     h, _, c = image_shape
-    return UNetField(c, channels=cfg.channels, channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
-                     attention_resolutions=tuple(cfg.attention_resolutions), num_heads=cfg.num_heads,
-                     dropout=cfg.dropout, num_classes=cfg.num_classes, image_size=h, rngs=nnx.Rngs(seed))
+    extra = dict(guidance_input=True) if is_flow_map(cfg) else {}
+    return (FlowMapUNet if extra else UNetField)(
+        c, channels=cfg.channels, channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
+        attention_resolutions=tuple(cfg.attention_resolutions), num_heads=cfg.num_heads, dropout=cfg.dropout,
+        num_classes=cfg.num_classes, image_size=h, rngs=nnx.Rngs(seed), **extra)
+
+
+def build_loss(cfg: ImageConfig):
+    """The training objective of ``cfg.objective`` (:data:`OBJECTIVES`)."""
+    from jaxgen.losses import meanflow_loss, meanflow_times, regression_loss
+
+    name, opt = objective_options(cfg)
+    if name == "meanflow":
+        times = meanflow_times(mean=opt["mean"], std=opt["std"], equal_fraction=opt["equal_fraction"])
+        return meanflow_loss(cfg.schedule, time_sampler=times, p=opt["p"], label_dropout=cfg.label_dropout,
+                             null_label=cfg.num_classes, guidance_scales=(opt["w_min"], opt["w_max"]))
+    return regression_loss(cfg.schedule, cfg.prediction, label_dropout=cfg.label_dropout, null_label=cfg.num_classes)
 
 
 def build_trainer(cfg: ImageConfig, train_set):
     import jax.numpy as jnp
 
     from jaxgen.data.images import device_sampler
-    from jaxgen.losses import regression_loss
     from jaxgen.training import Trainer, adam_with_schedule
 
     model = build_model(cfg, train_set.images.shape[1:], cfg.seed)
-    loss = regression_loss(cfg.schedule, cfg.prediction, label_dropout=cfg.label_dropout, null_label=cfg.num_classes)
+    loss = build_loss(cfg)
     opt = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                              clip_norm=cfg.clip_norm or None)
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
@@ -153,14 +213,15 @@ def resolve_sampler(spec: str, prediction: str):
 
 @functools.lru_cache(maxsize=32)
 def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int, null_label: int, shape: tuple,
-                        chunk: int = 0, checked: bool = False, devices: int = 1):
+                        chunk: int = 0, checked: bool = False, devices: int = 1, flow_map: bool = False):
     import jax
+    import jax.numpy as jnp
 
     from jaxgen import checked as checked_program
 
-    from jaxgen.fields import chunked_field, guided_field
+    from jaxgen.fields import chunked_field, flow_map_velocity, guided_field
     from jaxgen.paths import GaussianPath
-    from jaxgen.samplers import sample
+    from jaxgen.samplers import FlowMap, sample
 
     path = GaussianPath.from_name(schedule)
     solver, t0 = resolve_sampler(sampler, prediction)
@@ -175,10 +236,17 @@ def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int
             from jaxgen.training.parallel import shard_batch
 
             x0, labels = shard_batch((x0, labels), mesh)
-        net = chunked_field(model, chunk) if chunk else model  # cache-sized network batches (CPU)
-        field = guided_field(net, guidance, null_label=null_label)  # one network call on a doubled batch
+        cond = {"y": labels}
+        if flow_map:  # guidance is an input of the flow map: one call on the batch, jumps or its diagonal
+            cond["w"] = jnp.full(labels.shape, guidance, jnp.float32)
+            field = model if isinstance(solver, FlowMap) else flow_map_velocity(model)
+            if chunk and not isinstance(solver, FlowMap):
+                field = chunked_field(field, chunk)
+        else:
+            net = chunked_field(model, chunk) if chunk else model  # cache-sized network batches (CPU)
+            field = guided_field(net, guidance, null_label=null_label)  # one network call on a doubled batch
         res = sample(field, x0, solver, path=path, prediction=prediction, steps=steps if solver.takes_steps() else None,
-                     t0=t0, key=k1, cond={"y": labels})
+                     t0=t0, key=k1, cond=cond)
         if split:  # gathered: every process holds all the samples
             from jaxgen.training.parallel import replicated
 
@@ -189,7 +257,8 @@ def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int
 
 
 def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=None, steps=None, shape=None):
-    """Guided samples ``(1 - w) u(x|null) + w u(x|y)`` for ``labels``; returns (images in [-1, 1], NFE)."""
+    """Guided samples ``(1 - w) u(x|null) + w u(x|y)`` for ``labels`` (a ``meanflow`` run: the flow map it learned
+    for that ``w``, one network call per step); returns (images in [-1, 1], NFE)."""
     import jax
     import jax.numpy as jnp
 
@@ -197,7 +266,8 @@ def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=N
     resolve_sampler(sampler, cfg.prediction)  # a clear error for an unknown sampler, before compiling
     chunk = cfg.sample_chunk if cfg.sample_chunk > 0 else (64 if jax.default_backend() == "cpu" else 0)
     gen = _compiled_generator(cfg.schedule, cfg.prediction, sampler, int(steps or cfg.sample_steps),
-                              cfg.num_classes, tuple(shape), chunk, bool(cfg.checked), jax.device_count())
+                              cfg.num_classes, tuple(shape), chunk, bool(cfg.checked), jax.device_count(),
+                              is_flow_map(cfg))
     model.eval()
     x, nfe = gen(model, jnp.asarray(labels, jnp.int32), jnp.asarray(guidance, jnp.float32), key)
     return np.clip(np.asarray(x), -1.0, 1.0), int(nfe)

@@ -259,3 +259,29 @@ def test_jvp_through_the_unet_with_attention_matches_finite_differences(model, b
     _, pullback = jax.vjp(f, x, t)
     wx, wt = jax.jit(pullback)(w)
     np.testing.assert_allclose(float(jnp.vdot(jv, w)), float(jnp.vdot(vx, wx) + jnp.vdot(vt, wt)), rtol=1e-4)
+
+
+def test_the_flow_map_unet_takes_two_times_and_a_guidance_scale():
+    """FlowMapUNet(x, r, t, y, w): the interval t - r and the guidance scale w enter the conditioning (w = None is
+    w = 1); a network without guidance input refuses w; the one-time U-Net's parameters are unchanged by the new
+    options (the main job's 702,753)."""
+    from jaxgen.models import FlowMapUNet
+
+    net = nnx.jit(lambda: FlowMapUNet(1, channels=8, channel_mult=(1, 2), attention_resolutions=(), dropout=0.0,
+                                      num_classes=10, image_size=8, num_groups=4, zero_init=False, guidance_input=True,
+                                      rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))))()
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    r, t, y = jnp.array([0.0, 0.2, 0.5]), jnp.array([1.0, 0.6, 0.5]), jnp.array([1, 2, 10])
+    f = nnx.jit(lambda m, x, r, t, y, w: m(x, r, t, y=y, w=w))
+    base = f(net, x, r, t, y, jnp.full(3, 2.0))
+    assert base.shape == x.shape
+    for other in (f(net, x, r * 0.5, t, y, jnp.full(3, 2.0)), f(net, x, r, t, y, jnp.full(3, 3.0))):
+        assert float(jnp.max(jnp.abs(other - base))) > 1e-4  # r and w matter
+    np.testing.assert_allclose(net(x, r, t, y=y), net(x, r, t, y=y, w=1.0), atol=1e-6)
+    with pytest.raises(ValueError, match="guidance scale w must have shape"):
+        net(x, r, t, y=y, w=jnp.ones(2))
+    with pytest.raises(ValueError, match="times of shape"):
+        net(x, jnp.ones(2), t, y=y)
+    plain = nnx.eval_shape(lambda: UNetField(1, channels=8, image_size=8, attention_resolutions=(), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="guidance_input=True"):
+        plain(x, t, w=2.0)

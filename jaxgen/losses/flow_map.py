@@ -81,7 +81,9 @@ def adaptive_weight(residual: Array, *, p: float = 1.0, c: float = 1e-3) -> Arra
 
 
 def meanflow_loss(path: GaussianPath | str = "linear", *, time_sampler: Callable | None = None, p: float = 1.0,
-                  c: float = 1e-3) -> Callable:
+                  c: float = 1e-3, label_dropout: float = 0.0, null_label: int | None = None,
+                  guidance_scales: tuple[float, float] | None = None, label_key: str = "y",
+                  guidance_key: str = "w") -> Callable:
     r"""The MeanFlow loss (Geng et al. 2025, eq. 9 and sec. 4.3) for a flow-map model ``model(x, r, t, **cond)``:
 
     .. math:: \mathcal L = \mathbb E\, w\, \big\| u_\theta(x_r, r, t) - \mathrm{sg}\big(v + (t - r)\,
@@ -93,6 +95,20 @@ def meanflow_loss(path: GaussianPath | str = "linear", *, time_sampler: Callable
     ``||.||^2``). Where ``r = t`` the target is ``v``: flow matching on the diagonal. One forward pass and one JVP
     (:func:`meanflow_target`).
 
+    **Guidance built into training** (MeanFlow sec. 4.2, eq. 13-15; the scale as a conditioning input as in improved
+    MeanFlow, Geng et al. 2025): with ``label_dropout`` each label ``batch[label_key]`` is replaced by ``null_label``
+    with that probability (the network also learns the unconditional field), and with ``guidance_scales=(lo, hi)``
+    each kept label gets a scale ``w ~ U[lo, hi]``, passed to the model as ``cond[guidance_key]``, and the
+    instantaneous velocity of the identity becomes the guided one,
+
+    .. math:: \tilde v = w\, v + (1 - w)\, \mathrm{sg}\big(u_\theta(x_r, r, r \mid \varnothing, w = 1)\big),
+
+    whose conditional mean given ``x_r`` is the classifier-free-guided velocity ``w v(x|y) + (1 - w) v(x|null)``
+    (jaxgen's convention, :func:`jaxgen.fields.guided_field`); ``tilde v`` is also the JVP's tangent, so the model
+    learns the flow map of the guided ODE at every ``w``, and one jump samples it guided without a second network
+    call. Dropped labels train with ``w = 1`` and target ``v``. Costs one more forward pass (the unconditional
+    diagonal).
+
     Returns:
       ``loss(model, batch, key) -> scalar``; ``batch`` is the data ``x`` or ``{"x": x, **cond}``.
     """
@@ -100,11 +116,23 @@ def meanflow_loss(path: GaussianPath | str = "linear", *, time_sampler: Callable
     check_number(p, lambda v: v >= 0, name="p", owner="meanflow_loss", what="a number >= 0 (1: the paper's)")
     check_number(c, lambda v: v > 0, name="c", owner="meanflow_loss", what="a number > 0 (1e-3: the paper's)")
     sampler = meanflow_times() if time_sampler is None else time_sampler
+    check_number(label_dropout, lambda v: 0.0 <= v < 1.0, name="label_dropout", owner="meanflow_loss",
+                 what="a probability in [0, 1)")
+    if (label_dropout > 0 or guidance_scales is not None) and null_label is None:
+        raise ValueError("meanflow_loss: label_dropout and guidance_scales need the null label: pass "
+                         "null_label=num_classes (the extra class of a guidance-ready network).")
+    if guidance_scales is not None:
+        if len(tuple(guidance_scales)) != 2 or not 0.0 <= guidance_scales[0] <= guidance_scales[1]:
+            raise ValueError(f"meanflow_loss: guidance_scales must be a range (lo, hi) with 0 <= lo <= hi, e.g. "
+                             f"(1.0, 4.0), got {guidance_scales!r}.")
+        if not label_dropout > 0:
+            raise ValueError("meanflow_loss: guidance_scales needs label_dropout > 0 (e.g. 0.1), so that the network "
+                             "learns the unconditional velocity the guided target is built from.")
 
     def loss(model, batch, key: Array) -> Array:
         z, cond = split_batch(batch, owner="meanflow_loss")
         check_key(key, owner="meanflow_loss")
-        k_t, k_eps = jax.random.split(key)
+        k_t, k_eps, k_drop, k_w = jax.random.split(key, 4)
         n = z.shape[0]
         r, t = sampler(k_t, n)
         r, t = r.astype(z.dtype), t.astype(z.dtype)
@@ -112,6 +140,20 @@ def meanflow_loss(path: GaussianPath | str = "linear", *, time_sampler: Callable
         co = path.coefficients(r)
         x = expand_like(co.alpha, z) * z + expand_like(co.beta, z) * eps
         v = expand_like(co.d_alpha, z) * z + expand_like(co.d_beta, z) * eps
+        if label_dropout > 0 or guidance_scales is not None:
+            if label_key not in cond:
+                raise ValueError(f"meanflow_loss: label_dropout and guidance need labels in the batch under key "
+                                 f"{label_key!r}; got keys {sorted(['x', *cond])}.")
+            labels = cond[label_key]
+            drop = jax.random.bernoulli(k_drop, label_dropout, (n,))
+            null = jnp.full_like(labels, null_label)
+            cond = {**cond, label_key: jnp.where(drop, null, labels)}
+            if guidance_scales is not None:
+                lo, hi = guidance_scales
+                w = jnp.where(drop, 1.0, jax.random.uniform(k_w, (n,), z.dtype, lo, hi)).astype(z.dtype)
+                cond[guidance_key] = w
+                v_null = model(x, r, r, **{**cond, label_key: null, guidance_key: jnp.ones_like(w)})
+                v = expand_like(w, z) * v + expand_like(1.0 - w, z) * jax.lax.stop_gradient(v_null)
         out, target = meanflow_target(model, x, r, t, v, **cond)
         residual = out - jax.lax.stop_gradient(target)
         w = adaptive_weight(residual, p=p, c=c)

@@ -211,8 +211,14 @@ class UNetField(nnx.Module):
         every kernel of at least 16,384 weights is split over that axis along its output channels when a
         :class:`jaxgen.training.Trainer` with a mesh trains it (:func:`jaxgen.models.shard_parameters`); ``None``
         (default): no annotations, the parameters are replicated on a mesh.
+      guidance_input: take a per-sample guidance scale ``w`` as a conditioning input (``model(x, t, y=labels,
+        w=scales)``; ``w=None`` is ``w = 1``), embedded as ``MLP(sinusoidal(w))`` and added to the time embedding:
+        a network trained on the guided target at every ``w`` samples guided in one call per step (improved
+        MeanFlow, Geng et al. 2025; :func:`jaxgen.losses.meanflow_loss` with ``guidance=``).
       rngs: ``nnx.Rngs`` for parameters and dropout.
     """
+
+    num_times: int = 1  # time inputs: 1 for a field u(x, t); FlowMapUNet has 2
 
     def __init__(
         self,
@@ -233,6 +239,7 @@ class UNetField(nnx.Module):
         zero_init: bool = True,
         conv_impl: str = "auto",
         shard_axis: str | None = None,
+        guidance_input: bool = False,
         rngs: nnx.Rngs,
     ):
         if not isinstance(image_size, int) or image_size < 1:
@@ -272,6 +279,10 @@ class UNetField(nnx.Module):
         self.time_in = nnx.Linear(channels, emb_dim, rngs=rngs)
         self.time_out = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
         self.label_embed = nnx.Embed(num_classes + 1, emb_dim, rngs=rngs) if num_classes is not None else None
+        # the flow map's second time input (the interval t - r) and the guidance scale, embedded like the time
+        self.interval_embed = _ScalarEmbedding(channels, emb_dim, rngs=rngs) if self.num_times == 2 else None
+        self.guidance_embed = _ScalarEmbedding(channels, emb_dim, scale=GUIDANCE_EMBEDDING_SCALE,
+                                               rngs=rngs) if guidance_input else None
 
         ch = widths[0]
         self.conv_in = _conv3x3(in_channels, ch, rngs, impl=conv_impl)
@@ -338,21 +349,45 @@ class UNetField(nnx.Module):
         check_labels(y, self.num_classes, owner="UNetField")
         return t, (jnp.broadcast_to(y, (batch,)) if y_shape == () else y)
 
-    def embed(self, t: Array, y: Array | None, dtype=jnp.float32) -> Array:
-        """The conditioning embedding ``MLP(sinusoidal(t)) [+ Embed(y)]`` of shape ``(B, 4 * channels)``.
+    def embed(self, t: Array, y: Array | None, dtype=jnp.float32, *, interval: Array | None = None,
+              w: Array | None = None) -> Array:
+        """The conditioning embedding ``MLP(sinusoidal(t)) [+ Embed(y)] [+ MLP(sinusoidal(t - r))]
+        [+ MLP(sinusoidal(w))]`` of shape ``(B, 4 * channels)``.
 
-        ``t`` and ``y`` have shape ``(B,)``; ``y`` holds class indices in ``[0, num_classes]``
-        (``num_classes`` = null class; other values are not checked, as they may be traced).
+        ``t``, ``y``, ``interval`` (``t - r``, flow maps) and ``w`` (the guidance scale) have shape ``(B,)``; ``y``
+        holds class indices in ``[0, num_classes]`` (``num_classes`` = null class; other values are not checked, as
+        they may be traced).
         """
         emb = self.time_out(nnx.silu(self.time_in(sinusoidal_embedding(t, self.channels).astype(dtype))))
         if self.label_embed is not None and y is not None:
             emb = emb + self.label_embed(y).astype(emb.dtype)
+        if self.interval_embed is not None and interval is not None:
+            emb = emb + self.interval_embed(interval, emb.dtype)
+        if self.guidance_embed is not None and w is not None:
+            emb = emb + self.guidance_embed(w, emb.dtype)
         return emb
 
-    def __call__(self, x: Array, t: Array, y: Array | None = None) -> Array:
-        """``u_theta(x, t, y)`` of the same shape ``(B, H, W, C)`` as ``x``; ``y=None`` is the null class."""
+    def _check_guidance(self, w, batch: int) -> Array | None:
+        if self.guidance_embed is None:
+            if w is not None:
+                raise ValueError(f"this {type(self).__name__} has no guidance input but a guidance scale w was given; "
+                                 "build it with guidance_input=True, or guide it with jaxgen.fields.guided_field.")
+            return None
+        if w is None:
+            return jnp.ones((batch,), jnp.float32)
+        if math.prod(jnp.shape(w)) not in (1, batch):
+            raise ValueError(f"the guidance scale w must have shape (B,) = ({batch},) or be a scalar, got "
+                             f"{jnp.shape(w)}.")
+        return jnp.broadcast_to(jnp.reshape(jnp.asarray(w, jnp.float32), (-1,)), (batch,))
+
+    def __call__(self, x: Array, t: Array, y: Array | None = None, w: Array | None = None) -> Array:
+        """``u_theta(x, t, y[, w])`` of the same shape ``(B, H, W, C)`` as ``x``; ``y=None`` is the null class,
+        ``w`` the guidance scale of a ``guidance_input`` network (``None``: 1)."""
         t, y = self._check_inputs(x, t, y)
-        emb = nnx.silu(self.embed(t, y, x.dtype))  # every block starts with SiLU(emb)
+        return self._apply(x, self.embed(t, y, x.dtype, w=self._check_guidance(w, x.shape[0])))
+
+    def _apply(self, x: Array, emb: Array) -> Array:
+        emb = nnx.silu(emb)  # every block starts with SiLU(emb)
         h = self.conv_in(x)
         hs = [h]
         for stage in self.down:
@@ -362,3 +397,42 @@ class UNetField(nnx.Module):
         for stage in self.up:
             h = stage(jnp.concatenate([h, hs.pop()], axis=-1), emb)
         return self.conv_out(nnx.silu(self.norm_out(h)))
+
+
+GUIDANCE_EMBEDDING_SCALE = 100.0  # w in [0, 10] -> [0, 1000], the range the sinusoidal embedding gives times
+
+
+class _ScalarEmbedding(nnx.Module):
+    """``Linear(SiLU(Linear(sinusoidal_embedding(s, channels, scale=scale))))``: a scalar input (a time interval, a guidance scale)
+    embedded as :class:`UNetField` embeds the time (sinusoidal features of width ``channels``, then an MLP)."""
+
+    def __init__(self, channels: int, emb_dim: int, *, scale: float = 1000.0, rngs: nnx.Rngs):
+        self.channels, self.scale = channels, float(scale)
+        self.inp = nnx.Linear(channels, emb_dim, rngs=rngs)
+        self.out = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
+
+    def __call__(self, s: Array, dtype=jnp.float32) -> Array:
+        return self.out(nnx.silu(self.inp(sinusoidal_embedding(s, self.channels, scale=self.scale).astype(dtype))))
+
+
+class FlowMapUNet(UNetField):
+    r"""A flow-map U-Net ``u_theta(x, r, t[, y, w])``: the average velocity from time ``r`` to time ``t`` at the
+    starting point ``x`` (:mod:`jaxgen.losses.flow_map`), a :class:`UNetField` whose conditioning adds an embedding of
+    the interval ``t - r`` to that of ``t`` (MeanFlow's ``(t, t - r)`` input, Geng et al. 2025, sec. 4.3; the same
+    convention as :class:`jaxgen.models.FlowMapMLP`). Same arguments as :class:`UNetField`; with
+    ``guidance_input=True`` it also takes the guidance scale ``w`` the flow map was trained for.
+
+    ``sample(model, x0, FlowMap(), steps=k, cond={"y": labels, "w": scales})`` jumps along the (guided) ODE in ``k``
+    evaluations; ``flow_map_velocity(model)`` is its diagonal ``u(x, t, t)``, a velocity field for every sampler.
+    """
+
+    num_times = 2
+
+    def __call__(self, x: Array, r: Array, t: Array, y: Array | None = None, w: Array | None = None) -> Array:
+        n = jnp.shape(x)[0] if jnp.ndim(x) >= 1 else 0
+        if math.prod(jnp.shape(r)) not in (1, n):
+            raise ValueError(f"FlowMapUNet expects times of shape (B,) = ({n},) or scalars, got r of shape "
+                             f"{jnp.shape(r)}.")
+        t, y = self._check_inputs(x, t, y)
+        r = jnp.broadcast_to(jnp.reshape(jnp.asarray(r, t.dtype), (-1,)), t.shape)
+        return self._apply(x, self.embed(t, y, x.dtype, interval=t - r, w=self._check_guidance(w, x.shape[0])))
