@@ -11,11 +11,11 @@ from jaxgen.models.glow import Glow
 from jaxgen.models.mlp import FlowMapMLP, MLPField
 from jaxgen.models.pair import VelocityAndScore
 from jaxgen.models.sharding import shard_parameters
-from jaxgen.models.unet import UNetField
+from jaxgen.models.unet import FlowMapUNet, UNetField
 from jaxgen.models.vae import GaussianVAE, HierarchicalVAE
 from jaxgen.models.vqvae import VQVAE, VectorQuantizer
 
-__all__ = ["MLPField", "FlowMapMLP", "UNetField", "ConsistencyFunction", "consistency_fn", "DigitsClassifier", "sinusoidal_embedding",
+__all__ = ["MLPField", "FlowMapMLP", "UNetField", "FlowMapUNet", "ConsistencyFunction", "consistency_fn", "DigitsClassifier", "sinusoidal_embedding",
            "shard_parameters", "VelocityAndScore", "GaussianVAE", "HierarchicalVAE", "VQVAE", "VectorQuantizer", "Flow",
            "RealNVP", "Glow", "AffineCoupling", "ActNorm", "InvertibleLinear", "Squeeze", "Split", "GAN", "SpectralNorm",
            "make_gan", "EnergyNet"]
