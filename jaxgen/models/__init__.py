@@ -3,6 +3,7 @@ models) and the other families' networks (VAEs, VQ-VAE, normalizing flows, GANs)
 
 from jaxgen.models.classifier import DigitsClassifier
 from jaxgen.models.consistency import ConsistencyFunction, consistency_fn
+from jaxgen.models.dit import DiTField, FlowMapDiT
 from jaxgen.models.ebm import EnergyNet
 from jaxgen.models.embeddings import sinusoidal_embedding
 from jaxgen.models.flows import (ActNorm, AffineCoupling, Flow, InvertibleLinear, RealNVP, Split, Squeeze)
@@ -18,4 +19,4 @@ from jaxgen.models.vqvae import VQVAE, VectorQuantizer
 __all__ = ["MLPField", "FlowMapMLP", "UNetField", "FlowMapUNet", "ConsistencyFunction", "consistency_fn", "DigitsClassifier", "sinusoidal_embedding",
            "shard_parameters", "VelocityAndScore", "GaussianVAE", "HierarchicalVAE", "VQVAE", "VectorQuantizer", "Flow",
            "RealNVP", "Glow", "AffineCoupling", "ActNorm", "InvertibleLinear", "Squeeze", "Split", "GAN", "SpectralNorm",
-           "make_gan", "EnergyNet"]
+           "make_gan", "EnergyNet", "DiTField", "FlowMapDiT"]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen._checks import check_labels
-from jaxgen.models.embeddings import sinusoidal_embedding
+from jaxgen.models.embeddings import GUIDANCE_EMBEDDING_SCALE, ScalarEmbedding, sinusoidal_embedding
 from jaxgen.models.layers import Conv2d, Dropout, _norm, _upsample_conv_matmul
 from jaxgen.models.sharding import shard_parameters
 
@@ -215,6 +215,10 @@ class UNetField(nnx.Module):
         w=scales)``; ``w=None`` is ``w = 1``), embedded as ``MLP(sinusoidal(w))`` and added to the time embedding:
         a network trained on the guided target at every ``w`` samples guided in one call per step (improved
         MeanFlow, Geng et al. 2025; :func:`jaxgen.losses.meanflow_loss` with ``guidance=``).
+      time_scale: the sinusoidal time embedding's ``scale`` (:func:`sinusoidal_embedding`; 1000: DDPM's step range,
+        the highest frequency 1000 rad per unit of time). Losses that differentiate the network in time
+        (MeanFlow's JVP) want a smoother embedding: :class:`FlowMapUNet` uses 10 (sCM, Lu & Song 2025, sec. 4.1,
+        likewise drops the factor 1000 for stable time derivatives).
       rngs: ``nnx.Rngs`` for parameters and dropout.
     """
 
@@ -240,6 +244,7 @@ class UNetField(nnx.Module):
         conv_impl: str = "auto",
         shard_axis: str | None = None,
         guidance_input: bool = False,
+        time_scale: float = 1000.0,
         rngs: nnx.Rngs,
     ):
         if not isinstance(image_size, int) or image_size < 1:
@@ -256,6 +261,7 @@ class UNetField(nnx.Module):
         self.channels = channels
         self.image_size = image_size
         self.num_classes = num_classes
+        self.time_scale = float(time_scale)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         level_sizes = [image_size]
         for _ in channel_mult[1:]:
@@ -280,8 +286,9 @@ class UNetField(nnx.Module):
         self.time_out = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
         self.label_embed = nnx.Embed(num_classes + 1, emb_dim, rngs=rngs) if num_classes is not None else None
         # the flow map's second time input (the interval t - r) and the guidance scale, embedded like the time
-        self.interval_embed = _ScalarEmbedding(channels, emb_dim, rngs=rngs) if self.num_times == 2 else None
-        self.guidance_embed = _ScalarEmbedding(channels, emb_dim, scale=GUIDANCE_EMBEDDING_SCALE,
+        self.interval_embed = (ScalarEmbedding(channels, emb_dim, scale=self.time_scale, rngs=rngs)
+                               if self.num_times == 2 else None)
+        self.guidance_embed = ScalarEmbedding(channels, emb_dim, scale=GUIDANCE_EMBEDDING_SCALE,
                                                rngs=rngs) if guidance_input else None
 
         ch = widths[0]
@@ -358,7 +365,8 @@ class UNetField(nnx.Module):
         holds class indices in ``[0, num_classes]`` (``num_classes`` = null class; other values are not checked, as
         they may be traced).
         """
-        emb = self.time_out(nnx.silu(self.time_in(sinusoidal_embedding(t, self.channels).astype(dtype))))
+        emb = self.time_out(nnx.silu(self.time_in(
+            sinusoidal_embedding(t, self.channels, scale=self.time_scale).astype(dtype))))
         if self.label_embed is not None and y is not None:
             emb = emb + self.label_embed(y).astype(emb.dtype)
         if self.interval_embed is not None and interval is not None:
@@ -399,27 +407,12 @@ class UNetField(nnx.Module):
         return self.conv_out(nnx.silu(self.norm_out(h)))
 
 
-GUIDANCE_EMBEDDING_SCALE = 100.0  # w in [0, 10] -> [0, 1000], the range the sinusoidal embedding gives times
-
-
-class _ScalarEmbedding(nnx.Module):
-    """``Linear(SiLU(Linear(sinusoidal_embedding(s, channels, scale=scale))))``: a scalar input (a time interval, a guidance scale)
-    embedded as :class:`UNetField` embeds the time (sinusoidal features of width ``channels``, then an MLP)."""
-
-    def __init__(self, channels: int, emb_dim: int, *, scale: float = 1000.0, rngs: nnx.Rngs):
-        self.channels, self.scale = channels, float(scale)
-        self.inp = nnx.Linear(channels, emb_dim, rngs=rngs)
-        self.out = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
-
-    def __call__(self, s: Array, dtype=jnp.float32) -> Array:
-        return self.out(nnx.silu(self.inp(sinusoidal_embedding(s, self.channels, scale=self.scale).astype(dtype))))
-
-
 class FlowMapUNet(UNetField):
     r"""A flow-map U-Net ``u_theta(x, r, t[, y, w])``: the average velocity from time ``r`` to time ``t`` at the
     starting point ``x`` (:mod:`jaxgen.losses.flow_map`), a :class:`UNetField` whose conditioning adds an embedding of
     the interval ``t - r`` to that of ``t`` (MeanFlow's ``(t, t - r)`` input, Geng et al. 2025, sec. 4.3; the same
-    convention as :class:`jaxgen.models.FlowMapMLP`). Same arguments as :class:`UNetField`; with
+    convention as :class:`jaxgen.models.FlowMapMLP`). Same arguments as :class:`UNetField` (but ``time_scale=10``: a
+    smooth time embedding, since the MeanFlow target differentiates the network in time); with
     ``guidance_input=True`` it also takes the guidance scale ``w`` the flow map was trained for.
 
     ``sample(model, x0, FlowMap(), steps=k, cond={"y": labels, "w": scales})`` jumps along the (guided) ODE in ``k``
@@ -427,6 +420,9 @@ class FlowMapUNet(UNetField):
     """
 
     num_times = 2
+
+    def __init__(self, in_channels: int = 1, *, time_scale: float = 10.0, **kwargs):
+        super().__init__(in_channels, time_scale=time_scale, **kwargs)
 
     def __call__(self, x: Array, r: Array, t: Array, y: Array | None = None, w: Array | None = None) -> Array:
         n = jnp.shape(x)[0] if jnp.ndim(x) >= 1 else 0
