@@ -6,6 +6,9 @@ field (Heun teacher) is compared at 1 and 2 NFE.
 Digits (``--digits RUN_DIR``, e.g. the output of ``./run.sh``): the trained U-Net, guided at w = 2, and the
 digits classifier's Fréchet distance of 500 samples (``--per-class 50``) to the held-out digits. A consistency
 model of that guided field (``jaxgen train digits_cd``, ``--cd-steps``) is compared at 1 and 2 NFE.
+Flow maps (``--samplers meanflow,shortcut`` to rerun only them): on 2-D a MeanFlow and a shortcut model trained from
+scratch on the same data (``--fm-steps``), on digits a ``jaxgen train digits_meanflow`` run (``--meanflow RUN_DIR``,
+guided at w = 2 through its guidance input), each at 1, 2, 4 and 8 jumps (NFE = jumps) from the same noise.
 
 Every sampler gets the NFE budgets {1, 2, 4, 8, 16, 32, 100}; a sampler that cannot spend a budget exactly
 takes the most steps within it (a budget that adds no step is skipped), and the NFE it reports is printed. Writes
@@ -29,6 +32,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BUDGETS = (1, 2, 4, 8, 16, 32, 100)
+FLOW_MAP_BUDGETS = (1, 2, 4, 8)
+FLOW_MAP_MODELS = ("meanflow", "shortcut")
 
 
 def samplers(path, prediction="velocity"):
@@ -99,6 +104,50 @@ def run_table(name, field, x0, quality, path, cond=None):
     return rows
 
 
+def flow_map_rows(model, sampler, f, x0, quality, cond=None):
+    """Rows of a flow-map model ``f(x, r, t, **cond)`` at :data:`FLOW_MAP_BUDGETS` uniform jumps from ``x0``."""
+    import jax
+
+    from jaxgen.samplers import FlowMap, sample
+
+    rows = []
+    for n in FLOW_MAP_BUDGETS:
+        t0 = time.perf_counter()
+        res = jax.jit(lambda x, n=n: sample(f, x, FlowMap(), steps=n, cond=cond))(x0)
+        x = np.asarray(jax.block_until_ready(res.x))
+        q = quality(x)
+        rows.append({"model": model, "sampler": sampler, "budget": n, "steps": n, "nfe": int(res.nfe), **q,
+                     "seconds": round(time.perf_counter() - t0, 2)})
+        print(f"[{model}] {sampler:16s} budget {n:3d} steps {n:3d} NFE {int(res.nfe):3d}  " +
+              "  ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
+    return rows
+
+
+def bench_2d_flow_maps(args, x0, quality):
+    """MeanFlow and a shortcut model trained from scratch on the 2-D data (FlowMapMLP of the flow model's width,
+    ``--fm-steps`` Adam steps with a cosine decay, EMA 0.999), at 1-8 jumps."""
+    import optax
+    from flax import nnx
+
+    from jaxgen.data.toy2d import moons
+    from jaxgen.losses import meanflow_loss, meanflow_times, shortcut_loss
+    from jaxgen.models import FlowMapMLP
+    from jaxgen.training import Trainer
+
+    losses = {"meanflow": meanflow_loss("linear", time_sampler=meanflow_times(equal_fraction=0.25), p=0.0),
+              "shortcut": shortcut_loss("linear")}
+    rows = []
+    for name, loss in losses.items():
+        if not _selected(name):
+            continue
+        net = FlowMapMLP(2, width=128, activation="silu", rngs=nnx.Rngs(0))
+        tr = Trainer(net, loss, optax.adam(optax.cosine_decay_schedule(1e-3, args.fm_steps)),
+                     data=lambda key: moons(key, 256), ema_decay=0.999)
+        state, _ = tr.fit(tr.init(0), args.fm_steps, progress=False)
+        rows += flow_map_rows("2d", f"{name} (from scratch)", tr.model(state, ema=True), x0, quality)
+    return rows
+
+
 def bench_2d(args):
     import jax
     import jax.numpy as jnp
@@ -131,6 +180,7 @@ def bench_2d(args):
     floor = quality(np.asarray(moons(jax.random.key(4), 2048)))
     print(f"[2d] data-vs-data floor: {floor}")
     rows = run_table("2d", field, x0, quality, path)
+    rows += bench_2d_flow_maps(args, x0, quality)
 
     if not _selected("consistency"):
         return rows, floor
@@ -179,6 +229,15 @@ def bench_digits(args):
     print(f"[digits] {labels.shape[0]} real training digits vs test digits: FD {floor:.2f}")
 
     rows = run_table("digits", field, x0, quality, path, cond={"y": labels})
+    if args.meanflow and _selected("meanflow"):
+        mcfg, mtrainer, mstate, _ = images.load_run(args.meanflow)
+        if not images.is_flow_map(mcfg):
+            raise SystemExit(f"--meanflow {args.meanflow}: not a flow-map run (objective {mcfg.objective!r}); train "
+                             "one with `jaxgen train digits_meanflow`.")
+        fm = mtrainer.model(mstate, ema=mtrainer.ema_decay is not None)
+        fm.eval()
+        cond = {"y": labels, "w": jnp.full(labels.shape, 2.0)}
+        rows += flow_map_rows("digits", f"meanflow (from scratch, {int(mstate.step)} steps)", fm, x0, quality, cond)
 
     if not _selected("consistency"):
         return rows, floor
@@ -236,6 +295,8 @@ def main(argv=None):
     p.add_argument("--per-class", type=int, default=50, help="digits samples per class")
     p.add_argument("--digits", default=None, help="a digits run directory (from ./run.sh) to benchmark too")
     p.add_argument("--cd-steps", type=int, default=2000, help="digits consistency-distillation steps")
+    p.add_argument("--fm-steps", type=int, default=10_000, help="2-D MeanFlow / shortcut training steps")
+    p.add_argument("--meanflow", default=None, help="a digits MeanFlow run (jaxgen train digits_meanflow) to add")
     p.add_argument("--cd-out", default=None, help="digits distillation run directory (default: OUT/digits_cd; "
                                                   "an existing run there is resumed, not redone)")
     p.add_argument("--samplers", default=None,
@@ -245,7 +306,7 @@ def main(argv=None):
     global SELECTED
     SELECTED = None if a.samplers is None else {n.strip() for n in a.samplers.split(",") if n.strip()}
     if SELECTED is not None:
-        known = set(samplers("linear")) | {"consistency"}
+        known = set(samplers("linear")) | {"consistency", *FLOW_MAP_MODELS}
         if SELECTED - known:
             p.error(f"unknown samplers {sorted(SELECTED - known)}; choose from {sorted(known)}")
     os.makedirs(a.out, exist_ok=True)

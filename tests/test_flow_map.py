@@ -248,3 +248,29 @@ def test_guided_meanflow_is_stationary_at_the_flow_map_of_the_guided_field():
         meanflow_loss(label_dropout=0.1)
     with pytest.raises(ValueError, match="range"):
         meanflow_loss(label_dropout=0.1, null_label=null, guidance_scales=(3.0, 1.0))
+
+
+def test_a_consistency_model_is_the_flow_map_pinned_at_the_data_end():
+    """flow_map_to_data(u)(x, t) = x + (1 - t) u(x, t, 1) is the consistency function: for the exact map it is the
+    ODE's endpoint from every (x_t, t), the identity at t = 1, and the consistency sampler's one step equals the
+    flow-map sampler's one jump; multistep consistency sampling (jump, re-noise, jump) samples N(MU, S^2 I)."""
+    from jaxgen.fields import flow_map_to_data
+    from jaxgen.samplers import ConsistencyMultistep, FlowMap
+
+    f = flow_map_to_data(flow_map)
+    x, r, _ = _points(64)
+    end = x + (1 - r)[:, None] * flow_map(x, r, jnp.ones_like(r))
+    np.testing.assert_allclose(f(x, r), end, atol=1e-6)
+    np.testing.assert_allclose(f(x, jnp.ones_like(r)), x, atol=1e-7)
+    i = 3
+    solved = sample(velocity, x[i:i + 1], RK4(), ts=jnp.linspace(r[i], 1.0, 401)).x
+    np.testing.assert_allclose(f(x[i:i + 1], r[i:i + 1]), solved, atol=1e-5)
+    x0 = jax.random.normal(jax.random.key(9), (4096, 2))
+    one = sample(f, x0, ConsistencyMultistep(), prediction="data", path="linear")
+    assert one.nfe == 1
+    np.testing.assert_allclose(one.x, sample(flow_map, x0, FlowMap()).x, atol=1e-5)
+    two = sample(f, x0, ConsistencyMultistep(), prediction="data", path="linear", ts=(0.0, 0.5, 1.0),
+                 key=jax.random.key(10))
+    assert two.nfe == 2
+    np.testing.assert_allclose(np.mean(two.x, 0), MU, atol=0.03)
+    np.testing.assert_allclose(np.std(two.x, 0), [S, S], rtol=0.05)

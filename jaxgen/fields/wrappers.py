@@ -7,7 +7,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import batch_time
+from jaxgen._checks import batch_time, expand_like
 from jaxgen.fields.algebra import canonical_prediction, from_data_and_noise, to_data_and_noise
 from jaxgen.paths.gaussian import GaussianPath, as_path, times_from_lambdas
 
@@ -81,7 +81,7 @@ def chunked_field(field: Callable, chunk_size: int) -> Callable:
     return chunked
 
 
-__all__ = ["chunked_field", "change_path", "flow_map_velocity"]
+__all__ = ["chunked_field", "change_path", "flow_map_velocity", "flow_map_to_data"]
 
 
 def flow_map_velocity(flow_map: Callable) -> Callable:
@@ -95,3 +95,23 @@ def flow_map_velocity(flow_map: Callable) -> Callable:
         return flow_map(x, t, t, **cond)
 
     return velocity
+
+
+def flow_map_to_data(flow_map: Callable, t_end: float = 1.0) -> Callable:
+    r"""The consistency function of a flow-map field: the jump from ``(x, t)`` to the data end,
+    ``f(x, t) = x + (t_end - t) u(x, t, t_end)``, so a consistency model is the special case of a flow map whose
+    second time is pinned at the data end (Song et al. 2023's ``f(x_t, t) = x_{t_end}``; MeanFlow eq. 3 with
+    ``r, t -> t, t_end``). It is a ``data``-prediction field for
+    :class:`jaxgen.samplers.ConsistencyMultistep` (``sample(flow_map_to_data(u), x0, "consistency",
+    prediction="data", path=path, ts=(0.0, 0.5, 1.0), key=key)``: jump, re-noise, jump), and its one-step sample is the
+    flow-map sampler's one jump. ``f(x, t_end) = x`` exactly. One evaluation per call."""
+    if not callable(flow_map):
+        raise TypeError(f"flow_map_to_data needs a flow-map field u(x, r, t, **cond), got {type(flow_map).__name__}.")
+    t_end = float(t_end)
+
+    def consistency(x, t, **cond):
+        t = batch_time(t, x)
+        end = jnp.full_like(t, t_end)
+        return x + expand_like(end - t, x).astype(x.dtype) * flow_map(x, t, end, **cond)
+
+    return consistency
