@@ -33,7 +33,9 @@ class ImageConfig:
     # jaxgen.losses.meanflow_loss with guidance built in (w ~ U[w_min, w_max] as an input), sampled with
     # sampler="flow_map" in sample_steps jumps (or any other sampler through its diagonal u(x, t, t | y, w))
     objective: str = "flow_matching"
-    # network (U-Net)
+    # network: "unet" (the fields below) or a DiT, "dit" with options as "dit:hidden=96,depth=4,heads=4,patch=2"
+    # (jaxgen.models.DiTField; those defaults have 724,356 parameters, the U-Net's 702,753)
+    network: str = "unet"
     channels: int = 32
     channel_mult: tuple = (1, 2)
     num_res_blocks: int = 1
@@ -103,6 +105,7 @@ def check_config(cfg: ImageConfig) -> None:
     })
     common.check_sampler(cfg.sampler)
     common.check_batch_size(cfg.batch_size)
+    network_options(cfg)
     name, opt = objective_options(cfg)
     if name == "meanflow" and cfg.prediction != "velocity":
         raise ValueError(f"objective meanflow learns an average velocity: set prediction=velocity (got "
@@ -119,27 +122,39 @@ OBJECTIVES = {
     "flow_matching": {},
     "meanflow": {"p": 0.0, "equal_fraction": 0.25, "mean": -0.4, "std": 1.0, "w_min": 1.0, "w_max": 4.0},
 }
+NETWORKS = {"unet": {}, "dit": {"hidden": 96, "depth": 4, "heads": 4, "patch": 2}}
+
+
+def _spec(value: str, table: dict, what: str, example: str) -> tuple[str, dict]:
+    """A ``"name:key=value,..."`` spec's name and options (``table[name]``'s defaults overridden, each cast to its
+    default's type), with a clear error for an unknown name or option."""
+    from jaxgen.samplers import parse_solver_spec
+
+    name, opts = parse_solver_spec(value)
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(table)} (options as {example!r}).")
+    unknown = sorted(set(opts) - set(table[name]))
+    if unknown:
+        raise ValueError(f"{what} {name!r} has no option {', '.join(map(repr, unknown))}; its options are "
+                         f"{', '.join(f'{k}={v!r}' for k, v in table[name].items()) or 'none'}.")
+    out = dict(table[name])
+    for k, v in opts.items():
+        want = type(table[name][k])
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (want is int and not isinstance(v, int)):
+            raise ValueError(f"{what} {name!r}: option {k} must be {'an integer' if want is int else 'a number'}, "
+                             f"got {v!r}.")
+        out[k] = want(v)
+    return name, out
 
 
 def objective_options(cfg: ImageConfig) -> tuple[str, dict]:
-    """The objective's name and options (its defaults overridden by the spec's), with a clear error for an unknown
-    objective or option."""
-    from jaxgen.samplers import parse_solver_spec
+    """The objective's name and options (:data:`OBJECTIVES`)."""
+    return _spec(cfg.objective, OBJECTIVES, "objective", "meanflow:p=0,w_max=4")
 
-    name, opts = parse_solver_spec(cfg.objective)
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)} (options as "
-                         "'meanflow:p=0,w_max=4').")
-    unknown = sorted(set(opts) - set(OBJECTIVES[name]))
-    if unknown:
-        raise ValueError(f"objective {name!r} has no option {', '.join(map(repr, unknown))}; its options are "
-                         f"{', '.join(f'{k}={v!r}' for k, v in OBJECTIVES[name].items()) or 'none'}.")
-    out = dict(OBJECTIVES[name])
-    for k, v in opts.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"objective {name!r}: option {k} must be a number, got {v!r}.")
-        out[k] = float(v)
-    return name, out
+
+def network_options(cfg: ImageConfig) -> tuple[str, dict]:
+    """The network's name and options (:data:`NETWORKS`)."""
+    return _spec(cfg.network, NETWORKS, "network", "dit:hidden=96,depth=4")
 
 
 def is_flow_map(cfg: ImageConfig) -> bool:
@@ -159,10 +174,16 @@ def load_dataset(cfg: ImageConfig, split: str):
 def build_model(cfg: ImageConfig, image_shape, seed: int):
     from flax import nnx
 
+    from jaxgen.models.dit import DiTField, FlowMapDiT
     from jaxgen.models.unet import FlowMapUNet, UNetField
 
     h, _, c = image_shape
     extra = dict(guidance_input=True) if is_flow_map(cfg) else {}
+    net, opt = network_options(cfg)
+    if net == "dit":
+        return (FlowMapDiT if extra else DiTField)(
+            c, image_size=h, patch_size=opt["patch"], hidden=opt["hidden"], depth=opt["depth"],
+            num_heads=opt["heads"], num_classes=cfg.num_classes, rngs=nnx.Rngs(seed), **extra)
     return (FlowMapUNet if extra else UNetField)(
         c, channels=cfg.channels, channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
         attention_resolutions=tuple(cfg.attention_resolutions), num_heads=cfg.num_heads, dropout=cfg.dropout,
