@@ -65,7 +65,11 @@ def test_cli_errors(capsys, tmp_path):
     assert "digits_cfm" in listed and "toy2d_8gaussians_to_moons" in listed and "dpm_solver_pp" in listed
     for bad, match in ((["--set", "sampler=rk99"], "unknown sampler 'rk99'"), (["--set", "steps=-5"], "steps"),
                        (["--set", "compute_dtype=float16"], "compute_dtype"), (["--set", "batch_size=0"], "batch_size"),
-                       (["--set", "stepz=3"], "unknown config field 'stepz'")):
+                       (["--set", "stepz=3"], "unknown config field 'stepz'"),
+                       (["--set", "sampler=flow_map"], "needs a flow-map model"),
+                       (["--set", "objective=meanflow:q=1"], "has no option 'q'"),
+                       (["--set", "network=dit:patch=3"], "not divisible by patch_size=3"),
+                       (["--set", "objective=meanflow", "--set", "prediction=eps"], "prediction=velocity")):
         out = tmp_path / "never"
         assert cli.main(["train", "digits_smoke", "--out", str(out), *bad]) == 2
         assert match in capsys.readouterr().err
@@ -209,3 +213,24 @@ def test_the_cli_keeps_compiled_programs_in_a_persistent_cache(tmp_path, monkeyp
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla") and (tmp_path / "xla").is_dir()
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+@pytest.mark.slow
+def test_meanflow_on_a_dit_trains_resumes_and_samples_guided_in_one_jump(tmp_path, capsys):
+    """objective=meanflow: a flow-map DiT with the guidance scale as an input, trained, resumed and evaluated through
+    the CLI; the report's samples take one network call (NFE 1), two jumps NFE 2, and its diagonal samples with any
+    ODE sampler."""
+    out = tmp_path / "mf"
+    args = ["train", "digits_smoke", "--out", str(out), "--no-progress", "--set", "objective=meanflow",
+            "--set", "network=dit:hidden=16,depth=1,heads=1", "--set", "sampler=flow_map", "--set", "sample_steps=1",
+            "--set", "guidance_scales=1,2"]
+    assert cli.main(args + ["--set", "steps=10"]) == 0
+    assert cli.main(args) == 0  # resumes to 20
+    report = json.loads((out / "report.json").read_text())
+    assert report["step"] == 20 and report["nfe"] == 1 and set(report["guidance_sweep"]) == {"1.0", "2.0"}
+    assert np.load(out / "samples.npy").shape == (40, 8, 8, 1)
+    for sampler, steps, nfe in (("flow_map", "2", 2), ("euler", "3", 3)):
+        grid = tmp_path / f"{sampler}.png"
+        assert cli.main(["sample", "--checkpoint", str(out), "--label", "3", "--guidance", "2", "--sampler", sampler,
+                         "--steps", steps, "--num", "4", "--out", str(grid)]) == 0
+        assert f"NFE {nfe}" in capsys.readouterr().out and grid.stat().st_size > 0
