@@ -5,9 +5,10 @@ Each row trains the same network with jaxgen's :class:`~jaxgen.training.Trainer`
 
 * 2-D: flow matching with an ``MLPField`` vs MeanFlow and shortcut models with a ``FlowMapMLP`` of the same width
   (one more input), batch 256;
-* digits (8 x 8): flow matching with the digits ``UNetField`` (16 channels, attention at 4 x 4) vs the MeanFlow loss on
-  the same U-Net used as a flow map that ignores ``r`` (``u(x, r, t) = unet(x, t)``): the step then costs what a
-  two-time U-Net's would, one forward pass, one JVP through every layer (attention included) and the backward pass.
+* digits (8 x 8), class-conditional: flow matching with a ``UNetField`` (16 channels, attention at 4 x 4) and with a
+  ``DiTField`` of the main job's size vs MeanFlow with the two-time ``FlowMapUNet`` / ``FlowMapDiT`` (one forward pass
+  and one JVP through every layer, attention included, then the backward pass), unguided and with guidance built
+  into training (the scale as an input; one more forward pass for the unconditional velocity).
 
 Usage::
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from jaxgen.losses import flow_matching_loss, meanflow_loss, shortcut_loss
-    from jaxgen.models import FlowMapMLP, MLPField, UNetField
+    from jaxgen.models import DiTField, FlowMapDiT, FlowMapMLP, FlowMapUNet, MLPField, UNetField
     from jaxgen.training import Trainer
 
     def ms_per_step(model, loss, data) -> float:
@@ -58,23 +59,21 @@ def main(argv=None) -> int:
         ms = ms_per_step(FlowMapMLP(2, **mlp, rngs=nnx.Rngs(0)), loss, data2)
         rows.append(("2-D MLP 128x3, batch 256", name, ms, ms / fm))
 
-    def unet():
-        return nnx.jit(lambda: UNetField(1, channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                         attention_resolutions=(4,), dropout=0.0, image_size=8,
-                                         num_groups=8, rngs=nnx.Rngs(0)))()
-
-    class IgnoresR(nnx.Module):
-        def __init__(self, net):
-            self.net = net
-
-        def __call__(self, x, r, t):
-            return self.net(x, t)
-
-    data8 = lambda k: {"x": jax.random.uniform(k, (128, 8, 8, 1), minval=-1, maxval=1)}  # noqa: E731
-    fm = ms_per_step(unet(), flow_matching_loss("linear"), data8)
-    rows.append(("digits U-Net 16ch + attention, batch 128", "flow matching", fm, 1.0))
-    ms = ms_per_step(IgnoresR(unet()), meanflow_loss("linear"), data8)
-    rows.append(("digits U-Net 16ch + attention, batch 128", "MeanFlow (JVP)", ms, ms / fm))
+    data8 = lambda k: {"x": jax.random.uniform(k, (128, 8, 8, 1), minval=-1, maxval=1),  # noqa: E731
+                       "y": jax.random.randint(jax.random.fold_in(k, 1), (128,), 0, 10)}
+    unet = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
+                image_size=8, num_groups=8, num_classes=10)
+    dit = dict(image_size=8, patch_size=2, hidden=96, depth=4, num_heads=4, num_classes=10)
+    guided = meanflow_loss("linear", p=0.0, label_dropout=0.1, null_label=10, guidance_scales=(1.0, 4.0))
+    for label, field, flow_map, kw in (("digits U-Net 16ch + attention, batch 128", UNetField, FlowMapUNet, unet),
+                                       ("digits DiT 96x4 (724k), batch 128", DiTField, FlowMapDiT, dit)):
+        fm = ms_per_step(nnx.jit(lambda: field(1, **kw, rngs=nnx.Rngs(0)))(), flow_matching_loss("linear"), data8)
+        rows.append((label, "flow matching", fm, 1.0))
+        for name, loss, extra in (("MeanFlow (JVP)", meanflow_loss("linear", p=0.0), {}),
+                                  ("MeanFlow, guidance in training (JVP + unconditional pass)", guided,
+                                   {"guidance_input": True})):
+            ms = ms_per_step(nnx.jit(lambda: flow_map(1, **kw, **extra, rngs=nnx.Rngs(0)))(), loss, data8)
+            rows.append((label, name, ms, ms / fm))
 
     print(f"device: {jax.devices()[0].device_kind}; {args.steps} fused steps per figure")
     print("| network | objective | ms / step | vs flow matching |\n|---|---|---|---|")

@@ -36,6 +36,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "ssm": ("ebm", "build_ssm", {}, "score model by sliced score matching (Song et al. 2019)"),
     "meanflow": ("flow_map", "build_meanflow", {}, "MeanFlow: a flow map u(x, r, t), one-step (Geng et al. 2025)"),
     "shortcut": ("flow_map", "build_shortcut", {}, "shortcut model: self-consistent jumps (Frans et al. 2025)"),
+    "scm": ("scm", "build_scm", {}, "sCM: continuous-time consistency training, TrigFlow (Lu & Song 2025)"),
 }
 
 

@@ -13,6 +13,7 @@ from jaxgen.losses.regression import (data_prediction_loss, denoising_score_matc
                                       logit_normal_time, marginal_regression_loss, noise_prediction_loss,
                                       regression_loss, split_batch, uniform_time, v_prediction_loss,
                                       velocity_and_score_loss, with_params)
+from jaxgen.losses.scm import scm_loss, scm_tangent, scm_times, trigflow_jvp
 from jaxgen.losses.score_matching import ncsn_loss, sliced_score_matching_loss
 from jaxgen.losses.vae import hvae_loss, iwae_loss, vae_loss
 from jaxgen.losses.vq import vqvae_loss
@@ -26,4 +27,5 @@ __all__ = [
     "generator_loss", "gradient_penalty", "critic_gap", "optimal_discriminator", "contrastive_divergence_loss",
     "sliced_score_matching_loss", "ncsn_loss", "meanflow_loss", "meanflow_target", "meanflow_times", "adaptive_weight",
     "shortcut_loss",
+    "scm_loss", "scm_tangent", "scm_times", "trigflow_jvp",
 ]
