@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BUDGETS = (1, 2, 4, 8, 16, 32, 100)
 FLOW_MAP_BUDGETS = (1, 2, 4, 8)
-FLOW_MAP_MODELS = ("meanflow", "shortcut")
+FLOW_MAP_MODELS = ("meanflow", "shortcut", "scm")
 
 
 def samplers(path, prediction="velocity"):
@@ -145,6 +145,45 @@ def bench_2d_flow_maps(args, x0, quality):
                      data=lambda key: moons(key, 256), ema_decay=0.999)
         state, _ = tr.fit(tr.init(0), args.fm_steps, progress=False)
         rows += flow_map_rows("2d", f"{name} (from scratch)", tr.model(state, ema=True), x0, quality)
+    if _selected("scm"):
+        rows += bench_2d_scm(args, x0, quality)
+    return rows
+
+
+def bench_2d_scm(args, x0, quality):
+    """sCT from scratch (TrigFlow consistency function around an MLP of the same width, the learned adaptive
+    weighting, the data divided by its standard deviation), sampled by consistency jumps (uniform jump times) at
+    1-8 NFE from the same noise (the prior of the scaled data is N(0, I) too), multiplied back."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from jaxgen.data.toy2d import moons
+    from jaxgen.losses import scm_loss
+    from jaxgen.models import ConsistencyFunction, MLPField
+    from jaxgen.models.consistency import LogVariance
+    from jaxgen.samplers import ConsistencyMultistep, sample
+    from jaxgen.training import Trainer
+
+    sd = float(jnp.std(moons(jax.random.key(7), 4096)))
+    rngs = nnx.Rngs(0)
+    model = ConsistencyFunction(MLPField(2, width=128, activation="silu", rngs=rngs), "cosine",
+                                parameterization="trigflow", logvar=LogVariance(rngs=rngs))
+    tr = Trainer(model, scm_loss("cosine", sigma_data=sd, warmup_steps=1000),
+                 optax.adam(optax.cosine_decay_schedule(1e-3, args.fm_steps)), data=lambda key: moons(key, 256),
+                 ema_decay=0.999)
+    state, _ = tr.fit(tr.init(0), args.fm_steps, progress=False)
+    f = tr.model(state, ema=True)
+    rows = []
+    for n in FLOW_MAP_BUDGETS:
+        res = jax.jit(lambda x, n=n: sample(f, x, ConsistencyMultistep(), prediction="data", steps=n,
+                                            key=jax.random.key(6)))(x0)
+        q = quality(sd * np.asarray(res.x))
+        rows.append({"model": "2d", "sampler": "scm (from scratch)", "budget": n, "steps": n, "nfe": int(res.nfe), **q,
+                     "seconds": 0.0})
+        print(f"[2d] scm (from scratch) budget {n:3d} NFE {int(res.nfe):3d}  " +
+              "  ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
     return rows
 
 
