@@ -31,7 +31,9 @@ class ImageConfig:
     # the objective: "flow_matching" (regression on `prediction`), or "meanflow" with options as
     # "meanflow:p=0,equal_fraction=0.25,w_min=1,w_max=4": a flow-map U-Net u(x, r, t | y, w) trained by
     # jaxgen.losses.meanflow_loss with guidance built in (w ~ U[w_min, w_max] as an input), sampled with
-    # sampler="flow_map" in sample_steps jumps (or any other sampler through its diagonal u(x, t, t | y, w))
+    # sampler="flow_map" in sample_steps jumps (or any other sampler through its diagonal u(x, t, t | y, w));
+    # "shortcut[:max_doublings=7,consistency_fraction=0.25,w_min=1,w_max=4]": the same network trained as a shortcut
+    # model (jaxgen.losses.shortcut_loss, guidance built in the same way)
     objective: str = "flow_matching"
     # network: "unet" (the fields below) or a DiT, "dit" with options as "dit:hidden=96,depth=4,heads=4,patch=2"
     # (jaxgen.models.DiTField; those defaults have 724,356 parameters, the U-Net's 702,753)
@@ -107,21 +109,25 @@ def check_config(cfg: ImageConfig) -> None:
     common.check_batch_size(cfg.batch_size)
     network_options(cfg)
     name, opt = objective_options(cfg)
-    if name == "meanflow" and cfg.prediction != "velocity":
-        raise ValueError(f"objective meanflow learns an average velocity: set prediction=velocity (got "
+    if name in FLOW_MAP_OBJECTIVES and cfg.prediction != "velocity":
+        raise ValueError(f"objective {name} learns an average velocity: set prediction=velocity (got "
                          f"{cfg.prediction!r}).")
-    if name == "meanflow" and not 0 <= opt["w_min"] <= opt["w_max"]:
-        raise ValueError(f"objective meanflow needs 0 <= w_min <= w_max, got w_min={opt['w_min']}, "
+    if name in FLOW_MAP_OBJECTIVES and not 0 <= opt["w_min"] <= opt["w_max"]:
+        raise ValueError(f"objective {name} needs 0 <= w_min <= w_max, got w_min={opt['w_min']}, "
                          f"w_max={opt['w_max']}.")
-    if name != "meanflow" and cfg.sampler.split(":")[0] == "flow_map":
-        raise ValueError("the flow_map sampler needs a flow-map model: train with objective=meanflow, or choose an "
-                         "ODE sampler (e.g. sampler=heun).")
+    if name == "shortcut" and opt["max_doublings"] < 1:
+        raise ValueError(f"objective shortcut needs max_doublings >= 1, got {opt['max_doublings']}.")
+    if name not in FLOW_MAP_OBJECTIVES and cfg.sampler.split(":")[0] == "flow_map":
+        raise ValueError("the flow_map sampler needs a flow-map model: train with objective=meanflow (or shortcut), "
+                         "or choose an ODE sampler (e.g. sampler=heun).")
 
 
 OBJECTIVES = {
     "flow_matching": {},
     "meanflow": {"p": 0.0, "equal_fraction": 0.25, "mean": -0.4, "std": 1.0, "w_min": 1.0, "w_max": 4.0},
+    "shortcut": {"max_doublings": 7, "consistency_fraction": 0.25, "w_min": 1.0, "w_max": 4.0},
 }
+FLOW_MAP_OBJECTIVES = ("meanflow", "shortcut")  # objectives that train a flow map u(x, r, t | y, w)
 NETWORKS = {"unet": {}, "dit": {"hidden": 96, "depth": 4, "heads": 4, "patch": 2}}
 
 
@@ -158,7 +164,7 @@ def network_options(cfg: ImageConfig) -> tuple[str, dict]:
 
 
 def is_flow_map(cfg: ImageConfig) -> bool:
-    return objective_options(cfg)[0] == "meanflow"
+    return objective_options(cfg)[0] in FLOW_MAP_OBJECTIVES
 
 
 # -- building blocks ---------------------------------------------------------------------------
@@ -192,9 +198,13 @@ def build_model(cfg: ImageConfig, image_shape, seed: int):
 
 def build_loss(cfg: ImageConfig):
     """The training objective of ``cfg.objective`` (:data:`OBJECTIVES`)."""
-    from jaxgen.losses import meanflow_loss, meanflow_times, regression_loss
+    from jaxgen.losses import meanflow_loss, meanflow_times, regression_loss, shortcut_loss
 
     name, opt = objective_options(cfg)
+    if name == "shortcut":
+        return shortcut_loss(cfg.schedule, max_doublings=opt["max_doublings"],
+                             consistency_fraction=opt["consistency_fraction"], label_dropout=cfg.label_dropout,
+                             null_label=cfg.num_classes, guidance_scales=(opt["w_min"], opt["w_max"]))
     if name == "meanflow":
         times = meanflow_times(mean=opt["mean"], std=opt["std"], equal_fraction=opt["equal_fraction"])
         return meanflow_loss(cfg.schedule, time_sampler=times, p=opt["p"], label_dropout=cfg.label_dropout,

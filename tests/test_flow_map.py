@@ -211,43 +211,49 @@ MU_Y = jnp.array([[1.5, -0.5], [-1.0, 1.0], [0.0, 0.0]])  # class means; row 2 i
 M0 = jnp.array([0.2, 0.3])
 
 
-def test_guided_meanflow_is_stationary_at_the_flow_map_of_the_guided_field():
+def _guided_exact_map(a, null=2):
+    """The exact flow map of the guided field for class data N(MU_Y[y], S^2 I) and a null branch N(M0, S^2 I) (see
+    the test below), plus ``a`` times a bump on the conditional branch only."""
+    def model(x, r, t, y, w):
+        w = w[:, None]
+        mean = jnp.where((y == null)[:, None], M0, w * MU_Y[y] + (1 - w) * M0)
+        r_, t_ = jnp.reshape(r, (-1, 1)), jnp.reshape(t, (-1, 1))
+        h = t_ - r_
+        safe = jnp.where(jnp.abs(h) > 1e-4, h, 1.0)
+        rate = (-(1 - t_) + t_ * S**2) / _sigma(t_) ** 2
+        jump = (t_ * mean + _sigma(t_) / _sigma(r_) * (x - r_ * mean) - x) / safe
+        exact = jnp.where(jnp.abs(h) > 1e-4, jump, mean + rate * (x - t_ * mean))
+        return exact + a * _bump(x, r, t) * (y != null)[:, None]
+    return model
+
+
+@pytest.mark.parametrize("objective", ["meanflow", "shortcut"])
+def test_guided_flow_map_losses_are_stationary_at_the_flow_map_of_the_guided_field(objective):
     """Guidance built into training: the target's mean is ``w v(x|y) + (1 - w) u(x, r, r | null)``. For class data
     N(mu_y, S^2 I) and a null branch whose diagonal is the velocity of N(m0, S^2 I), the guided velocity is affine with
     the velocity of N(w mu_y + (1 - w) m0, S^2 I), so the exact flow map of that Gaussian, chosen per sample by the
-    (y, w) the model is given, is the loss's stationary point (perturbing the conditional branch only)."""
+    (y, w) the model is given, is the loss's stationary point (perturbing the conditional branch only): MeanFlow's
+    identity and the shortcut model's diagonal and self-consistency alike."""
+    from jaxgen.losses import shortcut_loss
+
     n, null = 200_000, 2
     k1, k2 = jax.random.split(jax.random.key(5))
     y = jax.random.randint(k1, (n,), 0, 2)
     data = {"x": MU_Y[y] + S * jax.random.normal(k2, (n, 2)), "y": y}
-    loss = meanflow_loss("linear", time_sampler=meanflow_times(equal_fraction=0.25), p=0.0, label_dropout=0.2,
-                         null_label=null, guidance_scales=(1.0, 3.0))
-
-    def grad_along(offset):
-        def model_at(a):
-            def model(x, r, t, y, w):
-                w = w[:, None]
-                mean = jnp.where((y == null)[:, None], M0, w * MU_Y[y] + (1 - w) * M0)
-                r_, t_ = jnp.reshape(r, (-1, 1)), jnp.reshape(t, (-1, 1))
-                h = t_ - r_
-                safe = jnp.where(jnp.abs(h) > 1e-4, h, 1.0)
-                rate = (-(1 - t_) + t_ * S**2) / _sigma(t_) ** 2
-                jump = (t_ * mean + _sigma(t_) / _sigma(r_) * (x - r_ * mean) - x) / safe
-                exact = jnp.where(jnp.abs(h) > 1e-4, jump, mean + rate * (x - t_ * mean))
-                return exact + (a + offset) * _bump(x, r, t) * (y != null)[:, None]
-            return model
-
-        return float(jax.jit(jax.grad(lambda a: loss(model_at(a), data, jax.random.key(6))))(0.0))
-
-    at_optimum, off = grad_along(0.0), grad_along(0.3)
+    guide = dict(label_dropout=0.2, null_label=null, guidance_scales=(1.0, 3.0))
+    loss = (meanflow_loss("linear", time_sampler=meanflow_times(equal_fraction=0.25), p=0.0, **guide)
+            if objective == "meanflow" else shortcut_loss("linear", consistency_fraction=0.5, **guide))
+    grad = jax.jit(jax.grad(lambda a, offset: loss(_guided_exact_map(a + offset), data, jax.random.key(6))))
+    at_optimum, off = float(grad(0.0, 0.0)), float(grad(0.0, 0.3))
     assert abs(at_optimum) < 0.05 * abs(off), (at_optimum, off)
-    # (checked: with the target w v alone, dropping the unconditional term, this assertion fails)
-    with pytest.raises(ValueError, match="label_dropout"):
-        meanflow_loss(null_label=null, guidance_scales=(1.0, 3.0))
-    with pytest.raises(ValueError, match="null label"):
-        meanflow_loss(label_dropout=0.1)
-    with pytest.raises(ValueError, match="range"):
-        meanflow_loss(label_dropout=0.1, null_label=null, guidance_scales=(3.0, 1.0))
+    # (checked: with the target w v alone, dropping the unconditional term, this assertion fails for both)
+    for make in (meanflow_loss, shortcut_loss):
+        with pytest.raises(ValueError, match="label_dropout"):
+            make(null_label=null, guidance_scales=(1.0, 3.0))
+        with pytest.raises(ValueError, match="null label"):
+            make(label_dropout=0.1)
+        with pytest.raises(ValueError, match="range"):
+            make(label_dropout=0.1, null_label=null, guidance_scales=(3.0, 1.0))
 
 
 def test_a_consistency_model_is_the_flow_map_pinned_at_the_data_end():

@@ -80,6 +80,54 @@ def adaptive_weight(residual: Array, *, p: float = 1.0, c: float = 1e-3) -> Arra
     return jax.lax.stop_gradient(1.0 / (sq + c) ** p)
 
 
+def _check_guidance(owner: str, label_dropout: float, null_label: int | None,
+                    guidance_scales: tuple[float, float] | None) -> None:
+    check_number(label_dropout, lambda v: 0.0 <= v < 1.0, name="label_dropout", owner=owner,
+                 what="a probability in [0, 1)")
+    if (label_dropout > 0 or guidance_scales is not None) and null_label is None:
+        raise ValueError(f"{owner}: label_dropout and guidance_scales need the null label: pass "
+                         "null_label=num_classes (the extra class of a guidance-ready network).")
+    if guidance_scales is not None:
+        if len(tuple(guidance_scales)) != 2 or not 0.0 <= guidance_scales[0] <= guidance_scales[1]:
+            raise ValueError(f"{owner}: guidance_scales must be a range (lo, hi) with 0 <= lo <= hi, e.g. "
+                             f"(1.0, 4.0), got {guidance_scales!r}.")
+        if not label_dropout > 0:
+            raise ValueError(f"{owner}: guidance_scales needs label_dropout > 0 (e.g. 0.1), so that the network "
+                             "learns the unconditional velocity the guided target is built from.")
+
+
+def _guidance_inputs(cond: dict, n: int, key: Array, dtype, *, owner: str, label_dropout: float,
+                     null_label: int | None, guidance_scales: tuple[float, float] | None, label_key: str,
+                     guidance_key: str) -> dict:
+    """The conditioning with each label replaced by ``null_label`` with probability ``label_dropout`` and, with
+    ``guidance_scales = (lo, hi)``, a scale ``w ~ U[lo, hi]`` per kept label (``w = 1`` for dropped ones) under
+    ``guidance_key``."""
+    if not (label_dropout > 0 or guidance_scales is not None):
+        return cond
+    if label_key not in cond:
+        raise ValueError(f"{owner}: label_dropout and guidance need labels in the batch under key {label_key!r}; got "
+                         f"keys {sorted(['x', *cond])}.")
+    k_drop, k_w = jax.random.split(key)
+    labels = cond[label_key]
+    drop = jax.random.bernoulli(k_drop, label_dropout, (n,))
+    cond = {**cond, label_key: jnp.where(drop, jnp.full_like(labels, null_label), labels)}
+    if guidance_scales is not None:
+        lo, hi = guidance_scales
+        cond[guidance_key] = jnp.where(drop, 1.0, jax.random.uniform(k_w, (n,), dtype, lo, hi)).astype(dtype)
+    return cond
+
+
+def _guided_velocity(model: Callable, x: Array, time: Array, v: Array, cond: dict, *, null_label: int,
+                     label_key: str, guidance_key: str) -> Array:
+    r"""``w v + (1 - w) sg(u(x, time, time | null, w = 1))``: the conditional velocity ``v`` turned into a sample of the
+    classifier-free-guided velocity at the scale ``w = cond[guidance_key]`` (MeanFlow sec. 4.2, eq. 13), with the
+    network's own unconditional diagonal (one forward pass, no gradient)."""
+    w = cond[guidance_key]
+    null = {**cond, label_key: jnp.full_like(cond[label_key], null_label), guidance_key: jnp.ones_like(w)}
+    v_null = jax.lax.stop_gradient(model(x, time, time, **null))
+    return expand_like(w, x) * v + expand_like(1.0 - w, x) * v_null
+
+
 def meanflow_loss(path: GaussianPath | str = "linear", *, time_sampler: Callable | None = None, p: float = 1.0,
                   c: float = 1e-3, label_dropout: float = 0.0, null_label: int | None = None,
                   guidance_scales: tuple[float, float] | None = None, label_key: str = "y",
@@ -116,23 +164,14 @@ def meanflow_loss(path: GaussianPath | str = "linear", *, time_sampler: Callable
     check_number(p, lambda v: v >= 0, name="p", owner="meanflow_loss", what="a number >= 0 (1: the paper's)")
     check_number(c, lambda v: v > 0, name="c", owner="meanflow_loss", what="a number > 0 (1e-3: the paper's)")
     sampler = meanflow_times() if time_sampler is None else time_sampler
-    check_number(label_dropout, lambda v: 0.0 <= v < 1.0, name="label_dropout", owner="meanflow_loss",
-                 what="a probability in [0, 1)")
-    if (label_dropout > 0 or guidance_scales is not None) and null_label is None:
-        raise ValueError("meanflow_loss: label_dropout and guidance_scales need the null label: pass "
-                         "null_label=num_classes (the extra class of a guidance-ready network).")
-    if guidance_scales is not None:
-        if len(tuple(guidance_scales)) != 2 or not 0.0 <= guidance_scales[0] <= guidance_scales[1]:
-            raise ValueError(f"meanflow_loss: guidance_scales must be a range (lo, hi) with 0 <= lo <= hi, e.g. "
-                             f"(1.0, 4.0), got {guidance_scales!r}.")
-        if not label_dropout > 0:
-            raise ValueError("meanflow_loss: guidance_scales needs label_dropout > 0 (e.g. 0.1), so that the network "
-                             "learns the unconditional velocity the guided target is built from.")
+    _check_guidance("meanflow_loss", label_dropout, null_label, guidance_scales)
+    guide = dict(label_dropout=label_dropout, null_label=null_label, guidance_scales=guidance_scales,
+                 label_key=label_key, guidance_key=guidance_key)
 
     def loss(model, batch, key: Array) -> Array:
         z, cond = split_batch(batch, owner="meanflow_loss")
         check_key(key, owner="meanflow_loss")
-        k_t, k_eps, k_drop, k_w = jax.random.split(key, 4)
+        k_t, k_eps, k_guide = jax.random.split(key, 3)
         n = z.shape[0]
         r, t = sampler(k_t, n)
         r, t = r.astype(z.dtype), t.astype(z.dtype)
@@ -140,20 +179,10 @@ def meanflow_loss(path: GaussianPath | str = "linear", *, time_sampler: Callable
         co = path.coefficients(r)
         x = expand_like(co.alpha, z) * z + expand_like(co.beta, z) * eps
         v = expand_like(co.d_alpha, z) * z + expand_like(co.d_beta, z) * eps
-        if label_dropout > 0 or guidance_scales is not None:
-            if label_key not in cond:
-                raise ValueError(f"meanflow_loss: label_dropout and guidance need labels in the batch under key "
-                                 f"{label_key!r}; got keys {sorted(['x', *cond])}.")
-            labels = cond[label_key]
-            drop = jax.random.bernoulli(k_drop, label_dropout, (n,))
-            null = jnp.full_like(labels, null_label)
-            cond = {**cond, label_key: jnp.where(drop, null, labels)}
-            if guidance_scales is not None:
-                lo, hi = guidance_scales
-                w = jnp.where(drop, 1.0, jax.random.uniform(k_w, (n,), z.dtype, lo, hi)).astype(z.dtype)
-                cond[guidance_key] = w
-                v_null = model(x, r, r, **{**cond, label_key: null, guidance_key: jnp.ones_like(w)})
-                v = expand_like(w, z) * v + expand_like(1.0 - w, z) * jax.lax.stop_gradient(v_null)
+        cond = _guidance_inputs(cond, n, k_guide, z.dtype, owner="meanflow_loss", **guide)
+        if guidance_scales is not None:
+            v = _guided_velocity(model, x, r, v, cond, null_label=null_label, label_key=label_key,
+                                 guidance_key=guidance_key)
         out, target = meanflow_target(model, x, r, t, v, **cond)
         residual = out - jax.lax.stop_gradient(target)
         w = adaptive_weight(residual, p=p, c=c)
@@ -163,7 +192,9 @@ def meanflow_loss(path: GaussianPath | str = "linear", *, time_sampler: Callable
 
 
 def shortcut_loss(path: GaussianPath | str = "linear", *, max_doublings: int = 7,
-                  consistency_fraction: float = 0.25) -> Callable:
+                  consistency_fraction: float = 0.25, label_dropout: float = 0.0, null_label: int | None = None,
+                  guidance_scales: tuple[float, float] | None = None, label_key: str = "y",
+                  guidance_key: str = "w") -> Callable:
     r"""The shortcut-model loss (Frans et al. 2025, eq. 5 and sec. 3) for a flow-map model ``model(x, r, t, **cond)``:
     a shortcut ``s(x_t, t, d)`` is the flow map ``u(x_t, t, t + d)``.
 
@@ -181,6 +212,10 @@ def shortcut_loss(path: GaussianPath | str = "linear", *, max_doublings: int = 7
     ``round(consistency_fraction * B)`` samples). The exact flow map is a minimiser: it satisfies the
     self-consistency exactly (the flow's semigroup property) and its diagonal is the marginal velocity.
 
+    Guidance is built in as in :func:`meanflow_loss` (``label_dropout``, ``null_label``, ``guidance_scales``): the
+    diagonal's target becomes the guided velocity ``w v + (1 - w) sg(u(x_t, t, t | null))`` and every jump is
+    conditioned on the sample's ``(y, w)``, so the model learns the shortcuts of the guided ODE at every ``w``.
+
     Returns:
       ``loss(model, batch, key) -> scalar``; ``batch`` is the data ``x`` or ``{"x": x, **cond}``.
     """
@@ -190,13 +225,17 @@ def shortcut_loss(path: GaussianPath | str = "linear", *, max_doublings: int = 7
                          f"1/128), got {max_doublings!r}.")
     check_number(consistency_fraction, lambda v: 0.0 <= v <= 1.0, name="consistency_fraction",
                  owner="shortcut_loss", what="a number in [0, 1] (0.25 in the paper)")
+    _check_guidance("shortcut_loss", label_dropout, null_label, guidance_scales)
+    guide = dict(label_dropout=label_dropout, null_label=null_label, guidance_scales=guidance_scales,
+                 label_key=label_key, guidance_key=guidance_key)
 
     def loss(model, batch, key: Array) -> Array:
         z, cond = split_batch(batch, owner="shortcut_loss")
         check_key(key, owner="shortcut_loss")
         n = z.shape[0]
         k = int(round(consistency_fraction * n))
-        k_t, k_j, k_eps, k_u = jax.random.split(key, 4)
+        k_t, k_j, k_eps, k_u, k_guide = jax.random.split(key, 5)
+        cond = _guidance_inputs(cond, n, k_guide, z.dtype, owner="shortcut_loss", **guide)
         j = jax.random.randint(k_j, (n,), 0, max_doublings)
         d = (2.0 ** (j - max_doublings)).astype(z.dtype)
         slots = jnp.round(1.0 / d).astype(jnp.int32) - 1  # t in {0, d, ..., 1 - 2d}: 1/d - 1 slots
@@ -210,6 +249,9 @@ def shortcut_loss(path: GaussianPath | str = "linear", *, max_doublings: int = 7
         v = expand_like(co.d_alpha, z) * z + expand_like(co.d_beta, z) * eps
         end = jnp.where(is_sc, t + 2 * d, t)
         out = model(x, t, end, **cond)
+        if guidance_scales is not None:
+            v = _guided_velocity(model, x, t, v, cond, null_label=null_label, label_key=label_key,
+                                 guidance_key=guidance_key)
         target = v
         if k > 0:
             def half_jumps(x):
