@@ -234,3 +234,13 @@ def test_meanflow_on_a_dit_trains_resumes_and_samples_guided_in_one_jump(tmp_pat
         assert cli.main(["sample", "--checkpoint", str(out), "--label", "3", "--guidance", "2", "--sampler", sampler,
                          "--steps", steps, "--num", "4", "--out", str(grid)]) == 0
         assert f"NFE {nfe}" in capsys.readouterr().out and grid.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_shortcut_model_trains_through_the_same_experiment(tmp_path):
+    out = tmp_path / "sc"
+    assert cli.main(["train", "digits_smoke", "--out", str(out), "--no-progress", "--set", "objective=shortcut",
+                     "--set", "sampler=flow_map", "--set", "sample_steps=2", "--set", "steps=10",
+                     "--set", "guidance_scales=2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["step"] == 10 and report["nfe"] == 2 and 0.0 <= report["accuracy"] <= 1.0
