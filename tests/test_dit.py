@@ -140,6 +140,7 @@ def test_jvp_of_the_flow_map_matches_central_differences(models, direction, h):
     assert float(jnp.linalg.norm(tangent - fd) / jnp.linalg.norm(tangent)) < 1e-2
 
 
+@pytest.mark.slow  # the costliest compilations of their files: in the full suite, not the fast tier
 def test_jvp_inside_jit_equals_the_eager_jvp(models):
     model = models["random map"]
     tangents = (jax.random.normal(jax.random.key(8), X.shape), jnp.ones(B), jnp.zeros(B))

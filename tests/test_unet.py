@@ -233,6 +233,7 @@ def test_attention_block_is_softmax_attention_per_head(num_heads):
     np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=0.1)
 
 
+@pytest.mark.slow  # the costliest compilations of their files: in the full suite, not the fast tier
 def test_jvp_through_the_unet_with_attention_matches_finite_differences(model, batch):
     """The flow-map losses differentiate the network along (x, t) with jax.jvp inside the compiled step: through the
     attention, group norms and time embedding of the U-Net, the JVP equals central differences."""
