@@ -142,6 +142,7 @@ def test_flow_map_mlp_takes_two_times_and_its_jvp_matches_finite_differences():
         model(x, r[:3], t)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["meanflow", "shortcut"])
 def test_flow_map_recipes_train_sample_in_k_jumps_and_score_through_the_diagonal(family):
     from experiments.recipes import Context

@@ -350,8 +350,9 @@ def test_recipes_build_for_both_shapes():
         assert ("spectral norm" in r.sampler) == (builder == "build_sngan" or bool(opts))
 
 
-@pytest.mark.parametrize("shape,builder", [((2,), "build_wgan"), ((8, 8, 1), "build_sngan")],
-                         ids=["2d-wgan", "digits-sngan"])
+@pytest.mark.parametrize("shape,builder", [pytest.param((2,), "build_wgan", id="2d-wgan"),
+                                           pytest.param((8, 8, 1), "build_sngan", id="digits-sngan",
+                                                        marks=pytest.mark.slow)])
 def test_recipe_smoke(shape, builder):
     """Recipes take trainer steps, generate (one generator pass, NFE 1) and diagnose; the mode measure appears for
     8-Gaussians data only. (One critic update per step: each repeat is a copy of the update in the compiled step.)"""

@@ -304,6 +304,7 @@ def test_loss_labels_weighting_warmup_and_errors():
         scm_loss(sigma_data=SD)(ConsistencyFunction(net, COS), batch, key)
 
 
+@pytest.mark.slow
 def test_scm_recipe_trains_and_samples_in_k_jumps():
     from experiments.recipes import Context
     from experiments.recipes.registry import build

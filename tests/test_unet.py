@@ -268,15 +268,17 @@ def test_the_flow_map_unet_takes_two_times_and_a_guidance_scale():
     options (the main job's 702,753)."""
     from jaxgen.models import FlowMapUNet
 
-    net = nnx.jit(lambda: FlowMapUNet(1, channels=8, channel_mult=(1,), attention_resolutions=(), dropout=0.0,
-                                      num_classes=10, image_size=8, num_groups=4, zero_init=False, guidance_input=True,
+    net = nnx.jit(lambda: FlowMapUNet(1, channels=4, channel_mult=(1,), attention_resolutions=(), dropout=0.0,
+                                      num_classes=10, image_size=4, num_groups=2, zero_init=False, guidance_input=True,
                                       rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))))()
-    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    x = jax.random.normal(jax.random.key(1), (3, 4, 4, 1))
     r, t, y = jnp.array([0.0, 0.2, 0.5]), jnp.array([1.0, 0.6, 0.5]), jnp.array([1, 2, 10])
-    w2, w3 = jnp.full(3, 2.0), jnp.full(3, 3.0)
-    base, half_r, other_w, default_w, w1 = nnx.jit(lambda m: (  # one compiled program for every variant
-        m(x, r, t, y=y, w=w2), m(x, 0.5 * r, t, y=y, w=w2), m(x, r, t, y=y, w=w3), m(x, r, t, y=y),
-        m(x, r, t, y=y, w=1.0)))(net)
+    # one batch of four variants (w = 2; r halved; w = 3; w = 1) and the default w, in one compiled program
+    rr = jnp.concatenate([r, 0.5 * r, r, r])
+    ww = jnp.repeat(jnp.array([2.0, 2.0, 3.0, 1.0]), 3)
+    out, default_w = nnx.jit(lambda m: (m(jnp.tile(x, (4, 1, 1, 1)), rr, jnp.tile(t, 4), y=jnp.tile(y, 4), w=ww),
+                                        m(x, r, t, y=y)))(net)
+    base, half_r, other_w, w1 = jnp.split(out, 4)
     assert base.shape == x.shape
     for other in (half_r, other_w):
         assert float(jnp.max(jnp.abs(other - base))) > 1e-4  # r and w matter
@@ -285,6 +287,7 @@ def test_the_flow_map_unet_takes_two_times_and_a_guidance_scale():
         net(x, r, t, y=y, w=jnp.ones(2))
     with pytest.raises(ValueError, match="times of shape"):
         net(x, jnp.ones(2), t, y=y)
-    plain = nnx.eval_shape(lambda: UNetField(1, channels=8, image_size=8, attention_resolutions=(), rngs=nnx.Rngs(0)))
+    plain = nnx.eval_shape(lambda: UNetField(1, channels=4, image_size=4, num_groups=2, attention_resolutions=(),
+                                             rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="guidance_input=True"):
         plain(x, t, w=2.0)
