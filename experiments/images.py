@@ -33,7 +33,10 @@ class ImageConfig:
     # jaxgen.losses.meanflow_loss with guidance built in (w ~ U[w_min, w_max] as an input), sampled with
     # sampler="flow_map" in sample_steps jumps (or any other sampler through its diagonal u(x, t, t | y, w));
     # "shortcut[:max_doublings=7,consistency_fraction=0.25,w_min=1,w_max=4]": the same network trained as a shortcut
-    # model (jaxgen.losses.shortcut_loss, guidance built in the same way)
+    # model (jaxgen.losses.shortcut_loss, guidance built in the same way);
+    # "scm[:sigma_data=0.5,p_mean=-1,p_std=1.4,warmup_steps=1000,tangent_c=0.1]": continuous-time consistency training
+    # from scratch (jaxgen.losses.scm_loss, TrigFlow on the cosine path), class-conditional without guidance (sCT
+    # learns no unconditional velocity to guide with), sampled with sampler="consistency" in sample_steps jumps
     objective: str = "flow_matching"
     # network: "unet" (the fields below) or a DiT, "dit" with options as "dit:hidden=96,depth=4,heads=4,patch=2"
     # (jaxgen.models.DiTField; those defaults have 724,356 parameters, the U-Net's 702,753)
@@ -117,6 +120,22 @@ def check_config(cfg: ImageConfig) -> None:
                          f"w_max={opt['w_max']}.")
     if name == "shortcut" and opt["max_doublings"] < 1:
         raise ValueError(f"objective shortcut needs max_doublings >= 1, got {opt['max_doublings']}.")
+    if name == "scm":
+        if cfg.schedule != "cosine" or cfg.prediction != "velocity" or cfg.label_dropout != 0:
+            raise ValueError("objective scm is TrigFlow on the cosine path with a velocity network, trained on the "
+                             "labels as given: set schedule=cosine, prediction=velocity and label_dropout=0 (got "
+                             f"schedule={cfg.schedule!r}, prediction={cfg.prediction!r}, "
+                             f"label_dropout={cfg.label_dropout}).")
+        if cfg.sampler.split(":")[0] != "consistency":
+            raise ValueError(f"objective scm trains a consistency model: set sampler=consistency (got {cfg.sampler!r}).")
+        if cfg.eval_guidance != 1.0 or any(w != 1.0 for w in cfg.guidance_scales):
+            raise ValueError("objective scm samples without guidance (consistency training learns no unconditional "
+                             "velocity to guide with): set eval_guidance=1 and guidance_scales=1.")
+        if not (opt["sigma_data"] > 0 and opt["p_std"] > 0 and opt["tangent_c"] > 0 and opt["warmup_steps"] >= 0):
+            raise ValueError(f"objective scm needs sigma_data, p_std and tangent_c > 0 and warmup_steps >= 0, got {opt}.")
+    elif cfg.sampler.split(":")[0] == "consistency":
+        raise ValueError("the consistency sampler needs a consistency model: train with objective=scm, or choose an "
+                         "ODE sampler (e.g. sampler=heun).")
     if name not in FLOW_MAP_OBJECTIVES and cfg.sampler.split(":")[0] == "flow_map":
         raise ValueError("the flow_map sampler needs a flow-map model: train with objective=meanflow (or shortcut), "
                          "or choose an ODE sampler (e.g. sampler=heun).")
@@ -126,6 +145,7 @@ OBJECTIVES = {
     "flow_matching": {},
     "meanflow": {"p": 0.0, "equal_fraction": 0.25, "mean": -0.4, "std": 1.0, "w_min": 1.0, "w_max": 4.0},
     "shortcut": {"max_doublings": 7, "consistency_fraction": 0.25, "w_min": 1.0, "w_max": 4.0},
+    "scm": {"sigma_data": 0.5, "p_mean": -1.0, "p_std": 1.4, "warmup_steps": 1000, "tangent_c": 0.1},
 }
 FLOW_MAP_OBJECTIVES = ("meanflow", "shortcut")  # objectives that train a flow map u(x, r, t | y, w)
 NETWORKS = {"unet": {}, "dit": {"hidden": 96, "depth": 4, "heads": 4, "patch": 2}}
@@ -167,6 +187,12 @@ def is_flow_map(cfg: ImageConfig) -> bool:
     return objective_options(cfg)[0] in FLOW_MAP_OBJECTIVES
 
 
+def consistency_scale(cfg: ImageConfig) -> float:
+    """``sigma_data`` of an ``scm`` run (its model works on the data divided by it), 0 for other objectives."""
+    name, opt = objective_options(cfg)
+    return opt["sigma_data"] if name == "scm" else 0.0
+
+
 # -- building blocks ---------------------------------------------------------------------------
 
 def load_dataset(cfg: ImageConfig, split: str):
@@ -185,22 +211,36 @@ def build_model(cfg: ImageConfig, image_shape, seed: int):
 
     h, _, c = image_shape
     extra = dict(guidance_input=True) if is_flow_map(cfg) else {}
+    scm = consistency_scale(cfg) > 0
+    if scm:
+        extra = dict(time_scale=10.0)  # the sCM tangent differentiates the network in time: a smooth embedding
     net, opt = network_options(cfg)
+    rngs = nnx.Rngs(seed)
     if net == "dit":
-        return (FlowMapDiT if extra else DiTField)(
+        model = (FlowMapDiT if is_flow_map(cfg) else DiTField)(
             c, image_size=h, patch_size=opt["patch"], hidden=opt["hidden"], depth=opt["depth"],
-            num_heads=opt["heads"], num_classes=cfg.num_classes, rngs=nnx.Rngs(seed), **extra)
-    return (FlowMapUNet if extra else UNetField)(
-        c, channels=cfg.channels, channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
-        attention_resolutions=tuple(cfg.attention_resolutions), num_heads=cfg.num_heads, dropout=cfg.dropout,
-        num_classes=cfg.num_classes, image_size=h, rngs=nnx.Rngs(seed), **extra)
+            num_heads=opt["heads"], num_classes=cfg.num_classes, rngs=rngs, **extra)
+    else:
+        model = (FlowMapUNet if is_flow_map(cfg) else UNetField)(
+            c, channels=cfg.channels, channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
+            attention_resolutions=tuple(cfg.attention_resolutions), num_heads=cfg.num_heads, dropout=cfg.dropout,
+            num_classes=cfg.num_classes, image_size=h, rngs=rngs, **extra)
+    if scm:  # TrigFlow's consistency function around the velocity network, with sCM's learned weighting
+        from jaxgen.models import ConsistencyFunction
+        from jaxgen.models.consistency import LogVariance
+
+        model = ConsistencyFunction(model, "cosine", parameterization="trigflow", logvar=LogVariance(rngs=rngs))
+    return model
 
 
 def build_loss(cfg: ImageConfig):
     """The training objective of ``cfg.objective`` (:data:`OBJECTIVES`)."""
-    from jaxgen.losses import meanflow_loss, meanflow_times, regression_loss, shortcut_loss
+    from jaxgen.losses import meanflow_loss, meanflow_times, regression_loss, scm_loss, shortcut_loss
 
     name, opt = objective_options(cfg)
+    if name == "scm":
+        return scm_loss("cosine", sigma_data=opt["sigma_data"], p_mean=opt["p_mean"], p_std=opt["p_std"],
+                        tangent_c=opt["tangent_c"], warmup_steps=opt["warmup_steps"])
     if name == "shortcut":
         return shortcut_loss(cfg.schedule, max_doublings=opt["max_doublings"],
                              consistency_fraction=opt["consistency_fraction"], label_dropout=cfg.label_dropout,
@@ -244,7 +284,8 @@ def resolve_sampler(spec: str, prediction: str):
 
 @functools.lru_cache(maxsize=32)
 def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int, null_label: int, shape: tuple,
-                        chunk: int = 0, checked: bool = False, devices: int = 1, flow_map: bool = False):
+                        chunk: int = 0, checked: bool = False, devices: int = 1, flow_map: bool = False,
+                        consistency_scale: float = 0.0):
     import jax
     import jax.numpy as jnp
 
@@ -254,7 +295,7 @@ def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int
     from jaxgen.paths import GaussianPath
     from jaxgen.samplers import FlowMap, sample
 
-    path = GaussianPath.from_name(schedule)
+    path = GaussianPath.from_name("cosine" if consistency_scale else schedule)  # sCM: TrigFlow's cosine path
     solver, t0 = resolve_sampler(sampler, prediction)
 
     mesh = common.mesh() if devices > 1 else None
@@ -268,6 +309,14 @@ def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int
 
             x0, labels = shard_batch((x0, labels), mesh)
         cond = {"y": labels}
+        if consistency_scale:  # a consistency model of the data / sigma_data: jumps to the data end, scaled back
+            res = sample(model, x0, solver, prediction="data", steps=steps, key=k1, cond=cond)
+            x = consistency_scale * res.x
+            if split:
+                from jaxgen.training.parallel import replicated
+
+                x = jax.lax.with_sharding_constraint(x, replicated(mesh))
+            return x, res.nfe
         if flow_map:  # guidance is an input of the flow map: one call on the batch, jumps or its diagonal
             cond["w"] = jnp.full(labels.shape, guidance, jnp.float32)
             field = model if isinstance(solver, FlowMap) else flow_map_velocity(model)
@@ -295,10 +344,13 @@ def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=N
 
     sampler = sampler or cfg.sampler
     resolve_sampler(sampler, cfg.prediction)  # a clear error for an unknown sampler, before compiling
+    if consistency_scale(cfg) and (float(guidance) != 1.0 or sampler.split(":")[0] != "consistency"):
+        raise ValueError(f"an scm run samples with the consistency sampler and without guidance (w = 1); got "
+                         f"sampler {sampler!r}, w = {float(guidance):g}.")
     chunk = cfg.sample_chunk if cfg.sample_chunk > 0 else (64 if jax.default_backend() == "cpu" else 0)
     gen = _compiled_generator(cfg.schedule, cfg.prediction, sampler, int(steps or cfg.sample_steps),
                               cfg.num_classes, tuple(shape), chunk, bool(cfg.checked), jax.device_count(),
-                              is_flow_map(cfg))
+                              is_flow_map(cfg), consistency_scale(cfg))
     model.eval()
     x, nfe = gen(model, jnp.asarray(labels, jnp.int32), jnp.asarray(guidance, jnp.float32), key)
     return np.clip(np.asarray(x), -1.0, 1.0), int(nfe)
