@@ -242,7 +242,7 @@ def test_meanflow_on_a_dit_trains_resumes_and_samples_guided_in_one_jump(tmp_pat
 def test_a_shortcut_model_trains_through_the_same_experiment(tmp_path):
     out = tmp_path / "sc"
     assert cli.main(["train", "digits_smoke", "--out", str(out), "--no-progress", "--set", "objective=shortcut",
-                     "--set", "sampler=flow_map", "--set", "sample_steps=2", "--set", "steps=10",
+                     "--set", "network=dit:hidden=16,depth=1,heads=1", "--set", "sampler=flow_map", "--set", "sample_steps=2", "--set", "steps=10",
                      "--set", "guidance_scales=2"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["step"] == 10 and report["nfe"] == 2 and 0.0 <= report["accuracy"] <= 1.0
@@ -250,11 +250,11 @@ def test_a_shortcut_model_trains_through_the_same_experiment(tmp_path):
 
 @pytest.mark.slow
 def test_a_continuous_time_consistency_model_trains_and_samples_through_the_same_experiment(tmp_path):
-    """objective=scm: TrigFlow's consistency function around the U-Net, trained by the sCM loss, sampled by the
+    """objective=scm: TrigFlow's consistency function around a (small) DiT, trained by the sCM loss, sampled by the
     consistency sampler in one and two jumps; guided sampling is refused in one line."""
     out = tmp_path / "scm"
-    args = ["train", "digits_scm", "--out", str(out), "--no-progress", "--set", "steps=10", "--set", "channels=8",
-            "--set", "channel_mult=1", "--set", "attention_resolutions=", "--set", "samples_per_class=4",
+    args = ["train", "digits_scm", "--out", str(out), "--no-progress", "--set", "steps=10",
+            "--set", "network=dit:hidden=16,depth=1,heads=1", "--set", "samples_per_class=4",
             "--set", "checkpoint_every=10"]
     assert cli.main(args) == 0
     report = json.loads((out / "report.json").read_text())
