@@ -394,14 +394,39 @@ class UNetField(nnx.Module):
         t, y = self._check_inputs(x, t, y)
         return self._apply(x, self.embed(t, y, x.dtype, w=self._check_guidance(w, x.shape[0])))
 
-    def _apply(self, x: Array, emb: Array) -> Array:
+    def _apply(self, x: Array, emb: Array, *, control: tuple | None = None) -> Array:
+        """The network on ``x`` given the conditioning embedding ``emb`` (:meth:`embed`): :meth:`encode` then
+        :meth:`decode`; ``control`` = ``(skip_residuals, middle_residual)`` added to the decoder's inputs
+        (:class:`jaxgen.models.ControlNet`)."""
         emb = nnx.silu(emb)  # every block starts with SiLU(emb)
+        h, hs = self.encode(x, emb)
+        return self.decode(h, hs, emb, control=control)
+
+    def encode(self, x: Array, emb: Array, *, hint: Array | None = None) -> tuple[Array, list[Array]]:
+        """The down path and the middle block: ``(h, skips)``, the middle block's output and the feature maps the
+        decoder concatenates (the input convolution's and every down stage's, in order). ``emb`` is the *activated*
+        embedding ``SiLU(embed(...))``; ``hint`` (ControlNet's encoded control, of the input convolution's output
+        shape) is added after the input convolution."""
         h = self.conv_in(x)
+        if hint is not None:
+            h = h + hint.astype(h.dtype)
         hs = [h]
         for stage in self.down:
             h = stage(h, emb)
             hs.append(h)
-        h = self.mid2(self.mid(h, emb), emb)
+        return self.mid2(self.mid(h, emb), emb), hs
+
+    def decode(self, h: Array, hs: list[Array], emb: Array, *, control: tuple | None = None) -> Array:
+        """The up path and the output layers from the middle block's output ``h`` and the skips ``hs``
+        (:meth:`encode`); ``control = (skip_residuals, middle_residual)`` is added to the skips and to ``h``
+        first (ControlNet, Zhang et al. 2023, fig. 3)."""
+        hs = list(hs)
+        if control is not None:
+            skips, middle = control
+            if len(skips) != len(hs):
+                raise ValueError(f"control residuals: {len(skips)} skip residuals for {len(hs)} skips.")
+            h = h + middle.astype(h.dtype)
+            hs = [a + r.astype(a.dtype) for a, r in zip(hs, skips)]
         for stage in self.up:
             h = stage(jnp.concatenate([h, hs.pop()], axis=-1), emb)
         return self.conv_out(nnx.silu(self.norm_out(h)))
