@@ -149,6 +149,47 @@ def test_classifier_free_guidance_combination_and_doubled_batch():
     np.testing.assert_allclose(traced[:, 0], (1 - 2) * 10 + 2 * np.array([1, 2, 3, 4]))
 
 
+def test_guided_field_over_token_sequences_doubles_the_other_conditioning():
+    """A caption's tokens (B, L) guide like class labels, their null the all-padding sequence; a per-sample control
+    array is the same in both halves of the doubled batch, scalars pass as they are."""
+    seen = {}
+
+    def field(x, t, tokens, control, scale):
+        seen.update(tokens=tokens, control=control, scale=scale)
+        return x * 0 + (tokens.sum(-1) + control[:, 0])[:, None].astype(x.dtype) * scale
+
+    tokens = jnp.array([[3, 4, 0], [5, 0, 0]])
+    control = jnp.array([[10.0], [20.0]])
+    out = fields.guided_field(field, 2.0, null_label=0, label_key="tokens")(
+        jnp.zeros((2, 1)), 0.5, tokens=tokens, control=control, scale=1.0)
+    np.testing.assert_array_equal(seen["tokens"], [[3, 4, 0], [5, 0, 0], [0, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(seen["control"][:, 0], [10, 20, 10, 20])
+    # (1 - w) (0 + c) + w (sum + c) = c + w sum
+    np.testing.assert_allclose(out[:, 0], [10 + 2 * 7, 20 + 2 * 5])
+    with pytest.raises(ValueError, match="must have shape"):
+        fields.guided_field(field, 2.0, null_label=0, label_key="tokens")(
+            jnp.zeros((2, 1)), 0.5, tokens=tokens[:1], control=control, scale=1.0)
+
+
+def test_label_dropout_drops_a_token_sequence_as_a_whole():
+    from jaxgen.losses import regression_loss
+
+    seen = []
+
+    def field(x, t, tokens):
+        seen.append(tokens)
+        return x * 0
+
+    loss = regression_loss("linear", "velocity", label_dropout=0.5, null_label=0, label_key="tokens")
+    tokens = jnp.tile(jnp.array([[7, 8, 9]]), (256, 1))
+    loss(field, {"x": jnp.ones((256, 2)), "tokens": tokens}, jax.random.key(0))
+    got = np.asarray(seen[-1])
+    rows_kept = np.all(got == [7, 8, 9], axis=1)
+    rows_null = np.all(got == 0, axis=1)
+    assert np.all(rows_kept | rows_null)  # never partly dropped
+    assert 0.35 < rows_null.mean() < 0.65
+
+
 def test_as_field_converts_outputs():
     path = PATHS["linear"]
     x, t = _inputs(path)

@@ -28,20 +28,25 @@ def cfg_combine(conditional: Array, unconditional: Array, guidance_scale: float 
 
 
 def _labels(cond: dict, label_key: str, owner: str, batch: int) -> Array:
-    """Pop the labels a guided field guides towards, as an array of shape ``(B,)``."""
+    """Pop the labels a guided field guides towards: class indices of shape ``(B,)`` (a scalar is broadcast), or one
+    array per sample of shape ``(B, ...)`` (e.g. a caption's tokens ``(B, L)``)."""
     if label_key not in cond:
         raise ValueError(f"the {owner} needs the labels to guide towards: call it as field(x, t, {label_key}=labels) "
                          f"(in sample(): cond={{{label_key!r}: labels}}); got keywords {sorted(cond)}.")
     y = jnp.asarray(cond.pop(label_key))
-    if y.shape not in ((), (batch,)):
-        raise ValueError(f"the {owner}'s labels {label_key} must have shape (B,) = ({batch},) or be a scalar, got "
-                         f"{tuple(y.shape)}.")
-    return jnp.broadcast_to(y, (batch,))
+    if y.shape != () and y.shape[0] != batch:
+        raise ValueError(f"the {owner}'s labels {label_key} must have shape (B, ...) with B = {batch} or be a scalar, "
+                         f"got {tuple(y.shape)}.")
+    return jnp.broadcast_to(y, (batch,)) if y.shape == () else y
 
 
 def guided_field(field: Callable, guidance_scale: float | Array, *, null_label: int, label_key: str = "y") -> Callable:
     """A field ``x, t, y -> cfg_combine(field(x,t,y), field(x,t,null), w)`` evaluated as ONE network call
     on a doubled batch (conditional and unconditional halves). Counts as one NFE of batch 2B.
+
+    The labels ``cond[label_key]`` are class indices ``(B,)`` or one array per sample ``(B, ...)`` (a caption's tokens,
+    whose null is the all-padding sequence ``null_label=0``); the other conditioning arrays with the batch's leading
+    size (a ControlNet's control images) are the same in both halves.
 
     Raises ``ValueError`` for a guidance scale that is known here (not traced) and is NaN or inf.
     """
@@ -54,7 +59,9 @@ def guided_field(field: Callable, guidance_scale: float | Array, *, null_label: 
         xx = jnp.concatenate([x, x], axis=0)
         tt = jnp.concatenate([t, t], axis=0)
         yy = jnp.concatenate([y, jnp.full_like(y, null_label)], axis=0)
-        out = field(xx, tt, **{label_key: yy}, **cond)
+        rest = {k: (jnp.concatenate([v, v], axis=0) if jnp.ndim(v) >= 1 and jnp.shape(v)[0] == n else v)
+                for k, v in cond.items()}
+        out = field(xx, tt, **{label_key: yy}, **rest)
         return cfg_combine(out[:n], out[n:], guidance_scale)
 
     return guided

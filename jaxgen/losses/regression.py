@@ -178,8 +178,10 @@ def regression_loss(
             if label_key not in cond:
                 raise ValueError(f"label_dropout needs labels in the batch under key {label_key!r}; got keys "
                                  f"{sorted(['x', *cond])}.")
+            labels = cond[label_key]
             drop = jax.random.bernoulli(jax.random.fold_in(k_c, 1), label_dropout, (n,))
-            cond = {**cond, label_key: jnp.where(drop, jnp.asarray(null_label, cond[label_key].dtype), cond[label_key])}
+            drop = jnp.reshape(drop, (n,) + (1,) * (jnp.ndim(labels) - 1))  # a token sequence drops as a whole
+            cond = {**cond, label_key: jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)}
         t = time_sampler(k_t, n).astype(z.dtype)
         if interpolant is not None:
             xi = jax.random.normal(jax.random.fold_in(k_eps, 1), z.shape, z.dtype)
