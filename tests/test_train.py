@@ -265,6 +265,17 @@ def test_two_players_take_turns_with_their_own_optimizers():
         Trainer(_Players(), [Update(critic_loss, optimizer="critic")], optax.sgd(0.1))
 
 
+def test_one_update_of_a_parameter_subset_with_a_plain_optimizer():
+    """Fine-tuning part of a model (a ControlNet on a frozen base): one Update with a parameter filter and a plain
+    optax optimizer trains those parameters only, with optimizer moments for them alone."""
+    loss = lambda m, batch, key: (m.critic.kernel[0, 0] * m.generator.kernel[0, 0] - 1.0) ** 2 + 0.0 * jnp.sum(batch)
+    tr = Trainer(_Players(), [Update(loss, nnx.PathContains("critic"))], optax.sgd(0.1), data=lambda key: jnp.zeros(3))
+    s0 = tr.init(0)
+    s1, _ = tr.steps(s0, 3)
+    np.testing.assert_array_equal(tr.model(s1).generator.kernel[...], tr.model(s0).generator.kernel[...])
+    assert float(jnp.abs(tr.model(s1).critic.kernel[...] - tr.model(s0).critic.kernel[...]).max()) > 1e-4
+
+
 @pytest.mark.slow
 def test_objective_state_is_carried_through_the_compiled_steps():
     """An objective with its own state (an EBM's replay buffer of sampler outputs): init_state builds it, the loss

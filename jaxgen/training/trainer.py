@@ -179,7 +179,8 @@ class Trainer:
                                 + (f" {opt!r}" if isinstance(opt, (int, float, str)) else "") + ".")
         self.updates = self._updates(objective, optimizer)
         self.optimizers = optimizer if isinstance(optimizer, dict) else {"default": optimizer}
-        self.multi = len(self.updates) > 1 or isinstance(optimizer, dict)
+        self.multi = (len(self.updates) > 1 or isinstance(optimizer, dict)
+                      or any(u.params is not nnx.Param for u in self.updates))
         self.graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
         self.loss_fn = self.updates[0].loss if len(self.updates) == 1 else None
         self.data = data
