@@ -20,3 +20,9 @@ __all__ = ["MLPField", "FlowMapMLP", "UNetField", "FlowMapUNet", "ConsistencyFun
            "shard_parameters", "VelocityAndScore", "GaussianVAE", "HierarchicalVAE", "VQVAE", "VectorQuantizer", "Flow",
            "RealNVP", "Glow", "AffineCoupling", "ActNorm", "InvertibleLinear", "Squeeze", "Split", "GAN", "SpectralNorm",
            "make_gan", "EnergyNet", "DiTField", "FlowMapDiT"]
+from jaxgen.models.controlnet import ControlNet, ControlledField, HintEncoder
+
+__all__ += ["ControlNet", "ControlledField", "HintEncoder"]
+from jaxgen.models.text import CrossAttention, TextConditionedField, TokenEncoder
+
+__all__ += ["TokenEncoder", "TextConditionedField", "CrossAttention"]

@@ -10,7 +10,9 @@ instead of the GELU one. (Improved MeanFlow's network also normalises queries an
 with extra tokens, rather than by adaLN; neither is done here.)
 
 Images are channels-last, ``(B, H, W, C)``, as for :class:`jaxgen.models.UNetField`; the field is called as
-``model(x, t, y=labels)`` and the flow map as ``model(x, r, t, y=labels)``.
+``model(x, t, y=labels)`` and the flow map as ``model(x, r, t, y=labels)``. With ``context_dim`` every block also
+reads a token sequence by cross-attention (PixArt-alpha, Chen et al. 2023): ``model(x, t, context=c,
+context_mask=m)``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from flax import nnx
 
 from jaxgen._checks import check_finite, check_labels
 from jaxgen.models.embeddings import GUIDANCE_EMBEDDING_SCALE, ScalarEmbedding
+from jaxgen.models.text import CrossAttention, check_context
 
 Array = jax.Array
 
@@ -106,9 +109,18 @@ class DiTBlock(nnx.Module):
     as the identity ("adaLN-Zero"). Attention is softmax attention per head (Vaswani et al. 2017, eq. 1) with
     rotary embeddings on queries and keys (:func:`apply_rope`); the MLP is
     ``SwiGLU(h) = W_2 (SiLU(W_g h) * (W_u h))`` (Shazeer 2020, "GLU Variants Improve Transformer", sec. 2).
+
+    With ``context_dim`` a cross-attention sub-block sits between the two, as in PixArt-alpha (Chen et al. 2023,
+    "PixArt-alpha: Fast Training of Diffusion Transformer for Photorealistic Text-to-Image Synthesis", sec. "Efficient
+    T2I Transformer Design", Fig. 4): ``h <- h + W_o MHA(q = RMS(h), k, v = context)``, not modulated by adaLN
+    (the time conditions the two other sub-blocks only), with a learned null token and a zero-initialised ``W_o``
+    (:class:`jaxgen.models.text.CrossAttention`), so the block starts as the caption-free block. The queries are
+    normalised (RMSNorm) where PixArt feeds ``h`` itself, to keep the attention logits in range; no rotary embedding
+    (the context's positions are the text encoder's business).
     """
 
-    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, *, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, *, context_dim: int | None = None,
+                 rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.norm1 = _rms_norm(hidden, rngs)
         self.qkv = nnx.Linear(hidden, 3 * hidden, kernel_init=_xavier, rngs=rngs)
@@ -117,8 +129,12 @@ class DiTBlock(nnx.Module):
         self.gate_up = nnx.Linear(hidden, 2 * mlp_hidden, kernel_init=_xavier, rngs=rngs)  # W_g and W_u side by side
         self.down = nnx.Linear(mlp_hidden, hidden, kernel_init=_xavier, rngs=rngs)
         self.ada = nnx.Linear(hidden, 6 * hidden, kernel_init=_zeros, rngs=rngs)  # adaLN-Zero
+        self.norm_cross = _rms_norm(hidden, rngs) if context_dim is not None else None
+        self.cross = (CrossAttention(hidden, context_dim, num_heads=num_heads, kernel_init=_xavier, rngs=rngs)
+                      if context_dim is not None else None)
 
-    def __call__(self, h: Array, c: Array, angles: Array) -> Array:
+    def __call__(self, h: Array, c: Array, angles: Array, context: Array | None = None,
+                 context_mask: Array | None = None) -> Array:
         b, n, d = h.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(c)[:, None, :], 6, axis=-1)
         q, k, v = (z.reshape(b, n, self.num_heads, d // self.num_heads)
@@ -126,6 +142,8 @@ class DiTBlock(nnx.Module):
         # the XLA implementation: differentiable in forward mode (the flow-map losses take a JVP through the network)
         a = jax.nn.dot_product_attention(apply_rope(q, angles), apply_rope(k, angles), v, implementation="xla")
         h = h + gate1 * self.proj(a.reshape(b, n, d))
+        if self.cross is not None:
+            h = h + self.cross(self.norm_cross(h), context, context_mask)
         g, u = jnp.split(self.gate_up(_modulate(self.norm2(h), shift2, scale2)), 2, axis=-1)
         return h + gate2 * self.down(nnx.silu(g) * u)
 
@@ -144,7 +162,8 @@ class DiTField(nnx.Module):
       guidance scale ``w`` is an input too (improved MeanFlow, Geng et al. 2025), embedded with
       ``sinusoidal_embedding(w, scale=100)`` so that ``w in [0, 10]`` spans the frequencies ``t in [0, 1]`` spans at
       the default ``time_scale``;
-    * ``depth`` :class:`DiTBlock`\ s, each conditioned on ``SiLU(c)`` by adaLN-Zero;
+    * ``depth`` :class:`DiTBlock`\ s, each conditioned on ``SiLU(c)`` by adaLN-Zero (and, with ``context_dim``, on a
+      context ``(B, L, context_dim)`` by a zero-initialised cross-attention sub-block, PixArt-alpha style);
     * final layer: RMSNorm, adaLN shift and scale, a linear map to ``p * p * out_channels`` per token (sec. 3.2
       "Transformer decoder"; both layers zero-initialised), then :func:`unpatchify`. The untrained field is exactly
       zero, as :class:`jaxgen.models.UNetField`'s.
@@ -158,6 +177,10 @@ class DiTField(nnx.Module):
                          rngs=nnx.Rngs(0))
         v = model(x, t, y=labels)        # x: (B, 8, 8, 1), t: (B,), labels: (B,) ints in [0, 10]
         n_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    Caption conditioning: ``DiTField(..., context_dim=64)`` and ``model(x, t, context=c, context_mask=m)`` with ``c``
+    ``(B, L, 64)`` token embeddings and ``m`` ``(B, L)`` bool (True = a real token); ``context=None`` is the null
+    caption. Without ``context_dim`` the network is exactly the caption-free one (same parameters).
 
     Args:
       in_channels: channels ``C`` of the input images.
@@ -175,6 +198,8 @@ class DiTField(nnx.Module):
       out_channels: output channels (default ``in_channels``).
       time_scale: the sinusoidal time embedding's ``scale`` (1000, DiT's; :class:`FlowMapDiT` uses 10, a smooth
         embedding for losses that differentiate the network in time, as :class:`jaxgen.models.FlowMapUNet`).
+      context_dim: the width ``D`` of a conditioning sequence ``(B, L, D)`` read by a cross-attention sub-block in
+        every transformer block; None (default): none.
       rngs: ``nnx.Rngs`` for the parameters.
     """
 
@@ -183,12 +208,13 @@ class DiTField(nnx.Module):
     def __init__(self, in_channels: int = 1, *, image_size: int = 8, patch_size: int = 2, hidden: int = 128,
                  depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, num_classes: int | None = None,
                  guidance_input: bool = False, out_channels: int | None = None, time_scale: float = 1000.0,
-                 rngs: nnx.Rngs):
+                 context_dim: int | None = None, rngs: nnx.Rngs):
         name = type(self).__name__
         for arg, value in (("in_channels", in_channels), ("image_size", image_size), ("patch_size", patch_size),
                            ("hidden", hidden), ("depth", depth), ("num_heads", num_heads),
                            ("out_channels", 1 if out_channels is None else out_channels),
-                           ("num_classes", 1 if num_classes is None else num_classes)):
+                           ("num_classes", 1 if num_classes is None else num_classes),
+                           ("context_dim", 1 if context_dim is None else context_dim)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} {arg} must be a positive integer, got {value!r}.")
         if image_size % patch_size:
@@ -204,6 +230,7 @@ class DiTField(nnx.Module):
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_classes = num_classes
+        self.context_dim = None if context_dim is None else int(context_dim)
         self.head_dim = hidden // num_heads
         mlp_hidden = 8 * -(-int(2 / 3 * mlp_ratio * hidden) // 8)
         p = patch_size
@@ -216,17 +243,22 @@ class DiTField(nnx.Module):
         self.guidance_embed = (ScalarEmbedding(FREQUENCY_DIM, hidden, scale=GUIDANCE_EMBEDDING_SCALE,
                                                kernel_init=_small, rngs=rngs)
                                if guidance_input else None)
-        self.blocks = nnx.List([DiTBlock(hidden, num_heads, mlp_hidden, rngs=rngs) for _ in range(depth)])
+        self.blocks = nnx.List([DiTBlock(hidden, num_heads, mlp_hidden, context_dim=self.context_dim, rngs=rngs)
+                                for _ in range(depth)])
         self.norm_out = _rms_norm(hidden, rngs)
         self.ada_out = nnx.Linear(hidden, 2 * hidden, kernel_init=_zeros, rngs=rngs)
         self.out = nnx.Linear(hidden, p * p * self.out_channels, kernel_init=_zeros, rngs=rngs)
 
-    def __call__(self, x: Array, t: Array, y: Array | None = None, w: Array | None = None) -> Array:
-        """``u_theta(x, t, y, w)`` of the same shape ``(B, H, W, C)`` as ``x`` (``C = out_channels``); ``t`` of shape
-        ``(B,)`` or a scalar; ``y=None`` is the null class; ``w`` the guidance scale of a ``guidance_input`` network
-        (``None``: 1)."""
+    def __call__(self, x: Array, t: Array, y: Array | None = None, w: Array | None = None,
+                 context: Array | None = None, context_mask: Array | None = None) -> Array:
+        """``u_theta(x, t, y, w[, context])`` of the same shape ``(B, H, W, C)`` as ``x`` (``C = out_channels``); ``t``
+        of shape ``(B,)`` or a scalar; ``y=None`` is the null class; ``w`` the guidance scale of a ``guidance_input``
+        network (``None``: 1); ``context`` ``(B, L, context_dim)`` and ``context_mask`` ``(B, L)`` (bool, True = a
+        real token; None = all real) the sequence of a ``context_dim`` network (``context=None``: the null caption)."""
         (t,), y, w = self._check_inputs(x, {"t": t}, y, w)
-        return self._forward(x, (t,), y, w)
+        context, context_mask = check_context(context, context_mask, batch=x.shape[0], context_dim=self.context_dim,
+                                              owner=type(self).__name__)
+        return self._forward(x, (t,), y, w, context, context_mask)
 
     def _check_inputs(self, x: Array, times: dict, y, w) -> tuple[tuple[Array, ...], Array | None, Array | None]:
         """Validate shapes (before any computation); return the times, ``y`` and ``w`` of shape ``(B,)``."""
@@ -272,7 +304,8 @@ class DiTField(nnx.Module):
             w = per_sample(w, "the guidance scale w")
         return times, y, w
 
-    def _forward(self, x: Array, times: tuple[Array, ...], y: Array | None, w: Array | None) -> Array:
+    def _forward(self, x: Array, times: tuple[Array, ...], y: Array | None, w: Array | None,
+                 context: Array | None = None, context_mask: Array | None = None) -> Array:
         """The network on validated inputs; ``times`` are the ``num_times`` time inputs, each ``(B,)``."""
         c = sum(embed(s) for embed, s in zip(self.time_embeds, times))
         if self.label_embed is not None:
@@ -285,7 +318,7 @@ class DiTField(nnx.Module):
         angles = rope_angles(grid, self.head_dim)  # (L, head_dim / 2), constants under jit
         h = self.patch_embed(patchify(x, p))
         for block in self.blocks:
-            h = block(h, c, angles)
+            h = block(h, c, angles, context, context_mask)
         shift, scale = jnp.split(self.ada_out(c)[:, None, :], 2, axis=-1)
         return unpatchify(self.out(_modulate(self.norm_out(h), shift, scale)), p, s, s)
 
@@ -312,10 +345,14 @@ class FlowMapDiT(DiTField):
     def __init__(self, in_channels: int = 1, *, time_scale: float = 10.0, **kwargs):
         super().__init__(in_channels, time_scale=time_scale, **kwargs)
 
-    def __call__(self, x: Array, r: Array, t: Array, y: Array | None = None, w: Array | None = None) -> Array:
-        """``u_theta(x, r, t, y, w)`` of the same shape as ``x``; ``r``, ``t`` of shape ``(B,)`` or scalars."""
+    def __call__(self, x: Array, r: Array, t: Array, y: Array | None = None, w: Array | None = None,
+                 context: Array | None = None, context_mask: Array | None = None) -> Array:
+        """``u_theta(x, r, t, y, w[, context])`` of the same shape as ``x``; ``r``, ``t`` of shape ``(B,)`` or
+        scalars; ``context`` / ``context_mask`` as :class:`DiTField`."""
         (r, t), y, w = self._check_inputs(x, {"r": r, "t": t}, y, w)
-        return self._forward(x, (t, t - r), y, w)
+        context, context_mask = check_context(context, context_mask, batch=x.shape[0], context_dim=self.context_dim,
+                                              owner=type(self).__name__)
+        return self._forward(x, (t, t - r), y, w, context, context_mask)
 
 
 __all__ = ["DiTField", "FlowMapDiT", "DiTBlock", "patchify", "unpatchify", "rope_angles",

@@ -7,7 +7,8 @@ network, so with matching settings :class:`UNetField` has the same layers and th
 parameters (e.g. 702,753 for the 8x8 configuration in the :class:`UNetField` docstring).
 
 Images are channels-last, ``(B, H, W, C)`` (the JAX/XLA convention), and the field is called with
-jaxgen's signature ``model(x, t, y=labels)``.
+jaxgen's signature ``model(x, t, y=labels)``; with ``context_dim`` it also reads a token sequence by cross-attention,
+``model(x, t, context=c, context_mask=m)`` (Rombach et al. 2022, sec. 3.3).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jaxgen._checks import check_labels
 from jaxgen.models.embeddings import GUIDANCE_EMBEDDING_SCALE, ScalarEmbedding, sinusoidal_embedding
 from jaxgen.models.layers import Conv2d, Dropout, _norm, _upsample_conv_matmul
 from jaxgen.models.sharding import shard_parameters
+from jaxgen.models.text import CrossAttention, check_context
 
 Array = jax.Array
 
@@ -92,6 +94,27 @@ class AttentionBlock(nnx.Module):
         return x + self.proj(a.reshape(b, n, c)).reshape(b, hh, ww, c)
 
 
+class CrossAttentionBlock(nnx.Module):
+    r"""Cross-attention from the ``H * W`` positions to a context: ``x + W_o MHA(q = GN(x), k, v = context)``, the
+    conditioning layer of latent diffusion's U-Net (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+    Diffusion Models", sec. 3.3).
+
+    The attention is :class:`jaxgen.models.text.CrossAttention`: a learned null key/value token that every position
+    can attend to (so no context, or an all-masked one, is well defined), padding masked out, and ``W_o`` initialised
+    to zero *whatever* ``zero_init`` says, so that a U-Net with cross-attention computes at initialisation exactly the
+    function of the same U-Net without it.
+    """
+
+    def __init__(self, channels: int, context_dim: int, *, num_heads: int, num_groups: int, rngs: nnx.Rngs):
+        self.norm = _norm(channels, num_groups, rngs)
+        self.attn = CrossAttention(channels, context_dim, num_heads=num_heads, rngs=rngs)
+
+    def __call__(self, x: Array, context: Array | None = None, context_mask: Array | None = None) -> Array:
+        b, hh, ww, c = x.shape
+        out = self.attn(self.norm(x).reshape(b, hh * ww, c), context, context_mask)
+        return x + out.reshape(b, hh, ww, c)
+
+
 class Downsample(nnx.Module):
     """Halve the resolution (``ceil(H / 2)``): a stride-2 3x3 convolution, or a 2x2 average pool."""
 
@@ -125,18 +148,24 @@ class Upsample(nnx.Module):
 
 
 class _Stage(nnx.Module):
-    """A residual block, optionally followed by attention and/or resampling (one ADM ``TimestepEmbedSequential``)."""
+    """A residual block, optionally followed by self-attention (and cross-attention to a context) and/or resampling
+    (one ADM ``TimestepEmbedSequential``; LDM's ``SpatialTransformer`` takes the attention's place when there is a
+    context)."""
 
-    def __init__(self, res: ResBlock | None, attn: AttentionBlock | None = None, resample=None):
+    def __init__(self, res: ResBlock | None, attn: AttentionBlock | None = None, resample=None,
+                 xattn: CrossAttentionBlock | None = None):
         self.res = res
         self.attn = attn
         self.resample = resample
+        self.xattn = xattn
 
-    def __call__(self, x: Array, emb: Array) -> Array:
+    def __call__(self, x: Array, emb: Array, context: Array | None = None, context_mask: Array | None = None) -> Array:
         if self.res is not None:
             x = self.res(x, emb)
         if self.attn is not None:
             x = self.attn(x)
+        if self.xattn is not None:
+            x = self.xattn(x, context, context_mask)
         if self.resample is not None:
             x = self.resample(x)
         return x
@@ -156,6 +185,9 @@ class UNetField(nnx.Module):
       feature map is ``r x r`` with ``r`` in ``attention_resolutions``) and, except at the last level, a
       :class:`Downsample`;
     * middle: ResBlock, AttentionBlock, ResBlock;
+    * with ``context_dim``: a :class:`CrossAttentionBlock` after every AttentionBlock (the attention resolutions and
+      the middle block), reading a context ``(B, L, context_dim)`` (token embeddings, e.g. of a caption; Rombach et al.
+      2022, sec. 3.3);
     * up path: per level ``num_res_blocks + 1`` ResBlocks on ``[h, skip]`` concatenations (plus attention
       where configured) and an :class:`Upsample` (nearest + 3x3 conv);
     * output: GroupNorm -> SiLU -> zero-initialised 3x3 convolution to ``out_channels``.
@@ -177,6 +209,15 @@ class UNetField(nnx.Module):
     does); call ``model.eval()`` before sampling or evaluating (samplers need a deterministic field)
     and ``model.train()`` to switch back. On CPU, ``rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))``
     makes the dropout masks (and initialisation) cheaper than the default threefry keys.
+
+    Caption conditioning (``context_dim=64``; :class:`jaxgen.models.TextConditionedField` maps token ids to the
+    context)::
+
+        model = UNetField(1, channels=32, num_classes=None, context_dim=64, image_size=8, rngs=nnx.Rngs(0))
+        v = model(x, t, context=c, context_mask=m)  # c: (B, L, 64) embeddings, m: (B, L) bool, True = a real token
+        v0 = model(x, t)                            # no context = the null caption (only the learned null token)
+
+    Without ``context_dim`` the network, its parameters and their count are exactly those of the caption-free U-Net.
 
     Differences from TorchCFM's network, none of which changes the parameter count: the time is
     embedded as ``sinusoidal_embedding(t)``, i.e. scaled by 1000 to DDPM's step range (TorchCFM embeds
@@ -219,6 +260,9 @@ class UNetField(nnx.Module):
         the highest frequency 1000 rad per unit of time). Losses that differentiate the network in time
         (MeanFlow's JVP) want a smoother embedding: :class:`FlowMapUNet` uses 10 (sCM, Lu & Song 2025, sec. 4.1,
         likewise drops the factor 1000 for stable time derivatives).
+      context_dim: the width ``D`` of a conditioning sequence ``(B, L, D)`` read by cross-attention wherever there
+        is self-attention (:class:`CrossAttentionBlock`, zero-initialised output, learned null token); None (default):
+        no cross-attention.
       rngs: ``nnx.Rngs`` for parameters and dropout.
     """
 
@@ -245,6 +289,7 @@ class UNetField(nnx.Module):
         shard_axis: str | None = None,
         guidance_input: bool = False,
         time_scale: float = 1000.0,
+        context_dim: int | None = None,
         rngs: nnx.Rngs,
     ):
         if not isinstance(image_size, int) or image_size < 1:
@@ -256,6 +301,11 @@ class UNetField(nnx.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes}.")
+        if context_dim is not None and (isinstance(context_dim, bool) or not isinstance(context_dim, int)
+                                        or context_dim < 1):
+            raise ValueError(f"context_dim must be a positive int (the width of the context tokens) or None, got "
+                             f"{context_dim!r}.")
+        self.context_dim = context_dim
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.channels = channels
@@ -282,6 +332,11 @@ class UNetField(nnx.Module):
                 return None
             return AttentionBlock(ch, num_heads=num_heads, num_groups=num_groups, zero_init=zero_init, rngs=rngs)
 
+        def xattn(ch: int, size: int | None = None):
+            if context_dim is None or (size is not None and size not in attention_resolutions):
+                return None
+            return CrossAttentionBlock(ch, context_dim, num_heads=num_heads, num_groups=num_groups, rngs=rngs)
+
         self.time_in = nnx.Linear(channels, emb_dim, rngs=rngs)
         self.time_out = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
         self.label_embed = nnx.Embed(num_classes + 1, emb_dim, rngs=rngs) if num_classes is not None else None
@@ -296,7 +351,7 @@ class UNetField(nnx.Module):
         size, sizes, skip_chs, down = image_size, [image_size], [ch], []
         for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
-                down.append(_Stage(ResBlock(ch, width, **block), attn(width, size)))
+                down.append(_Stage(ResBlock(ch, width, **block), attn(width, size), None, xattn(width, size)))
                 ch = width
                 skip_chs.append(ch)
                 sizes.append(size)
@@ -307,7 +362,7 @@ class UNetField(nnx.Module):
                 sizes.append(size)
         self.down = nnx.List(down)
         mid_attn = AttentionBlock(ch, num_heads=num_heads, num_groups=num_groups, zero_init=zero_init, rngs=rngs)
-        self.mid = _Stage(ResBlock(ch, ch, **block), mid_attn)
+        self.mid = _Stage(ResBlock(ch, ch, **block), mid_attn, None, xattn(ch))
         self.mid2 = ResBlock(ch, ch, **block)
         up = []
         for level, width in reversed(list(enumerate(widths))):
@@ -318,7 +373,7 @@ class UNetField(nnx.Module):
                 resample = None
                 if level and i == num_res_blocks:
                     resample = Upsample(ch, sizes[-1], use_conv=conv_resample, conv_impl=conv_impl, rngs=rngs)
-                up.append(_Stage(res, attn(ch, size), resample))
+                up.append(_Stage(res, attn(ch, size), resample, xattn(ch, size)))
                 if resample is not None:
                     size = sizes[-1]
         self.up = nnx.List(up)
@@ -388,38 +443,55 @@ class UNetField(nnx.Module):
                              f"{jnp.shape(w)}.")
         return jnp.broadcast_to(jnp.reshape(jnp.asarray(w, jnp.float32), (-1,)), (batch,))
 
-    def __call__(self, x: Array, t: Array, y: Array | None = None, w: Array | None = None) -> Array:
-        """``u_theta(x, t, y[, w])`` of the same shape ``(B, H, W, C)`` as ``x``; ``y=None`` is the null class,
-        ``w`` the guidance scale of a ``guidance_input`` network (``None``: 1)."""
+    def __call__(self, x: Array, t: Array, y: Array | None = None, w: Array | None = None,
+                 context: Array | None = None, context_mask: Array | None = None) -> Array:
+        """``u_theta(x, t, y[, w][, context])`` of the same shape ``(B, H, W, C)`` as ``x``; ``y=None`` is the null
+        class, ``w`` the guidance scale of a ``guidance_input`` network (``None``: 1); ``context`` ``(B, L,
+        context_dim)`` and ``context_mask`` ``(B, L)`` (bool, True = a real token; None = all real) the sequence of a
+        ``context_dim`` network (``context=None``: the null caption)."""
         t, y = self._check_inputs(x, t, y)
-        return self._apply(x, self.embed(t, y, x.dtype, w=self._check_guidance(w, x.shape[0])))
+        context, context_mask = self.check_context(context, context_mask, x.shape[0])
+        return self._apply(x, self.embed(t, y, x.dtype, w=self._check_guidance(w, x.shape[0])),
+                           context=context, context_mask=context_mask)
 
-    def _apply(self, x: Array, emb: Array, *, control: tuple | None = None) -> Array:
+    def check_context(self, context, context_mask, batch: int) -> tuple[Array | None, Array | None]:
+        """Validate ``context`` / ``context_mask`` for a batch of ``batch`` images (:func:`jaxgen.models.text.
+        check_context`): ``(context, bool mask)``, or ``(None, None)`` for none; ValueError for a context given to a
+        network without ``context_dim`` or of the wrong shape."""
+        return check_context(context, context_mask, batch=batch, context_dim=self.context_dim,
+                             owner=type(self).__name__)
+
+    def _apply(self, x: Array, emb: Array, *, control: tuple | None = None, context: Array | None = None,
+               context_mask: Array | None = None) -> Array:
         """The network on ``x`` given the conditioning embedding ``emb`` (:meth:`embed`): :meth:`encode` then
         :meth:`decode`; ``control`` = ``(skip_residuals, middle_residual)`` added to the decoder's inputs
-        (:class:`jaxgen.models.ControlNet`)."""
+        (:class:`jaxgen.models.ControlNet`); ``context`` / ``context_mask`` go to every cross-attention block."""
         emb = nnx.silu(emb)  # every block starts with SiLU(emb)
-        h, hs = self.encode(x, emb)
-        return self.decode(h, hs, emb, control=control)
+        h, hs = self.encode(x, emb, context=context, context_mask=context_mask)
+        return self.decode(h, hs, emb, control=control, context=context, context_mask=context_mask)
 
-    def encode(self, x: Array, emb: Array, *, hint: Array | None = None) -> tuple[Array, list[Array]]:
+    def encode(self, x: Array, emb: Array, *, hint: Array | None = None, context: Array | None = None,
+               context_mask: Array | None = None) -> tuple[Array, list[Array]]:
         """The down path and the middle block: ``(h, skips)``, the middle block's output and the feature maps the
         decoder concatenates (the input convolution's and every down stage's, in order). ``emb`` is the *activated*
         embedding ``SiLU(embed(...))``; ``hint`` (ControlNet's encoded control, of the input convolution's output
-        shape) is added after the input convolution."""
+        shape) is added after the input convolution; ``context`` ``(B, L, context_dim)`` / ``context_mask`` ``(B, L)``
+        (validated by :meth:`check_context`; a None mask = every token real) feed the cross-attention blocks of a
+        ``context_dim`` network (None: the null caption) and are ignored without ``context_dim``."""
         h = self.conv_in(x)
         if hint is not None:
             h = h + hint.astype(h.dtype)
         hs = [h]
         for stage in self.down:
-            h = stage(h, emb)
+            h = stage(h, emb, context, context_mask)
             hs.append(h)
-        return self.mid2(self.mid(h, emb), emb), hs
+        return self.mid2(self.mid(h, emb, context, context_mask), emb), hs
 
-    def decode(self, h: Array, hs: list[Array], emb: Array, *, control: tuple | None = None) -> Array:
+    def decode(self, h: Array, hs: list[Array], emb: Array, *, control: tuple | None = None,
+               context: Array | None = None, context_mask: Array | None = None) -> Array:
         """The up path and the output layers from the middle block's output ``h`` and the skips ``hs``
         (:meth:`encode`); ``control = (skip_residuals, middle_residual)`` is added to the skips and to ``h``
-        first (ControlNet, Zhang et al. 2023, fig. 3)."""
+        first (ControlNet, Zhang et al. 2023, fig. 3); ``context`` / ``context_mask`` as in :meth:`encode`."""
         hs = list(hs)
         if control is not None:
             skips, middle = control
@@ -428,7 +500,7 @@ class UNetField(nnx.Module):
             h = h + middle.astype(h.dtype)
             hs = [a + r.astype(a.dtype) for a, r in zip(hs, skips)]
         for stage in self.up:
-            h = stage(jnp.concatenate([h, hs.pop()], axis=-1), emb)
+            h = stage(jnp.concatenate([h, hs.pop()], axis=-1), emb, context, context_mask)
         return self.conv_out(nnx.silu(self.norm_out(h)))
 
 
@@ -438,7 +510,8 @@ class FlowMapUNet(UNetField):
     the interval ``t - r`` to that of ``t`` (MeanFlow's ``(t, t - r)`` input, Geng et al. 2025, sec. 4.3; the same
     convention as :class:`jaxgen.models.FlowMapMLP`). Same arguments as :class:`UNetField` (but ``time_scale=10``: a
     smooth time embedding, since the MeanFlow target differentiates the network in time); with
-    ``guidance_input=True`` it also takes the guidance scale ``w`` the flow map was trained for.
+    ``guidance_input=True`` it also takes the guidance scale ``w`` the flow map was trained for, and with
+    ``context_dim`` a context ``(B, L, context_dim)`` / ``context_mask`` as :class:`UNetField`.
 
     ``sample(model, x0, FlowMap(), steps=k, cond={"y": labels, "w": scales})`` jumps along the (guided) ODE in ``k``
     evaluations; ``flow_map_velocity(model)`` is its diagonal ``u(x, t, t)``, a velocity field for every sampler.
@@ -449,11 +522,14 @@ class FlowMapUNet(UNetField):
     def __init__(self, in_channels: int = 1, *, time_scale: float = 10.0, **kwargs):
         super().__init__(in_channels, time_scale=time_scale, **kwargs)
 
-    def __call__(self, x: Array, r: Array, t: Array, y: Array | None = None, w: Array | None = None) -> Array:
+    def __call__(self, x: Array, r: Array, t: Array, y: Array | None = None, w: Array | None = None,
+                 context: Array | None = None, context_mask: Array | None = None) -> Array:
         n = jnp.shape(x)[0] if jnp.ndim(x) >= 1 else 0
         if math.prod(jnp.shape(r)) not in (1, n):
             raise ValueError(f"FlowMapUNet expects times of shape (B,) = ({n},) or scalars, got r of shape "
                              f"{jnp.shape(r)}.")
         t, y = self._check_inputs(x, t, y)
         r = jnp.broadcast_to(jnp.reshape(jnp.asarray(r, t.dtype), (-1,)), t.shape)
-        return self._apply(x, self.embed(t, y, x.dtype, interval=t - r, w=self._check_guidance(w, x.shape[0])))
+        context, context_mask = self.check_context(context, context_mask, x.shape[0])
+        return self._apply(x, self.embed(t, y, x.dtype, interval=t - r, w=self._check_guidance(w, x.shape[0])),
+                           context=context, context_mask=context_mask)
