@@ -16,7 +16,7 @@ LEVELS = {
     "paths": 1,
     "fields": 2,
     "samplers": 3, "metrics": 3, "oracle": 3,
-    "couplings": 4, "likelihood": 4,
+    "couplings": 4, "likelihood": 4, "inverse": 4,
     "losses": 5,
     "models": 6, "data": 6,
     "training": 7,
