@@ -58,6 +58,26 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--guidance", type=float, default=None, help="guidance scale w in (1-w) u(x|null) + w u(x|y)")
             s.add_argument("--num", type=int, default=16, help="samples per label (2-D runs: samples)")
             s.add_argument("--seed", type=int, default=0)
+            g = s.add_argument_group("conditioning and inverse problems (image runs)")
+            g.add_argument("--caption", default=None, metavar="TEXT",
+                           help='a caption run: generate for this caption, e.g. "seven, thick, slanted right"')
+            g.add_argument("--control", default=None, metavar="FILE",
+                           help="a ControlNet run: the control (edge map, low-resolution or masked image) as a PNG or "
+                                ".npy of the image size, or test:N for the control of held-out digit N")
+            g.add_argument("--inpaint", default=None, metavar="MASK",
+                           help="complete the unobserved part of --image (default: held-out digits): MASK is left, "
+                                "right, top, bottom or centre (the part that is KEPT), or a PNG/.npy mask (1 = kept)")
+            g.add_argument("--superres", type=int, default=None, metavar="FACTOR",
+                           help="super-resolve --image (default: held-out digits) downsampled by FACTOR (e.g. 2)")
+            g.add_argument("--method", default=None,
+                           help="how to solve --inpaint / --superres: projection, repaint, dps or pigdm (default: "
+                                "repaint for --inpaint, pigdm for --superres)")
+            g.add_argument("--infer-label", action="store_true",
+                           help="with --inpaint / --superres on a class-conditional run: infer each image's class from "
+                                "the measurement with the network itself, then complete conditioned on it (two passes)")
+            g.add_argument("--image", default=None, metavar="FILE",
+                           help="the observed images for --inpaint / --superres: a PNG or .npy in [-1, 1] "
+                                "(default: the first held-out digits, whose labels score the completions)")
     return p
 
 
@@ -130,7 +150,13 @@ def _run(args) -> int:
     if args.sampler:
         common.check_sampler(args.sampler)
     run_dir = common.run_dir_of(args.checkpoint)
-    module = _module(common.read_config(run_dir)["experiment"])
+    experiment = common.read_config(run_dir)["experiment"]
+    used = [f"--{k}" for k in ("caption", "control", "inpaint", "superres", "method", "image")
+            if getattr(args, k, None) is not None]
+    if used and experiment != "images":
+        raise ValueError(f"{', '.join(used)} work on image runs (jaxgen train digits_cfm, digits_caption, ...); "
+                         f"{run_dir} is a {experiment} run.")
+    module = _module(experiment)
     command = module.sample_command if args.command == "sample" else module.evaluate_command
     text = command(run_dir, args)
     if common.writes():

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from experiments import common
+from experiments import common, conditioning
 
 
 @dataclasses.dataclass
@@ -41,6 +41,13 @@ class ImageConfig:
     # network: "unet" (the fields below) or a DiT, "dit" with options as "dit:hidden=96,depth=4,heads=4,patch=2"
     # (jaxgen.models.DiTField; those defaults have 724,356 parameters, the U-Net's 702,753)
     network: str = "unet"
+    # what the samples are conditioned on (experiments.conditioning): "label" (the class, guided by classifier-free
+    # guidance), "caption[:p_attribute=0.3,dim=64,depth=2,heads=4]" (a caption of the digit's label, stroke thickness
+    # and slant, e.g. "seven, thick, slanted right", through a token encoder trained from scratch and cross-attention;
+    # guided over the caption) or "control[:kind=edges]" (a ControlNet on the frozen label-conditioned run `base_run`,
+    # following an edge map, kind=lowres a 4x4 image, kind=mask a masked image)
+    conditioning: str = "label"
+    base_run: str = ""  # the frozen base run of conditioning=control
     channels: int = 32
     channel_mult: tuple = (1, 2)
     num_res_blocks: int = 1
@@ -111,6 +118,7 @@ def check_config(cfg: ImageConfig) -> None:
     common.check_sampler(cfg.sampler)
     common.check_batch_size(cfg.batch_size)
     network_options(cfg)
+    conditioning.check_config(cfg)
     name, opt = objective_options(cfg)
     if name in FLOW_MAP_OBJECTIVES and cfg.prediction != "velocity":
         raise ValueError(f"objective {name} learns an average velocity: set prediction=velocity (got "
@@ -153,7 +161,7 @@ NETWORKS = {"unet": {}, "dit": {"hidden": 96, "depth": 4, "heads": 4, "patch": 2
 
 def _spec(value: str, table: dict, what: str, example: str) -> tuple[str, dict]:
     """A ``"name:key=value,..."`` spec's name and options (``table[name]``'s defaults overridden, each cast to its
-    default's type), with a clear error for an unknown name or option."""
+    default's type: numbers checked, words kept as they are), with a clear error for an unknown name or option."""
     from jaxgen.samplers import parse_solver_spec
 
     name, opts = parse_solver_spec(value)
@@ -166,6 +174,9 @@ def _spec(value: str, table: dict, what: str, example: str) -> tuple[str, dict]:
     out = dict(table[name])
     for k, v in opts.items():
         want = type(table[name][k])
+        if want is str:
+            out[k] = str(v)
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (want is int and not isinstance(v, int)):
             raise ValueError(f"{what} {name!r}: option {k} must be {'an integer' if want is int else 'a number'}, "
                              f"got {v!r}.")
@@ -215,16 +226,24 @@ def build_model(cfg: ImageConfig, image_shape, seed: int):
     if scm:
         extra = dict(time_scale=10.0)  # the sCM tangent differentiates the network in time: a smooth embedding
     net, opt = network_options(cfg)
+    kind, cond_opt = conditioning.options(cfg)
+    if kind == "control":  # a ControlNet around the frozen base run's network
+        return conditioning.build_controlled(cfg, image_shape, seed)
+    num_classes = cfg.num_classes
+    if kind == "caption":  # conditioned on the caption's tokens only (the label is one of its words)
+        extra, num_classes = dict(extra, context_dim=cond_opt["dim"]), None
     rngs = nnx.Rngs(seed)
     if net == "dit":
         model = (FlowMapDiT if is_flow_map(cfg) else DiTField)(
             c, image_size=h, patch_size=opt["patch"], hidden=opt["hidden"], depth=opt["depth"],
-            num_heads=opt["heads"], num_classes=cfg.num_classes, rngs=rngs, **extra)
+            num_heads=opt["heads"], num_classes=num_classes, rngs=rngs, **extra)
     else:
         model = (FlowMapUNet if is_flow_map(cfg) else UNetField)(
             c, channels=cfg.channels, channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
             attention_resolutions=tuple(cfg.attention_resolutions), num_heads=cfg.num_heads, dropout=cfg.dropout,
-            num_classes=cfg.num_classes, image_size=h, rngs=rngs, **extra)
+            num_classes=num_classes, image_size=h, rngs=rngs, **extra)
+    if kind == "caption":
+        model = conditioning.caption_field(model, cond_opt, rngs)
     if scm:  # TrigFlow's consistency function around the velocity network, with sCM's learned weighting
         from jaxgen.models import ConsistencyFunction
         from jaxgen.models.consistency import LogVariance
@@ -249,22 +268,23 @@ def build_loss(cfg: ImageConfig):
         times = meanflow_times(mean=opt["mean"], std=opt["std"], equal_fraction=opt["equal_fraction"])
         return meanflow_loss(cfg.schedule, time_sampler=times, p=opt["p"], label_dropout=cfg.label_dropout,
                              null_label=cfg.num_classes, guidance_scales=(opt["w_min"], opt["w_max"]))
-    return regression_loss(cfg.schedule, cfg.prediction, label_dropout=cfg.label_dropout, null_label=cfg.num_classes)
+    key, null = conditioning.guided_key(cfg)
+    return regression_loss(cfg.schedule, cfg.prediction, label_dropout=cfg.label_dropout, null_label=null,
+                           label_key=key)
 
 
 def build_trainer(cfg: ImageConfig, train_set):
     import jax.numpy as jnp
 
-    from jaxgen.data.images import device_sampler
     from jaxgen.training import Trainer, adam_with_schedule
 
     model = build_model(cfg, train_set.images.shape[1:], cfg.seed)
-    loss = build_loss(cfg)
+    loss = conditioning.objective(cfg, build_loss(cfg))  # a ControlNet trains its own parameters only
     opt = adam_with_schedule(cfg.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                              clip_norm=cfg.clip_norm or None)
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
     # The steps of a chunk run fused in one XLA program, batches sampled on the device inside it.
-    return Trainer(model, loss, opt, data=device_sampler(train_set, cfg.batch_size),
+    return Trainer(model, loss, opt, data=conditioning.data_sampler(cfg, train_set),
                    ema_decay=cfg.ema_decay or None, compute_dtype=dtype, checked=cfg.checked, mesh=common.mesh())
 
 
@@ -285,7 +305,7 @@ def resolve_sampler(spec: str, prediction: str):
 @functools.lru_cache(maxsize=32)
 def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int, null_label: int, shape: tuple,
                         chunk: int = 0, checked: bool = False, devices: int = 1, flow_map: bool = False,
-                        consistency_scale: float = 0.0):
+                        consistency_scale: float = 0.0, label_key: str = "y"):
     import jax
     import jax.numpy as jnp
 
@@ -300,15 +320,15 @@ def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int
 
     mesh = common.mesh() if devices > 1 else None
 
-    def generate(model, labels, guidance, key):
+    def generate(model, labels, guidance, key, extra):
         k0, k1 = jax.random.split(key)
         x0 = path.sample_prior(k0, (labels.shape[0],) + shape)
         split = mesh is not None and labels.shape[0] % devices == 0
         if split:  # the batch of samples split over the devices: each runs the sampler on its share
             from jaxgen.training.parallel import shard_batch
 
-            x0, labels = shard_batch((x0, labels), mesh)
-        cond = {"y": labels}
+            x0, labels, extra = shard_batch((x0, labels, extra), mesh)
+        cond = {label_key: labels, **extra}
         if consistency_scale:  # a consistency model of the data / sigma_data: jumps to the data end, scaled back
             res = sample(model, x0, solver, prediction="data", steps=steps, key=k1, cond=cond)
             x = consistency_scale * res.x
@@ -324,7 +344,7 @@ def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int
                 field = chunked_field(field, chunk)
         else:
             net = chunked_field(model, chunk) if chunk else model  # cache-sized network batches (CPU)
-            field = guided_field(net, guidance, null_label=null_label)  # one network call on a doubled batch
+            field = guided_field(net, guidance, null_label=null_label, label_key=label_key)  # one call, doubled batch
         res = sample(field, x0, solver, path=path, prediction=prediction, steps=steps if solver.takes_steps() else None,
                      t0=t0, key=k1, cond=cond)
         if split:  # gathered: every process holds all the samples
@@ -336,9 +356,11 @@ def _compiled_generator(schedule: str, prediction: str, sampler: str, steps: int
     return checked_program(generate) if checked else jax.jit(generate)
 
 
-def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=None, steps=None, shape=None):
+def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=None, steps=None, shape=None,
+             extra: dict | None = None):
     """Guided samples ``(1 - w) u(x|null) + w u(x|y)`` for ``labels`` (a ``meanflow`` run: the flow map it learned
-    for that ``w``, one network call per step); returns (images in [-1, 1], NFE)."""
+    for that ``w``, one network call per step); returns (images in [-1, 1], NFE). For a caption run ``labels`` are
+    the captions' tokens ``(B, L)``; ``extra`` holds further conditioning arrays (a ControlNet's ``control``)."""
     import jax
     import jax.numpy as jnp
 
@@ -348,11 +370,13 @@ def generate(model, cfg: ImageConfig, labels, guidance: float, key, *, sampler=N
         raise ValueError(f"an scm run samples with the consistency sampler and without guidance (w = 1); got "
                          f"sampler {sampler!r}, w = {float(guidance):g}.")
     chunk = cfg.sample_chunk if cfg.sample_chunk > 0 else (64 if jax.default_backend() == "cpu" else 0)
+    label_key, null = conditioning.guided_key(cfg)
     gen = _compiled_generator(cfg.schedule, cfg.prediction, sampler, int(steps or cfg.sample_steps),
-                              cfg.num_classes, tuple(shape), chunk, bool(cfg.checked), jax.device_count(),
-                              is_flow_map(cfg), consistency_scale(cfg))
+                              null, tuple(shape), chunk, bool(cfg.checked), jax.device_count(),
+                              is_flow_map(cfg), consistency_scale(cfg), label_key)
     model.eval()
-    x, nfe = gen(model, jnp.asarray(labels, jnp.int32), jnp.asarray(guidance, jnp.float32), key)
+    extra = {k: jnp.asarray(v) for k, v in (extra or {}).items()}
+    x, nfe = gen(model, jnp.asarray(labels, jnp.int32), jnp.asarray(guidance, jnp.float32), key, extra)
     return np.clip(np.asarray(x), -1.0, 1.0), int(nfe)
 
 
@@ -364,6 +388,7 @@ def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
 
     from jaxgen.training import Every
 
+    cfg = conditioning.with_base(cfg)  # a ControlNet run: its network is the base run's
     check_config(cfg)
     out = os.path.abspath(out)
     common.check_resume(out, cfg, FREE_FIELDS)
@@ -373,10 +398,12 @@ def train(cfg: ImageConfig, out: str, *, progress: bool = True) -> dict:
     shape = train_set.images.shape[1:]
     labels_grid = np.repeat(np.arange(cfg.num_classes), min(8, cfg.samples_per_class))
 
+    grid_inputs, grid_extra = conditioning.inputs_for_labels(cfg, labels_grid, shape)
+
     def sample_grid(st):
         step = int(st.step)
-        imgs, _ = generate(trainer.model(st, ema=trainer.ema_decay is not None), cfg, labels_grid, cfg.eval_guidance,
-                           jax.random.key(1), shape=shape)
+        imgs, _ = generate(trainer.model(st, ema=trainer.ema_decay is not None), cfg, grid_inputs, cfg.eval_guidance,
+                           jax.random.key(1), shape=shape, extra=grid_extra)
         common.save_grid(imgs, os.path.join(out, f"samples_step{step:07d}.png"), nrow=8,
                          title=f"step {step}, w = {cfg.eval_guidance}")
 
@@ -397,7 +424,8 @@ def finalize(cfg: ImageConfig, out: str, trainer, state, shape) -> dict:
     model = trainer.model(state, ema=trainer.ema_decay is not None)
     n = cfg.samples_per_class
     labels = np.repeat(np.arange(cfg.num_classes), n)
-    imgs, nfe = generate(model, cfg, labels, cfg.eval_guidance, jax.random.key(cfg.seed + 7), shape=shape)
+    inputs, extra = conditioning.inputs_for_labels(cfg, labels, shape)  # a caption run: the label's word alone
+    imgs, nfe = generate(model, cfg, inputs, cfg.eval_guidance, jax.random.key(cfg.seed + 7), shape=shape, extra=extra)
     np.save(os.path.join(out, "samples.npy"), imgs.astype(np.float32))
     np.save(os.path.join(out, "labels.npy"), labels.astype(np.int32))
     per_row = min(n, 12)
@@ -406,9 +434,10 @@ def finalize(cfg: ImageConfig, out: str, trainer, state, shape) -> dict:
                      row_labels=list(range(cfg.num_classes)),
                      title=f"{cfg.sampler} {cfg.sample_steps} steps (NFE {nfe}), guidance w = {cfg.eval_guidance}")
     sweep_labels = np.repeat(np.arange(cfg.num_classes), min(8, n))  # the same shape as the periodic grids
+    sweep_inputs, sweep_extra = conditioning.inputs_for_labels(cfg, sweep_labels, shape)
     sweep = []
     for w in cfg.guidance_scales:
-        s, _ = generate(model, cfg, sweep_labels, w, jax.random.key(cfg.seed + 11), shape=shape)
+        s, _ = generate(model, cfg, sweep_inputs, w, jax.random.key(cfg.seed + 11), shape=shape, extra=sweep_extra)
         sweep.append(s)
     _save_sweep(sweep, cfg, os.path.join(out, "guidance_sweep.png"))
     report = {"config": cfg.name, "step": int(state.step), "sampler": cfg.sampler, "nfe": nfe,
@@ -416,7 +445,8 @@ def finalize(cfg: ImageConfig, out: str, trainer, state, shape) -> dict:
     report.update(evaluate_samples(cfg, imgs, labels))
     report["guidance_sweep"] = {str(w): evaluate_samples(cfg, s, sweep_labels, brief=True)
                                 for w, s in zip(cfg.guidance_scales, sweep)}
-    _write_markdown(report, os.path.join(out, "report.md"))
+    extra_lines = conditioning.evaluate(cfg, model, out, shape, report)  # captions' attributes, ControlNet's edges
+    _write_markdown(report, os.path.join(out, "report.md"), extra_lines)
     return report
 
 
@@ -479,7 +509,7 @@ def _digits_classifier():
     return clf, train_set, test_set
 
 
-def _write_markdown(report: dict, path: str):
+def _write_markdown(report: dict, path: str, extra_lines=()):
     lines = [f"# Evaluation of {report['config']} at step {report['step']}", "",
              f"Sampler {report['sampler']}, NFE {report['nfe']}, guidance w = {report['guidance']}.", ""]
     for k, v in report.items():
@@ -490,6 +520,7 @@ def _write_markdown(report: dict, path: str):
         lines += ["", "| w | label accuracy | within-class pixel std (diversity) |", "|---|---|---|"]
         for w, r in report["guidance_sweep"].items():
             lines.append(f"| {w} | {r.get('label_accuracy', float('nan')):.3f} | {r['pixel_std_within_class']:.3f} |")
+    lines += list(extra_lines)
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
@@ -517,13 +548,23 @@ def sample_command(run_dir: str, args) -> str:
     """``jaxgen sample`` on an image run: a grid of guided samples of the chosen labels, and their arrays."""
     import jax
 
+    conditioning.check_sample_args(args, common.read_config(common.run_dir_of(run_dir)))  # before any work
     cfg, trainer, state, shape = load_run(run_dir, step=args.step)
     model = trainer.model(state, ema=trainer.ema_decay is not None)
-    labels, lab = common.sample_labels(args, cfg.num_classes)
+    if conditioning.is_inverse_problem(args):  # inpainting / super-resolution of observed images
+        return conditioning.inverse_command(cfg, model, shape, args)
     w = cfg.eval_guidance if args.guidance is None else args.guidance
     sampler = args.sampler or cfg.sampler
-    imgs, nfe = generate(model, cfg, lab, w, jax.random.key(args.seed), sampler=sampler, steps=args.steps,
-                         shape=shape)
+    if args.caption is not None or args.control is not None:
+        inputs, lab, extra, title = conditioning.cli_inputs(cfg, shape, args)
+        imgs, nfe = generate(model, cfg, inputs, w, jax.random.key(args.seed), sampler=sampler, steps=args.steps,
+                             shape=shape, extra=extra)
+        return common.write_samples(imgs, lab, args.out, nrow=min(len(lab), 16),
+                                    title=f"{title}, w = {w:g}, {sampler} (NFE {nfe})", what=f"{sampler}, NFE {nfe}")
+    labels, lab = common.sample_labels(args, cfg.num_classes)
+    inputs, extra = conditioning.inputs_for_labels(cfg, lab, shape)
+    imgs, nfe = generate(model, cfg, inputs, w, jax.random.key(args.seed), sampler=sampler, steps=args.steps,
+                         shape=shape, extra=extra)
     return common.write_samples(imgs, lab, args.out, nrow=min(args.num, 16),
                                 title=f"labels {labels}, w = {w:g}, {sampler} (NFE {nfe})", what=f"{sampler}, NFE {nfe}")
 

@@ -72,8 +72,9 @@ class TrainState(NamedTuple):
 
 
 def ema_update(ema: Any, params: Any, decay: float | Array) -> Any:
-    r"""``ema <- decay * ema + (1 - decay) * params`` (Polyak averaging of weights)."""
-    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+    r"""``ema <- decay * ema + (1 - decay) * params`` (Polyak averaging of weights), computed as
+    ``ema + (1 - decay) (params - ema)``: a parameter that does not move (a frozen base) keeps its EMA bit-identical."""
+    return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
 
 
 @dataclasses.dataclass(frozen=True)
