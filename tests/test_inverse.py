@@ -446,3 +446,42 @@ def test_ddim_inversion_and_eps_fields():
         invert(MIX_FIELD, MIX_X1, DDIM(eta=1.0), steps=4, path=LINEAR)
     with pytest.raises(ValueError, match="eta must be 0"):
         ReversedDDIM(eta=0.5)
+
+
+def test_infer_labels_picks_the_class_that_explains_the_measurement():
+    """A class-conditional field of two Gaussian classes N(+-m, s^2 I) (exact, in closed form): the observed half of
+    an image of class k is best denoised under class k, whatever the unobserved half of the completion holds, so the
+    inferred labels are the true ones; with the classes' means equal on the observed half (an ambiguous
+    measurement) the inference has nothing to go on."""
+    from jaxgen.inverse import infer_labels, label_errors
+
+    s = 0.3
+
+    def class_field(means):
+        def field(x, t, y):
+            c = LINEAR.coefficients(t)
+            a, b = (v[:, None, None, None] for v in c[:2])
+            mu = means[y]
+            return mu + a * s * s * (x - a * mu) / (a * a * s * s + b * b)  # E[x1 | x_t, y] ("data" prediction)
+        return field
+
+    m = jnp.concatenate([jnp.ones((H, W // 2, 1)), -jnp.ones((H, W // 2, 1))], axis=1)  # left +1, right -1
+    means = jnp.stack([m, -m])
+    key = jax.random.key(0)
+    y_true = jax.random.bernoulli(key, 0.5, (64,)).astype(jnp.int32)
+    x = means[y_true] + s * jax.random.normal(jax.random.key(1), (64, H, W, 1))
+    op = MaskOperator(half_mask((H, W), "left"))
+    completion = x * op.mask  # the unobserved half zero: only the measurement tells the class
+    got = infer_labels(class_field(means), completion, op, op(x), path=LINEAR, prediction="data", num_classes=2,
+                       key=jax.random.key(2))
+    np.testing.assert_array_equal(got, y_true)
+    errors = label_errors(class_field(means), completion, op, op(x), path=LINEAR, prediction="data", num_classes=2,
+                          times=jnp.array([0.5, 0.9]), key=jax.random.key(2))
+    assert errors.shape == (2, 64) and bool(jnp.all(errors[y_true, jnp.arange(64)] < errors[1 - y_true, jnp.arange(64)]))
+    same_left = jnp.stack([m, m * jnp.concatenate([jnp.ones((H, W // 2, 1)), -jnp.ones((H, W // 2, 1))], 1)])
+    flat = label_errors(class_field(same_left), completion, op, op(x), path=LINEAR, prediction="data", num_classes=2,
+                        times=jnp.array([0.5, 0.9]), key=jax.random.key(2))
+    np.testing.assert_allclose(flat[0], flat[1], rtol=1e-5)
+    with pytest.raises(ValueError, match="num_classes"):
+        infer_labels(class_field(means), completion, op, op(x), path=LINEAR, prediction="data", num_classes=1,
+                     key=key)
