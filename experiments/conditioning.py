@@ -619,20 +619,25 @@ def _inferred_labels(cfg, model, completion, operator, images):
     import jax
     import jax.numpy as jnp
 
-    fn = _compiled_inference(cfg.schedule, cfg.prediction, cfg.num_classes)
-    labels = fn(model, operator, jnp.asarray(completion), operator(jnp.asarray(images, jnp.float32)),
+    from jaxgen.inverse import MaskOperator
+
+    inpaint = isinstance(operator, MaskOperator)
+    fn = _compiled_inference(cfg.schedule, cfg.prediction, cfg.num_classes, 0 if inpaint else int(operator.factor))
+    mask = operator.mask if inpaint else jnp.zeros(())
+    labels = fn(model, jnp.asarray(mask, jnp.float32), jnp.asarray(completion), jnp.asarray(images, jnp.float32),
                 jax.random.key(cfg.seed + 29))
     return np.asarray(labels), cfg.num_classes * INFERENCE_TIMES
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_inference(schedule: str, prediction: str, num_classes: int):
+def _compiled_inference(schedule: str, prediction: str, num_classes: int, factor: int):
     import jax
 
-    from jaxgen.inverse import infer_labels
+    from jaxgen.inverse import DownsampleOperator, MaskOperator, infer_labels
 
-    def run(model, operator, completion, y, key):
-        return infer_labels(model, completion, operator, y, path=schedule, prediction=prediction,
+    def run(model, mask, completion, images, key):  # factor 0: inpainting with mask, else super-resolution
+        operator = MaskOperator(mask) if factor == 0 else DownsampleOperator(factor)
+        return infer_labels(model, completion, operator, operator(images), path=schedule, prediction=prediction,
                             num_classes=num_classes, key=key)
 
     return jax.jit(run)

@@ -67,7 +67,7 @@ def test_inverse_problems_through_the_cli(base_run, tmp_path, capsys):
     the classifier's agreement with the true labels printed, a grid of originals / observations / completions."""
     for flags in (["--inpaint", "left", "--method", "repaint", "--infer-label"],
                   ["--inpaint", "centre", "--method", "projection"],
-                  ["--inpaint", "top", "--method", "dps"], ["--superres", "2", "--method", "pigdm"]):
+                  ["--inpaint", "top", "--method", "dps"], ["--superres", "2", "--method", "pigdm", "--infer-label"]):
         out = tmp_path / f"{flags[1]}_{flags[3]}.png"
         assert cli.main(["sample", "--checkpoint", str(base_run), "--num", "4", "--steps", "3", "--out", str(out),
                          *flags]) == 0
