@@ -157,6 +157,7 @@ def test_caption_digits_gives_every_digit_its_full_caption(digits, bins):
         assert len(parts) == 3 and parts[0] == caption_text(y)
 
 
+@pytest.mark.slow
 def test_drop_caption_parts_statistics():
     n = 4000
     tokens = caption_tokens(np.full(n, 7), np.full(n, 2), np.full(n, 0))  # "seven, thick, slanted left"

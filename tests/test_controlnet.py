@@ -125,6 +125,7 @@ def test_control_none_is_the_base(base, controlnet, inputs, base_out):
     assert bool(jnp.all(_plain(ControlledField(base, controlnet), x, t, y) == base_out))
 
 
+@pytest.mark.slow
 def test_perturbed_zero_convolutions_let_the_control_change_the_output(base, controlnet, inputs, base_out):
     x, t, y, control = inputs
     cn = nnx.clone(controlnet)
@@ -152,6 +153,7 @@ def _trainable_grads(field, x, t, control, y):
     return {path: v[...] for path, v in nnx.to_flat_state(_energy_grad(graphdef, train, rest, x, t, control, y))}
 
 
+@pytest.mark.slow
 def test_gradients_through_zero_convolutions(base, controlnet, inputs):
     """Paper sec. 3.1: at zero initialisation only the zero convolutions get a gradient (the copy and the hint encoder
     get exactly zero, since the zero convolutions' outputs do not depend on their inputs); once those are non-zero

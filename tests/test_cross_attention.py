@@ -130,6 +130,7 @@ def test_context_dim_none_keeps_the_parameter_count_and_cross_attention_sits_whe
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet", "dit"])
 def test_zero_initialised_cross_attention_leaves_the_function_unchanged_until_its_projection_moves(name, unet, dit,
                                                                                                    inputs):
@@ -216,6 +217,7 @@ def test_flow_map_networks_take_a_context():
     assert np.abs(np.asarray(out - plain)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_encode_and_decode_carry_the_context(unet_perturbed, inputs):
     """ControlNet runs the U-Net as embed -> encode -> decode: the context must flow through those keywords."""
     model = unet_perturbed
@@ -295,6 +297,7 @@ def test_token_encoder_masks_padding():
         enc(jnp.ones((3,), jnp.int32))
 
 
+@pytest.mark.slow
 def test_text_conditioned_field_padding_null_caption_and_precomputed_context(text_model, inputs):
     x, t, _, _ = inputs
 
@@ -336,6 +339,7 @@ class _PretrainedEncoder(nnx.Module):
         return self.lin(self.table(tokens)), tokens != PAD
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainable", [True, False])
 def test_an_external_encoder_is_frozen_by_trainable_false(trainable, inputs):
     x, t, _, _ = inputs

@@ -98,6 +98,7 @@ def errors(x):
 UNCOND_MEAN_ERROR = np.abs(MU[~OBS] - COND_MEAN).mean()
 
 
+@pytest.mark.slow
 def test_closed_form_fields_equal_the_oracle():
     x = jax.random.normal(jax.random.key(2), (4, H, W, 1))
     t = jnp.array([0.0, 0.3, 0.8, 1.0])
@@ -245,6 +246,7 @@ def test_velocity_correction_is_the_score_correction_through_the_path(method, pr
     assert float(jnp.abs(terms.velocity - terms.base_velocity).max()) > 0.1
 
 
+@pytest.mark.slow
 def test_pigdm_is_the_exact_posterior_velocity_for_unit_gaussian_data():
     """For N(mu, I) data PiGDM's r_t^2 is the true posterior variance: with a noisy measurement the guided velocity is
     the exact velocity of the posterior N(m_post, S_post) (the oracle's), at every t > 0."""
@@ -433,6 +435,7 @@ def test_invert_reaches_the_exact_noise():
                                invert(field, x1, Euler(), steps=20, path=LINEAR), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ddim_inversion_and_eps_fields():
     eps_field = mixture_velocity(MIX, prediction="eps")
     e_ddim = float(round_trip_error(eps_field, MIX_X1, DDIM(), 50, path=LINEAR, prediction="eps", t0=1e-3))
