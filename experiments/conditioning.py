@@ -581,7 +581,7 @@ def solve_inverse(cfg, model, images, operator, method: str, *, key, sampler: st
     (``resample`` repeats per step), dps or pigdm (posterior-mean guidance). ``infer_label``: complete unconditionally,
     infer each sample's class from how well the class-conditional network denoises the measurement
     (:func:`jaxgen.inverse.infer_labels`), and complete again conditioned on it (NFE: both passes and the
-    ``num_classes x 16`` inference evaluations)."""
+    ``num_classes x 64`` inference evaluations)."""
     if infer_label:
         if labels is not None:
             raise ValueError("pass labels or infer_label, not both.")
@@ -610,9 +610,6 @@ def solve_inverse(cfg, model, images, operator, method: str, *, key, sampler: st
     return np.clip(np.asarray(x), -1.0, 1.0), int(nfe)
 
 
-INFERENCE_TIMES = 16  # jaxgen.inverse.infer_labels' default grid
-
-
 def _inferred_labels(cfg, model, completion, operator, images):
     """The classes the run's network finds likeliest for the measurement (:func:`jaxgen.inverse.infer_labels`) and
     the network evaluations it took."""
@@ -620,13 +617,14 @@ def _inferred_labels(cfg, model, completion, operator, images):
     import jax.numpy as jnp
 
     from jaxgen.inverse import MaskOperator
+    from jaxgen.inverse.labels import DEFAULT_TIMES
 
     inpaint = isinstance(operator, MaskOperator)
     fn = _compiled_inference(cfg.schedule, cfg.prediction, cfg.num_classes, 0 if inpaint else int(operator.factor))
     mask = operator.mask if inpaint else jnp.zeros(())
     labels = fn(model, jnp.asarray(mask, jnp.float32), jnp.asarray(completion), jnp.asarray(images, jnp.float32),
                 jax.random.key(cfg.seed + 29))
-    return np.asarray(labels), cfg.num_classes * INFERENCE_TIMES
+    return np.asarray(labels), cfg.num_classes * DEFAULT_TIMES
 
 
 @functools.lru_cache(maxsize=4)

@@ -272,10 +272,10 @@ def test_vqvae_reconstructs_held_out_digits():
     from jaxgen.data.images import device_sampler, load_digits
 
     train, test = load_digits("train"), load_digits("test")
-    r = build_vqvae(Context(shape=(8, 8, 1), width=32, depth=2, batch_size=128, steps=1500,
+    r = build_vqvae(Context(shape=(8, 8, 1), width=32, depth=2, batch_size=128, steps=600,
                             options={"downsample": 1}))
     trainer = Trainer(r.model, r.objective, r.optimizer, data=device_sampler(train, 128, with_labels=False))
-    state, losses = trainer.fit(trainer.init(0), 1500, progress=False)
+    state, losses = trainer.fit(trainer.init(0), 600, progress=False)
     x = jnp.asarray(test.images)
     diag = r.diagnostics(trainer.model(state), x)
     mean_image_mse = float(jnp.mean((x - jnp.asarray(train.images).mean(0)) ** 2))

@@ -25,6 +25,7 @@ from jaxgen.inverse.operators import check_observation, check_operator
 from jaxgen.paths.gaussian import GaussianPath, as_path
 
 Array = jax.Array
+DEFAULT_TIMES = 64  # the times of infer_labels' default grid (one noise draw each)
 
 
 def label_errors(field: Callable, completion: Array, operator, y: Array, *, path: GaussianPath | str,
@@ -65,13 +66,15 @@ def infer_labels(field: Callable, completion: Array, operator, y: Array, *, path
                  prediction: str = "velocity", num_classes: int, times: Array | None = None, key: Array,
                  label_key: str = "y") -> Array:
     """The class of least measurement error (:func:`label_errors`) per sample, ``(B,)`` int32. ``times`` default:
-    16 times in ``[0.4, 0.95]`` of the path (the informative range on the digits: with more noise every class
-    denoises the measurement equally badly, with less every class copies it)."""
+    :data:`DEFAULT_TIMES` times in ``[0.4, 0.95]`` of the path (the informative range on the digits: with more noise
+    every class denoises the measurement equally badly, with less every class copies it). On the 359 held-out digits
+    (left half kept, the main job's network) 16 times infer 0.855 of the labels, 64 times 0.877: the estimate's
+    variance, not the range, limits a short grid."""
     if times is None:
-        times = jnp.linspace(0.4, 0.95, 16)
+        times = jnp.linspace(0.4, 0.95, DEFAULT_TIMES)
     errors = label_errors(field, completion, operator, y, path=path, prediction=prediction, num_classes=num_classes,
                           times=times, key=key, label_key=label_key)
     return jnp.argmin(errors, axis=0).astype(jnp.int32)
 
 
-__all__ = ["label_errors", "infer_labels"]
+__all__ = ["label_errors", "infer_labels", "DEFAULT_TIMES"]
