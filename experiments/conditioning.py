@@ -536,13 +536,21 @@ def inverse_operator(problem: str, arg, shape):
     return MaskOperator((mask > 0.5).astype(np.float32))
 
 
+def _traced_operator(mask, factor: int):
+    """The measurement inside a compiled program: inpainting with the (traced) ``mask`` when ``factor`` is 0, else
+    ``factor`` x super-resolution (the mask is then unused)."""
+    from jaxgen.inverse import DownsampleOperator, MaskOperator
+
+    return MaskOperator(mask) if factor == 0 else DownsampleOperator(factor)
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_inverse(schedule: str, prediction: str, factor: int, method: str, sampler: str, steps: int,
                       resample: int, scale: float):
     import jax
 
     from experiments.images import resolve_sampler
-    from jaxgen.inverse import DownsampleOperator, Inpaint, MaskOperator, posterior_guided_field
+    from jaxgen.inverse import Inpaint, posterior_guided_field
     from jaxgen.paths import GaussianPath
     from jaxgen.samplers import sample
 
@@ -551,8 +559,8 @@ def _compiled_inverse(schedule: str, prediction: str, factor: int, method: str, 
     if method in ("dps", "pigdm"):  # the guidance's coefficient grows like 1 / alpha_t: start where it is informative
         t0 = max(t0 or 0.0, GUIDED_T0)
 
-    def solve(model, mask, images, labels, key):  # factor 0: inpainting with mask, else super-resolution
-        operator = MaskOperator(mask) if factor == 0 else DownsampleOperator(factor)
+    def solve(model, mask, images, labels, key):
+        operator = _traced_operator(mask, factor)
         y = operator(images)
         k0, k1 = jax.random.split(key)
         x0 = path.sample_prior(k0, images.shape)
@@ -631,10 +639,10 @@ def _inferred_labels(cfg, model, completion, operator, images):
 def _compiled_inference(schedule: str, prediction: str, num_classes: int, factor: int):
     import jax
 
-    from jaxgen.inverse import DownsampleOperator, MaskOperator, infer_labels
+    from jaxgen.inverse import infer_labels
 
-    def run(model, mask, completion, images, key):  # factor 0: inpainting with mask, else super-resolution
-        operator = MaskOperator(mask) if factor == 0 else DownsampleOperator(factor)
+    def run(model, mask, completion, images, key):
+        operator = _traced_operator(mask, factor)
         return infer_labels(model, completion, operator, operator(images), path=schedule, prediction=prediction,
                             num_classes=num_classes, key=key)
 
