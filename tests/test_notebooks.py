@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # notebook -> (source line, the smaller setting the test runs it with)
 NOTEBOOKS = {"01_flow_matching_2d.ipynb": ("TRAIN_STEPS = 3000", "TRAIN_STEPS = 300"),
              "02_diffusion_samplers_and_likelihood.ipynb": ("N_SAMPLES = 2000", "N_SAMPLES = 400"),
-             "03_optimal_transport_and_bridges.ipynb": ("TRAIN_STEPS = 3000", "TRAIN_STEPS = 300")}
+             "03_optimal_transport_and_bridges.ipynb": ("TRAIN_STEPS = 3000", "TRAIN_STEPS = 100")}
 
 
 def _code_cells(path: pathlib.Path) -> list[str]:
