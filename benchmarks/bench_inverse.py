@@ -54,13 +54,14 @@ def inverse_table(run: str, num: int, steps: int, resample: int, problems, metho
     model = trainer.model(state, ema=True)
     test = images.load_dataset(cfg, "test")
     x_true, labels = np.asarray(test.images[:num]), np.asarray(test.labels[:num])
+    train = images.load_dataset(cfg, "train")
     clf = images._digits_classifier()[0]
     rows = []
     for problem in problems:
         kind = "superres" if problem.startswith("sr") else "inpaint"
         operator = conditioning.inverse_operator(kind, int(problem[2:]) if kind == "superres" else problem, shape)
         unknown = (1.0 - np.asarray(operator.mask)) if isinstance(operator, MaskOperator) else np.ones(shape[:2] + (1,))
-        for name, acc in measurement_references(operator, images.load_dataset(cfg, "train"), x_true, labels).items():
+        for name, acc in measurement_references(operator, train, x_true, labels).items():
             row = {"problem": problem, "method": name, "accuracy": acc, "num": int(len(x_true))}
             print(json.dumps(row), flush=True)
             rows.append(row)

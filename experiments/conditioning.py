@@ -536,6 +536,18 @@ def inverse_operator(problem: str, arg, shape):
     return MaskOperator((mask > 0.5).astype(np.float32))
 
 
+def _operator_args(operator) -> tuple:
+    """``(mask, factor)`` of a measurement, the static and traced arguments :func:`_traced_operator` rebuilds it from
+    (factor 0 and the mask for inpainting; a scalar placeholder mask for super-resolution)."""
+    import jax.numpy as jnp
+
+    from jaxgen.inverse import MaskOperator
+
+    if isinstance(operator, MaskOperator):
+        return jnp.asarray(operator.mask, jnp.float32), 0
+    return jnp.zeros(()), int(operator.factor)
+
+
 def _traced_operator(mask, factor: int):
     """The measurement inside a compiled program: inpainting with the (traced) ``mask`` when ``factor`` is 0, else
     ``factor`` x super-resolution (the mask is then unused)."""
@@ -589,7 +601,7 @@ def solve_inverse(cfg, model, images, operator, method: str, *, key, sampler: st
     (``resample`` repeats per step), dps or pigdm (posterior-mean guidance). ``infer_label``: complete unconditionally,
     infer each sample's class from how well the class-conditional network denoises the measurement
     (:func:`jaxgen.inverse.infer_labels`), and complete again conditioned on it (NFE: both passes and the
-    ``num_classes x 64`` inference evaluations)."""
+    ``num_classes x jaxgen.inverse.labels.DEFAULT_TIMES`` inference evaluations)."""
     if infer_label:
         if labels is not None:
             raise ValueError("pass labels or infer_label, not both.")
@@ -610,11 +622,11 @@ def solve_inverse(cfg, model, images, operator, method: str, *, key, sampler: st
         raise ValueError(f"method {method} replaces observed pixels: it solves inpainting; use dps or pigdm.")
     images = jnp.asarray(images, jnp.float32)
     labels = np.full((images.shape[0],), cfg.num_classes) if labels is None else np.asarray(labels)
-    run = _compiled_inverse(cfg.schedule, cfg.prediction, 0 if inpaint else int(operator.factor), method, sampler,
-                            int(steps), int(resample if method == "repaint" else 1), float(scale))
-    mask = operator.mask if inpaint else jnp.zeros(())
+    mask, factor = _operator_args(operator)
+    run = _compiled_inverse(cfg.schedule, cfg.prediction, factor, method, sampler, int(steps),
+                            int(resample if method == "repaint" else 1), float(scale))
     model.eval()
-    x, nfe = run(model, jnp.asarray(mask, jnp.float32), images, jnp.asarray(labels, jnp.int32), key)
+    x, nfe = run(model, mask, images, jnp.asarray(labels, jnp.int32), key)
     return np.clip(np.asarray(x), -1.0, 1.0), int(nfe)
 
 
@@ -624,14 +636,11 @@ def _inferred_labels(cfg, model, completion, operator, images):
     import jax
     import jax.numpy as jnp
 
-    from jaxgen.inverse import MaskOperator
     from jaxgen.inverse.labels import DEFAULT_TIMES
 
-    inpaint = isinstance(operator, MaskOperator)
-    fn = _compiled_inference(cfg.schedule, cfg.prediction, cfg.num_classes, 0 if inpaint else int(operator.factor))
-    mask = operator.mask if inpaint else jnp.zeros(())
-    labels = fn(model, jnp.asarray(mask, jnp.float32), jnp.asarray(completion), jnp.asarray(images, jnp.float32),
-                jax.random.key(cfg.seed + 29))
+    mask, factor = _operator_args(operator)
+    fn = _compiled_inference(cfg.schedule, cfg.prediction, cfg.num_classes, factor)
+    labels = fn(model, mask, jnp.asarray(completion), jnp.asarray(images, jnp.float32), jax.random.key(cfg.seed + 29))
     return np.asarray(labels), cfg.num_classes * DEFAULT_TIMES
 
 
