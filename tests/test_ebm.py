@@ -427,7 +427,8 @@ def test_conditional_ncsn_recipe_passes_labels():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,steps,bound", [("ncsn", 2000, 0.5), ("ebm", 1000, 0.8)])
+@pytest.mark.parametrize("family,steps,bound", [("ncsn", 2000, 0.5),
+                                                 pytest.param("ebm", 1000, 0.8, marks=pytest.mark.optimised)])
 def test_recipe_learns_eight_gaussians(family, steps, bound):
     from experiments.recipes import Context
     from experiments.recipes import ebm as recipes

@@ -60,6 +60,7 @@ def test_configs_and_overrides():
 
 
 @pytest.mark.slow
+@pytest.mark.optimised
 def test_default_recipe_reaches_sliced_w2_target(tmp_path):
     """Issue target: 8 Gaussians -> moons, Euler-100 samples, sliced W2 (256 directions, 2048 vs 2048 fresh) < 0.15."""
     report = toy2d.train(configs.load("toy2d_8gaussians_to_moons"), str(tmp_path), progress=False)

@@ -185,6 +185,7 @@ def test_the_exact_flow_map_minimises_the_shortcut_loss():
 
 
 @pytest.mark.slow
+@pytest.mark.optimised
 def test_meanflow_from_scratch_samples_moons_in_one_step():
     """The issue's bar: MeanFlow trained from scratch on N(0, I) -> moons reaches a 1-NFE sliced W2 of at most 0.15
     (measured 0.106, and 0.091 at 2 NFE, after 7,000 steps; two independent 4,000-point target sets are 0.058 apart)."""

@@ -328,6 +328,7 @@ def test_scm_recipe_trains_and_samples_in_k_jumps():
 # -- end to end ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.optimised
 def test_sct_from_scratch_samples_moons_in_one_step():
     """sCT from scratch (the recipe's defaults, the paper's p_mean/p_std, c = 0.1, adaptive weighting) on N(0, I) ->
     moons (raw units, sigma_data = 2.2, their RMS per coordinate), 6,000 steps: measured 1-NFE sliced W2 0.141 and

@@ -383,6 +383,7 @@ def test_recipe_options_are_checked():
 # -- quality -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.optimised
 def test_vae_learns_recognisable_digits():
     from experiments.recipes import Context
     from experiments.recipes import vae as recipes

@@ -268,6 +268,7 @@ def test_recipe_smoke(shape):
 
 
 @pytest.mark.slow
+@pytest.mark.optimised
 def test_vqvae_reconstructs_held_out_digits():
     from jaxgen.data.images import device_sampler, load_digits
 
