@@ -16,7 +16,9 @@ accuracy has little room above 0.9 whatever the solver.
 
 With ``--infer-label`` each method also runs in two passes: the unconditional completion, the class the network
 itself finds likeliest for the measurement (:func:`jaxgen.inverse.infer_labels`, a diffusion classifier on the
-observed part), and a completion conditioned on that class.
+observed part), and a completion conditioned on that class. ``--infer-label evidence`` (or ``denoising,evidence``
+for both) infers the class instead from the Monte Carlo evidence of 200 of the network's own samples per class
+(:func:`jaxgen.inverse.infer_labels_by_evidence`) and completes once, conditioned on it.
 
 Part 2 (``--inversion``): the round trip data -> noise -> data with each deterministic solver at several step counts,
 ``mean |sample(invert(x)) - x|`` per pixel on the held-out digits, for (a) the *oracle* field -- the exact marginal
@@ -41,7 +43,7 @@ METHODS = {"inpaint": ("projection", "repaint", "dps", "pigdm"), "superres": ("d
 
 
 def inverse_table(run: str, num: int, steps: int, resample: int, problems, methods, dps_scale: float,
-                  infer: bool = False) -> list[dict]:
+                  infer=()) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -69,7 +71,7 @@ def inverse_table(run: str, num: int, steps: int, resample: int, problems, metho
             if methods and method not in methods:
                 continue
             scale = dps_scale if method == "dps" else 1.0
-            for inferred in ((False, True) if infer else (False,)):
+            for inferred in (False, *infer):
                 def run_once(key, inferred=inferred, method=method, scale=scale, operator=operator):
                     return conditioning.solve_inverse(cfg, model, x_true, operator, method, key=key, steps=steps,
                                                       resample=resample, scale=scale, infer_label=inferred)
@@ -95,25 +97,29 @@ def measurement_references(operator, train, x_true, labels, sigma: float = 0.2) 
     """How well the label can be read off the measurement ``y = A x`` at all, by classifiers of ``y`` itself (the
     reference for an inverse solver's label accuracy): the label of the training digit nearest in ``A x`` (1-NN),
     the most probable class of the training digits smoothed by ``N(0, sigma^2 I)`` observed through ``A``
-    (the Bayes classifier of that density: ``argmax_k log mean_{i in k} N(y; A x_i, sigma^2 I) + log p(k)``), and an
+    (the Bayes classifier of that density: ``argmax_k log mean_{i in k} N(y; A x_i, sigma^2 I) + log p(k)``,
+    :func:`jaxgen.inverse.infer_labels_by_evidence` with the training digits as the samples), and an
     RBF support-vector machine trained on the training digits' measurements (a discriminative classifier, trained
     for this one operator -- not training-free)."""
     import jax.numpy as jnp
     import numpy as np
-    from scipy.special import logsumexp
     from sklearn.svm import SVC
+
+    from jaxgen.inverse import infer_labels_by_evidence
 
     def measure(x):
         return np.asarray(operator(jnp.asarray(x, jnp.float32))).reshape(len(x), -1)
 
     a, b, ytr = measure(train.images), measure(x_true), np.asarray(train.labels)
     d2 = np.sum(b * b, 1)[:, None] - 2 * b @ a.T + np.sum(a * a, 1)[None]
-    log_k = np.stack([logsumexp(-d2[:, ytr == k] / (2 * sigma**2), axis=1) + np.log(np.mean(ytr == k))
-                      - np.log(np.sum(ytr == k)) for k in np.unique(ytr)], axis=1)
+    k = int(ytr.max()) + 1
+    bayes = infer_labels_by_evidence(jnp.asarray(train.images, jnp.float32), jnp.asarray(ytr), operator,
+                                     operator(jnp.asarray(x_true, jnp.float32)), num_classes=k, sigma=sigma,
+                                     log_prior=jnp.log(jnp.bincount(jnp.asarray(ytr), length=k) / len(ytr)))
     svm = SVC(C=10.0, gamma="scale").fit(a, ytr)
     return {"reference: 1-NN on A x": float(np.mean(ytr[np.argmin(d2, axis=1)] == labels)),
             f"reference: Bayes classifier of the training digits * N(0, {sigma:g}^2) on A x":
-                float(np.mean(np.argmax(log_k, axis=1) == labels)),
+                float(np.mean(np.asarray(bayes) == labels)),
             "reference: RBF SVM trained on A x": float(np.mean(svm.predict(b) == labels))}
 
 
@@ -185,7 +191,7 @@ def markdown(inverse_rows, inversion_rows) -> str:
                 lines.append(f"| {r['problem']} | {r['method']} | {r['accuracy']:.3f} | | | | |")
                 continue
             m = r["method"] + (f" (x{r['resample']})" if r["method"] == "repaint" else "") \
-                + (" + inferred label" if r.get("inferred_label") else "")
+                + (f" + inferred label ({r['inferred_label']})" if r.get("inferred_label") else "")
             lines.append(f"| {r['problem']} | {m} | {r['accuracy']:.3f} | {r['mae_unobserved']:.3f} | "
                          f"{r['consistency']:.4f} | {r['nfe']} | {r['seconds']} |")
     if inversion_rows:
@@ -211,8 +217,9 @@ def main(argv=None):
     p.add_argument("--dps-scale", type=float, default=1.0)
     p.add_argument("--problems", default=",".join(PROBLEMS))
     p.add_argument("--methods", default="", help="comma-separated subset of projection,repaint,dps,pigdm")
-    p.add_argument("--infer-label", action="store_true",
-                   help="also each method with the label inferred from the measurement (jaxgen.inverse.infer_labels)")
+    p.add_argument("--infer-label", nargs="?", const="denoising", default="", metavar="HOW[,HOW]",
+                   help="also each method with the label inferred from the measurement: denoising (default; "
+                        "jaxgen.inverse.infer_labels), evidence (jaxgen.inverse.infer_labels_by_evidence), or both")
     p.add_argument("--inversion", action="store_true", help="also the inversion round-trip table")
     p.add_argument("--inversion-only", action="store_true")
     p.add_argument("--solvers", default="euler,heun,rk4,ddim")
@@ -225,7 +232,8 @@ def main(argv=None):
         if not a.run:
             p.error("--run is needed for the inverse problems (or pass --inversion-only)")
         inv = inverse_table(a.run, a.num, a.steps, a.resample, a.problems.split(","),
-                            [m for m in a.methods.split(",") if m], a.dps_scale, a.infer_label)
+                            [m for m in a.methods.split(",") if m], a.dps_scale,
+                            tuple(h for h in a.infer_label.split(",") if h))
     rt = []
     if a.inversion or a.inversion_only:
         rt = inversion_table(a.run, a.num, a.solvers.split(","), [int(s) for s in a.inversion_steps.split(",")],

@@ -72,9 +72,11 @@ def _parser() -> argparse.ArgumentParser:
             g.add_argument("--method", default=None,
                            help="how to solve --inpaint / --superres: projection, repaint, dps or pigdm (default: "
                                 "repaint for --inpaint, pigdm for --superres)")
-            g.add_argument("--infer-label", action="store_true",
+            g.add_argument("--infer-label", nargs="?", const="denoising", default=None, metavar="HOW",
                            help="with --inpaint / --superres on a class-conditional run: infer each image's class from "
-                                "the measurement with the network itself, then complete conditioned on it (two passes)")
+                                "the measurement with the network itself, then complete conditioned on it. HOW: "
+                                "denoising (default; the class whose denoiser best reproduces the measurement) or "
+                                "evidence (the class whose own samples best explain it, 200 per class)")
             g.add_argument("--image", default=None, metavar="FILE",
                            help="the observed images for --inpaint / --superres: a PNG or .npy in [-1, 1] "
                                 "(default: the first held-out digits, whose labels score the completions)")

@@ -19,8 +19,9 @@ Three ways to condition a sampler on ``y``:
   ``resample > 1`` re-noises and repeats each step (RePaint, Lugmayr et al. 2022) to harmonise the two parts. No
   gradients through the network; inpainting only.
 * **Label inference** (:func:`infer_labels`): with a class-conditional field, the class whose denoiser best
-  reproduces the measurement (a diffusion classifier on the observed part, Li et al. 2023), to condition a second
-  completion on.
+  reproduces the measurement (a diffusion classifier on the observed part, Li et al. 2023), or
+  (:func:`infer_labels_by_evidence`) the class of largest Monte Carlo evidence ``p(y | k)`` over a pool of the
+  model's own class-conditional samples, to condition a second completion on.
 * **Inversion** (:func:`invert`, :func:`round_trip_error`): the deterministic sampler run backwards from data to
   noise (DDIM inversion), the encoder of editing methods; the round-trip error measures the solver's
   discretisation error.
@@ -37,7 +38,7 @@ Example (inpainting the right half of 8x8 images)::
 
 from jaxgen.inverse.guidance import (METHODS, GuidanceTerms, guidance_terms, pigdm_coefficient, pigdm_variance,
                                      posterior_guided_field, score_to_velocity_coefficient)
-from jaxgen.inverse.labels import infer_labels, label_errors
+from jaxgen.inverse.labels import evidence_scores, infer_labels, infer_labels_by_evidence, label_errors
 from jaxgen.inverse.inversion import BACKWARD_SOLVERS, ReversedDDIM, invert, round_trip_error
 from jaxgen.inverse.operators import (DownsampleOperator, GrayscaleOperator, LinearOperator, MaskOperator, box_mask,
                                       half_mask, operator_matrix, random_mask)
@@ -50,4 +51,5 @@ __all__ = [
     "score_to_velocity_coefficient",
     "Inpaint", "renoise", "noise_observation", "usable_solvers",
     "invert", "round_trip_error", "ReversedDDIM", "BACKWARD_SOLVERS", "infer_labels", "label_errors",
+    "evidence_scores", "infer_labels_by_evidence",
 ]

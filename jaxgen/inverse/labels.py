@@ -10,16 +10,24 @@ unconditional inpainting; its observed part is ``y``), denoises it under each cl
 measurement*, ``||A x1_hat - y||^2``, so the guessed part of ``x_hat`` is only context. The same noise and times are
 used for every class (paired comparisons, the variance reduction of Li et al. sec. 3.2). The label then conditions a
 second, class-conditional completion (``jaxgen sample --inpaint ... --infer-label``).
+
+The second estimator, :func:`evidence_scores`, is Bayes' rule with a Monte Carlo evidence: the model's own
+class-conditional samples ``x_j ~ p(x | k)`` observed through ``A`` estimate ``p(y | k) = E_{x ~ p(x | k)}
+N(y; A x, sigma^2 I)`` (the marginal likelihood of the measurement, a kernel density of ``A x_j``), and
+``argmax_k log p(y | k) + log p(k)`` is the class. One pool of samples serves every measurement (its cost is shared
+by the batch, and it needs no completion first); it works as long as ``M`` samples per class cover the measurement's
+space, i.e. for low-dimensional measurements such as the digits' halves and 4x4 averages.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jaxgen._checks import check_key
+from jaxgen._checks import check_key, is_concrete
 from jaxgen.fields.algebra import canonical_prediction, to_data_and_noise
 from jaxgen.inverse.operators import check_observation, check_operator
 from jaxgen.paths.gaussian import GaussianPath, as_path
@@ -77,4 +85,58 @@ def infer_labels(field: Callable, completion: Array, operator, y: Array, *, path
     return jnp.argmin(errors, axis=0).astype(jnp.int32)
 
 
-__all__ = ["label_errors", "infer_labels", "DEFAULT_TIMES"]
+def evidence_scores(samples: Array, sample_labels: Array, operator, y: Array, *, num_classes: int,
+                    sigma: float) -> Array:
+    r"""``log p(y | k)`` per class and measurement, ``(K, B)``, up to a constant shared by the classes: the Monte
+    Carlo evidence ``log (1/M_k) sum_{j: l_j = k} N(y; A x_j, sigma^2 I)`` of the class-conditional samples
+    ``x_j`` (labels ``l_j``) observed through ``operator`` (the marginal likelihood ``p(y | k) = int N(y; A x,
+    sigma^2 I) p(x | k) dx``, Bayes' rule for the label; with a Gaussian kernel it is the kernel density estimate of
+    the measurement under class ``k``). ``sigma``: the measurement's noise, or for an exact measurement the kernel's
+    width. Every class needs at least one sample. ``argmax_k`` of the scores plus ``log p(k)`` is the Bayes
+    classifier of the model's distribution seen through ``A``."""
+    check_operator(operator, "evidence_scores")
+    y = check_observation(y, "evidence_scores")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"evidence_scores needs num_classes >= 2, got {num_classes!r}.")
+    if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0):
+        raise ValueError(f"evidence_scores needs sigma > 0 (the measurement noise or the kernel width), got "
+                         f"{sigma!r}.")
+    sample_labels = jnp.asarray(sample_labels)
+    if sample_labels.ndim != 1 or sample_labels.shape[0] != samples.shape[0]:
+        raise ValueError(f"evidence_scores needs one label per sample: samples {tuple(samples.shape)}, labels "
+                         f"{tuple(sample_labels.shape)}.")
+    if is_concrete(sample_labels):
+        counts = np.bincount(np.asarray(sample_labels).astype(np.int64), minlength=num_classes)
+        if len(counts) > num_classes or (counts[:num_classes] == 0).any():
+            raise ValueError(f"evidence_scores needs samples of every class 0..{num_classes - 1}; the sample labels "
+                             f"count {counts.tolist()} per class.")
+    a = jnp.reshape(operator(samples), (samples.shape[0], -1))
+    b = jnp.reshape(y, (y.shape[0], -1)).astype(a.dtype)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"evidence_scores: the samples' measurements have {a.shape[1]} values, y has {b.shape[1]}; "
+                         f"pass y = operator(x) of the same image shape.")
+    d2 = jnp.sum(b * b, 1)[:, None] - 2.0 * b @ a.T + jnp.sum(a * a, 1)[None]  # (B, N) squared distances
+    logk = -jnp.maximum(d2, 0.0) / (2.0 * sigma * sigma)
+    onehot = jax.nn.one_hot(sample_labels, num_classes, dtype=a.dtype).T  # (K, N)
+    count = jnp.sum(onehot, axis=1)  # (K,)
+    masked = jnp.where(onehot[:, None, :] > 0, logk[None], -jnp.inf)  # (K, B, N)
+    return jax.nn.logsumexp(masked, axis=-1) - jnp.log(count)[:, None]
+
+
+def infer_labels_by_evidence(samples: Array, sample_labels: Array, operator, y: Array, *, num_classes: int,
+                             sigma: float, log_prior: Array | None = None) -> Array:
+    """The class of largest posterior ``log p(y | k) + log p(k)`` (:func:`evidence_scores`; ``log_prior`` ``(K,)``,
+    default uniform) per measurement, ``(B,)`` int32. Measured on the 359 held-out digits with 200 samples per class
+    of the main job's network (w = 1, Heun 20 steps) and ``sigma = 0.2``: 4x4 averages 0.916 of the labels right (the
+    diffusion classifier :func:`infer_labels`: 0.880); with a 6,000-step network 0.942 (4x4), 0.919 (right half kept),
+    0.883 (left half)."""
+    scores = evidence_scores(samples, sample_labels, operator, y, num_classes=num_classes, sigma=sigma)
+    if log_prior is not None:
+        log_prior = jnp.asarray(log_prior, scores.dtype)
+        if log_prior.shape != (num_classes,):
+            raise ValueError(f"log_prior needs shape ({num_classes},), got {tuple(log_prior.shape)}.")
+        scores = scores + log_prior[:, None]
+    return jnp.argmax(scores, axis=0).astype(jnp.int32)
+
+
+__all__ = ["label_errors", "infer_labels", "evidence_scores", "infer_labels_by_evidence", "DEFAULT_TIMES"]
