@@ -118,9 +118,8 @@ def evidence_scores(samples: Array, sample_labels: Array, operator, y: Array, *,
     d2 = jnp.sum(b * b, 1)[:, None] - 2.0 * b @ a.T + jnp.sum(a * a, 1)[None]  # (B, N) squared distances
     logk = -jnp.maximum(d2, 0.0) / (2.0 * sigma * sigma)
     onehot = jax.nn.one_hot(sample_labels, num_classes, dtype=a.dtype).T  # (K, N)
-    count = jnp.sum(onehot, axis=1)  # (K,)
-    masked = jnp.where(onehot[:, None, :] > 0, logk[None], -jnp.inf)  # (K, B, N)
-    return jax.nn.logsumexp(masked, axis=-1) - jnp.log(count)[:, None]
+    weights = onehot / jnp.sum(onehot, axis=1, keepdims=True)  # 1 / M_k on class k's samples, 0 elsewhere
+    return jax.nn.logsumexp(logk[None], b=weights[:, None, :], axis=-1)
 
 
 def infer_labels_by_evidence(samples: Array, sample_labels: Array, operator, y: Array, *, num_classes: int,
