@@ -1,7 +1,7 @@
 """Data parallelism on a mesh, topology changes across checkpoints and a real two-process run, on this CPU.
 
 Fake devices need the backend to start with them, so the work runs in subprocesses: this file is also the worker
-(``python tests/test_parallel.py devices 8 OUT`` or ``... process ID NUM PORT OUT``). The parent compares what the
+(``python tests/test_parallel.py devices 8 OUT``, ``... process ID NUM PORT OUT`` or ``... killable OUT``). The parent compares what the
 workers write with single-device runs of its own.
 """
 
@@ -93,7 +93,8 @@ def _devices_worker(n, out):
 
 def _process_worker(pid, num, port, out):
     """One of ``num`` jax.distributed processes (2 fake devices each): train with checkpoints on the global mesh,
-    resume from the first checkpoint as after a kill, and (process 0) save the final state."""
+    resume from the first checkpoint as after a kill, and (process 0) save the final state; then train on host-sharded
+    data (:func:`_loader_part`)."""
     os.environ.update(JAXGEN_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXGEN_NUM_PROCESSES=str(num),
                       JAXGEN_PROCESS_ID=str(pid))
     import jax
@@ -115,6 +116,7 @@ def _process_worker(pid, num, port, out):
     if is_main_process():
         np.savez(os.path.join(out, "final.npz"), *_leaves(final))
         np.save(os.path.join(out, "losses.npy"), losses)
+    report.update(_loader_part(num, out))
     print("REPORT " + json.dumps(report), flush=True)
     jax.distributed.shutdown()
 
@@ -156,19 +158,15 @@ def _image_trainer(mesh=None):
     return Trainer(model, flow_matching_loss("linear", label_dropout=0.1, null_label=10), optax.adam(1e-3), mesh=mesh)
 
 
-def _loader_worker(pid, num, port, out):
-    """One of ``num`` processes feeding host-sharded digits batches (each host reads its own slice of every epoch)
-    through ``prefetch_to_device`` onto the global mesh, and training on them."""
-    os.environ.update(JAXGEN_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXGEN_NUM_PROCESSES=str(num),
-                      JAXGEN_PROCESS_ID=str(pid))
+def _loader_part(num, out):
+    """In one of ``num`` started processes: host-sharded digits batches (each host reads its own slice of every
+    epoch) through ``prefetch_to_device`` onto the global mesh, and training on them."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    jax.config.update("jax_num_cpu_devices", 2)
     from jaxgen.data import ImageLoader, load_digits, prefetch_to_device
-    from jaxgen.training import data_mesh, initialize, is_main_process
+    from jaxgen.training import data_mesh, is_main_process
 
-    assert initialize()
     mesh = data_mesh()
     trainer = _image_trainer(mesh)
     state = trainer.init(SEED)
@@ -183,8 +181,7 @@ def _loader_worker(pid, num, port, out):
     if is_main_process():
         np.save(os.path.join(out, "loader_losses.npy"), np.asarray(losses))
         np.savez(os.path.join(out, "loader_final.npz"), *_leaves(state))
-    print("REPORT " + json.dumps({"losses": losses}), flush=True)
-    jax.distributed.shutdown()
+    return {"loader_devices": jax.device_count()}
 
 
 def _env():
@@ -235,11 +232,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Two jax.distributed processes of 2 fake devices each (:func:`_process_worker`), started once for the tests
+    below: their reports and the directory process 0 wrote to."""
+    out = tmp_path_factory.mktemp("two_processes")
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "process", str(i), "2", str(port),
-                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                               cwd=REPO, stdin=subprocess.DEVNULL) for i in range(2)]
     outputs = []
     try:
@@ -250,9 +250,15 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    reports = [_report(*o) for o in outputs]
-    for p, (out, err), r in zip(procs, outputs, reports):
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
+    return [_report(*o) for o in outputs], out
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_resume_and_match_one_process(two_processes):
+    reports, tmp_path = two_processes
+    for r in reports:
         assert r["process_count"] == 2 and r["devices"] == 4, r
         assert r["resume_diff"] < 1e-6, r  # resumed from the step-10 checkpoint: the uninterrupted run's end
     reference, ref_losses = _single_device_reference()
@@ -266,8 +272,6 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
 if __name__ == "__main__" and len(sys.argv) > 1:
     if sys.argv[1] == "devices":
         _devices_worker(sys.argv[2], sys.argv[3])
-    elif sys.argv[1] == "loader":
-        _loader_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     elif sys.argv[1] == "killable":
         _killable_worker(sys.argv[2])
     elif sys.argv[1] == "process":
@@ -285,11 +289,11 @@ def _cli(out, *, env_extra=None):
 
 
 @pytest.mark.slow
-def test_the_cli_runs_unchanged_on_one_device_eight_fake_devices_and_two_processes(tmp_path):
-    """`jaxgen train digits_smoke` on 1 device, on 8 fake devices (the batch split over a mesh) and as 2 processes
-    of 2 fake devices each: the same losses and samples; only process 0 writes and prints."""
-    runs = {"one": [_cli(tmp_path / "one")],
-            "eight": [_cli(tmp_path / "eight", env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})]}
+def test_the_cli_runs_unchanged_on_one_device_and_as_two_processes_of_two_devices(tmp_path):
+    """`jaxgen train digits_smoke` on 1 device and as 2 processes of 2 fake devices each (the batch split over a
+    4-device mesh that spans the processes): the same losses and samples; only process 0 writes and prints. (8 devices
+    in one process: the trainer, checkpoints and a killed run in the tests above.)"""
+    runs = {"one": [_cli(tmp_path / "one")]}
     port = _free_port()
     runs["two"] = [_cli(tmp_path / "two", env_extra={
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAXGEN_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
@@ -310,10 +314,9 @@ def test_the_cli_runs_unchanged_on_one_device_eight_fake_devices_and_two_process
     printed = [("outputs in" in out) for out, _ in outputs["two"]]
     assert printed == [True, False], printed  # process 0 reports, process 1 stays quiet
     ref_losses, ref_samples = (np.load(tmp_path / "one" / f) for f in ("losses.npy", "samples.npy"))
-    for name in ("eight", "two"):
-        np.testing.assert_allclose(np.load(tmp_path / name / "losses.npy"), ref_losses, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.load(tmp_path / name / "samples.npy"), ref_samples, atol=1e-4)
-        assert (tmp_path / name / "report.md").exists()
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "losses.npy"), ref_losses, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "samples.npy"), ref_samples, atol=1e-4)
+    assert (tmp_path / "two" / "report.md").exists()
 
 
 @pytest.mark.slow
@@ -357,26 +360,15 @@ def test_a_killed_eight_device_run_resumes_from_its_last_checkpoint_and_ends_as_
 
 
 @pytest.mark.slow
-def test_two_hosts_feed_their_own_slices_of_the_data_into_one_global_batch(tmp_path):
+def test_two_hosts_feed_their_own_slices_of_the_data_into_one_global_batch(two_processes):
     """Each process reads its own slice of every epoch (ImageLoader's host sharding) and prefetch_to_device assembles
     the global batch on the mesh: training equals one device trained on the two hosts' batches concatenated."""
     import jax.numpy as jnp
 
     from jaxgen.data import ImageLoader, load_digits
 
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "loader", str(i), "2", str(port),
-                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                              cwd=REPO, stdin=subprocess.DEVNULL) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    reports, tmp_path = two_processes
+    assert [r["loader_devices"] for r in reports] == [4, 4], reports
     data = load_digits("train")
     hosts = [ImageLoader(data, PER_HOST, seed=3, process_index=i, process_count=2) for i in range(2)]
     trainer = _image_trainer()
