@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgen._checks import check_key, is_concrete
 from jaxgen.fields.algebra import canonical_prediction, to_data_and_noise
