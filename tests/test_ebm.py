@@ -373,7 +373,8 @@ _SMOKE = {
 }
 
 
-@pytest.mark.parametrize("shape", [(2,), (8, 8, 1)], ids=["2d", "digits"])
+@pytest.mark.parametrize("shape", [(2,), pytest.param((8, 8, 1), marks=pytest.mark.slow)],  # the image networks:
+                         ids=["2d", "digits"])  # the full suite
 @pytest.mark.parametrize("family", ["ebm", "ncsn", "ssm"])
 def test_recipe_smoke(family, shape):
     from experiments.recipes import Context

@@ -326,8 +326,8 @@ def _smoke(family, shape):
     assert recipe.likelihood_kind and not recipe.conditional
 
 
-@pytest.mark.parametrize("family,shape", [("realnvp", (2,)), ("realnvp", (8, 8, 1)), ("glow", (2,)),
-                                          ("glow", (8, 8, 1))])
+@pytest.mark.parametrize("family,shape", [("realnvp", (2,)), pytest.param("realnvp", (8, 8, 1), marks=pytest.mark.slow),
+                                          ("glow", (2,)), pytest.param("glow", (8, 8, 1), marks=pytest.mark.slow)])
 def test_discrete_flow_recipes_train_sample_and_score(family, shape):
     _smoke(family, shape)
 

@@ -245,7 +245,7 @@ def test_bad_inputs_are_refused():
 
 
 # -- the recipe -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(2,), (8, 8, 1)])
+@pytest.mark.parametrize("shape", [(2,), pytest.param((8, 8, 1), marks=pytest.mark.slow)])  # images: the full suite
 def test_recipe_smoke(shape):
     ctx = Context(shape=shape, width=8, depth=1, batch_size=8, steps=3,
                   options={"num_codes": 8, "code_dim": 2, "ema": shape == (2,)})
