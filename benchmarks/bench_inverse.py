@@ -18,7 +18,8 @@ With ``--infer-label`` each method also runs in two passes: the unconditional co
 itself finds likeliest for the measurement (:func:`jaxgen.inverse.infer_labels`, a diffusion classifier on the
 observed part), and a completion conditioned on that class. ``--infer-label evidence`` (or ``denoising,evidence``
 for both) infers the class instead from the Monte Carlo evidence of 200 of the network's own samples per class
-(:func:`jaxgen.inverse.infer_labels_by_evidence`) and completes once, conditioned on it.
+(:func:`jaxgen.inverse.infer_labels_by_evidence`; one pool, drawn once for all the problems, its time in the first
+evidence row) and completes once, conditioned on it.
 
 Part 2 (``--inversion``): the round trip data -> noise -> data with each deterministic solver at several step counts,
 ``mean |sample(invert(x)) - x|`` per pixel on the held-out digits, for (a) the *oracle* field -- the exact marginal
@@ -59,6 +60,7 @@ def inverse_table(run: str, num: int, steps: int, resample: int, problems, metho
     train = images.load_dataset(cfg, "train")
     clf = images._digits_classifier()[0]
     rows = []
+    pool = []  # the evidence pool: drawn once (with the first evidence row's time), shared by every problem
     for problem in problems:
         kind = "superres" if problem.startswith("sr") else "inpaint"
         operator = conditioning.inverse_operator(kind, int(problem[2:]) if kind == "superres" else problem, shape)
@@ -72,12 +74,12 @@ def inverse_table(run: str, num: int, steps: int, resample: int, problems, metho
                 continue
             scale = dps_scale if method == "dps" else 1.0
             for inferred in (False, *infer):
-                def run_once(key, inferred=inferred, method=method, scale=scale, operator=operator):
-                    return conditioning.solve_inverse(cfg, model, x_true, operator, method, key=key, steps=steps,
-                                                      resample=resample, scale=scale, infer_label=inferred)
-
                 t0 = time.perf_counter()  # with the compilation: each configuration runs once
-                x, nfe = run_once(jax.random.key(1))
+                if inferred == "evidence" and not pool:
+                    pool.append(conditioning.draw_evidence_pool(cfg, model, shape))
+                x, nfe = conditioning.solve_inverse(cfg, model, x_true, operator, method, key=jax.random.key(1),
+                                                    steps=steps, resample=resample, scale=scale, infer_label=inferred,
+                                                    evidence_pool=pool[0] if pool else None)
                 seconds = time.perf_counter() - t0
                 err = np.abs(x - x_true) * unknown
                 consistency = float(jnp.mean(jnp.abs(operator(jnp.asarray(x)) - operator(jnp.asarray(x_true)))))

@@ -601,7 +601,7 @@ GUIDED_T0 = 1e-2  # DPS / PiGDM start here (jaxgen.inverse.guidance: the correct
 
 def solve_inverse(cfg, model, images, operator, method: str, *, key, sampler: str = "euler", steps: int = 100,
                   resample: int = 5, scale: float = 1.0, labels=None, infer_label: bool | str = False,
-                  evidence_samples: int = EVIDENCE_SAMPLES):
+                  evidence_samples: int = EVIDENCE_SAMPLES, evidence_pool: tuple | None = None):
     """Complete ``images`` ``(N, H, W, C)`` observed through ``operator`` (a ``MaskOperator`` or a
     ``DownsampleOperator``; only ``A images`` enters) with the run's network, unconditionally (the null class) unless
     ``labels`` are given: ``(completions in [-1, 1], NFE)``. ``method``: projection (score_sde's replacement), repaint
@@ -612,7 +612,15 @@ def solve_inverse(cfg, model, images, operator, method: str, *, key, sampler: st
     class of largest Monte Carlo evidence ``p(y | k)`` over ``evidence_samples`` of the network's own samples per
     class (:func:`jaxgen.inverse.infer_labels_by_evidence`, kernel width :data:`EVIDENCE_SIGMA`), then one
     conditioned completion (NFE: the pool's sampler, one batched pass over all its samples, and the completion).
-    ``True`` means ``"denoising"``."""
+    The pool depends on the run and the image shape only: ``evidence_pool`` (from :func:`draw_evidence_pool`) reuses
+    one across calls (several problems, or batches of one). ``True`` means ``"denoising"``."""
+    from jaxgen.inverse import MaskOperator
+
+    if method not in METHODS:
+        raise ValueError(f"unknown inverse-problem method {method!r}; choose from {', '.join(METHODS)}.")
+    inpaint = isinstance(operator, MaskOperator)
+    if method in ("projection", "repaint") and not inpaint:
+        raise ValueError(f"method {method} replaces observed pixels: it solves inpainting; use dps or pigdm.")
     if infer_label:
         how = "denoising" if infer_label is True else infer_label
         if how not in LABEL_INFERENCE:
@@ -620,10 +628,9 @@ def solve_inverse(cfg, model, images, operator, method: str, *, key, sampler: st
         if labels is not None:
             raise ValueError("pass labels or infer_label, not both.")
         if how == "evidence":
-            if isinstance(evidence_samples, bool) or not isinstance(evidence_samples, int) or evidence_samples < 1:
-                raise ValueError(f"evidence_samples must be a positive number of samples per class, got "
-                                 f"{evidence_samples!r}.")
-            inferred, nfe_pool = _evidence_labels(cfg, model, images, operator, evidence_samples)
+            if evidence_pool is None:
+                evidence_pool = draw_evidence_pool(cfg, model, tuple(np.shape(images)[1:]), evidence_samples)
+            inferred, nfe_pool = _evidence_labels(cfg, images, operator, evidence_pool)
             x, nfe = solve_inverse(cfg, model, images, operator, method, key=key, sampler=sampler, steps=steps,
                                    resample=resample, scale=scale, labels=inferred)
             return x, nfe_pool + nfe
@@ -635,13 +642,6 @@ def solve_inverse(cfg, model, images, operator, method: str, *, key, sampler: st
         return x, nfe1 + nfe2 + nfe3
     import jax.numpy as jnp
 
-    from jaxgen.inverse import MaskOperator
-
-    if method not in METHODS:
-        raise ValueError(f"unknown inverse-problem method {method!r}; choose from {', '.join(METHODS)}.")
-    inpaint = isinstance(operator, MaskOperator)
-    if method in ("projection", "repaint") and not inpaint:
-        raise ValueError(f"method {method} replaces observed pixels: it solves inpainting; use dps or pigdm.")
     images = jnp.asarray(images, jnp.float32)
     labels = np.full((images.shape[0],), cfg.num_classes) if labels is None else np.asarray(labels)
     mask, factor = _operator_args(operator)
@@ -666,20 +666,35 @@ def _inferred_labels(cfg, model, completion, operator, images):
     return np.asarray(labels), cfg.num_classes * DEFAULT_TIMES
 
 
-def _evidence_labels(cfg, model, images, operator, per_class: int):
-    """The classes of largest Monte Carlo evidence for the measurement of ``images``
-    (:func:`jaxgen.inverse.infer_labels_by_evidence`) over ``per_class`` conditional samples (w = 1) of the run's
-    network per class, drawn with the run's sampler, and the NFE of drawing them (one batched pass)."""
+def draw_evidence_pool(cfg, model, shape: tuple, per_class: int = EVIDENCE_SAMPLES) -> tuple:
+    """``per_class`` conditional samples (w = 1) of the run's network per class, drawn with the run's sampler in one
+    batched pass: ``(samples (K * per_class, *shape), their labels, NFE)``, the pool whose measurements estimate
+    ``p(y | k)`` for :func:`solve_inverse`'s ``infer_label="evidence"`` (any operator on images of ``shape``)."""
     import jax
-    import jax.numpy as jnp
 
     from experiments.images import generate
+
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"evidence_samples must be a positive number of samples per class, got {per_class!r}.")
+    pool_labels = np.repeat(np.arange(cfg.num_classes), per_class)
+    pool, nfe = generate(model, cfg, pool_labels, 1.0, jax.random.key(cfg.seed + 31), shape=tuple(shape))
+    return np.asarray(pool), pool_labels, int(nfe)
+
+
+def _evidence_labels(cfg, images, operator, pool: tuple):
+    """The classes of largest Monte Carlo evidence for the measurement of ``images``
+    (:func:`jaxgen.inverse.infer_labels_by_evidence`) over the samples of ``pool`` (:func:`draw_evidence_pool`), and
+    the NFE of drawing them."""
+    import jax.numpy as jnp
+
     from jaxgen.inverse import infer_labels_by_evidence
 
+    samples, pool_labels, nfe = pool
     images = jnp.asarray(images, jnp.float32)
-    pool_labels = np.repeat(np.arange(cfg.num_classes), per_class)
-    pool, nfe = generate(model, cfg, pool_labels, 1.0, jax.random.key(cfg.seed + 31), shape=tuple(images.shape[1:]))
-    labels = infer_labels_by_evidence(jnp.asarray(pool), jnp.asarray(pool_labels), operator, operator(images),
+    if tuple(np.shape(samples)[1:]) != tuple(images.shape[1:]):
+        raise ValueError(f"the evidence pool holds images of shape {tuple(np.shape(samples)[1:])}, the measured "
+                         f"images are {tuple(images.shape[1:])}; draw the pool for this shape (draw_evidence_pool).")
+    labels = infer_labels_by_evidence(jnp.asarray(samples), jnp.asarray(pool_labels), operator, operator(images),
                                       num_classes=cfg.num_classes, sigma=EVIDENCE_SIGMA)
     return np.asarray(labels), nfe
 

@@ -94,6 +94,39 @@ def test_inverse_problems_through_the_cli(base_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_an_evidence_pool_drawn_once_serves_every_call(base_run, monkeypatch):
+    """solve_inverse(infer_label="evidence") with a pool drawn beforehand (draw_evidence_pool) gives the completions
+    and the NFE of drawing the pool inside; a pool of another image shape is refused before the completion, a bad
+    method before the pool is drawn."""
+    import jax
+
+    from experiments import images
+
+    cfg, trainer, state, shape = images.load_run(str(base_run))
+    model = trainer.model(state, ema=True)
+    x_true = np.asarray(images.load_dataset(cfg, "test").images[:4])
+    operator = conditioning.inverse_operator("superres", 2, shape)
+    kw = dict(key=jax.random.key(0), steps=3, infer_label="evidence")
+    inside = conditioning.solve_inverse(cfg, model, x_true, operator, "pigdm", **kw)
+    pool = conditioning.draw_evidence_pool(cfg, model, shape)
+    assert pool[0].shape == (cfg.num_classes * conditioning.EVIDENCE_SAMPLES, *shape) and pool[2] == 2
+    outside = conditioning.solve_inverse(cfg, model, x_true, operator, "pigdm", evidence_pool=pool, **kw)
+    np.testing.assert_array_equal(outside[0], inside[0])
+    assert outside[1] == inside[1] == 2 + 3  # the pool's Euler steps + the completion's
+    with pytest.raises(ValueError, match="positive number of samples"):
+        conditioning.draw_evidence_pool(cfg, model, shape, 0)
+    monkeypatch.setattr(conditioning, "draw_evidence_pool", lambda *a, **k: pytest.fail("drew a pool"))
+    monkeypatch.setattr(conditioning, "_compiled_inverse", lambda *a, **k: pytest.fail("started a completion"))
+    small = (pool[0][:, :4, :4], pool[1], pool[2])
+    with pytest.raises(ValueError, match="evidence pool holds images of shape"):
+        conditioning.solve_inverse(cfg, model, x_true, operator, "pigdm", evidence_pool=small, **kw)
+    with pytest.raises(ValueError, match="unknown inverse-problem method"):
+        conditioning.solve_inverse(cfg, model, x_true, operator, "magic", **kw)
+    with pytest.raises(ValueError, match="solves inpainting"):
+        conditioning.solve_inverse(cfg, model, x_true, operator, "repaint", **kw)
+
+
+@pytest.mark.slow
 def test_controlnet_run_trains_on_the_frozen_base_and_samples_with_a_control(base_run, tmp_path, capsys):
     out = tmp_path / "control"
     assert cli.main(["train", "digits_control", "--out", str(out), "--no-progress", "--set", f"base_run={base_run}",
