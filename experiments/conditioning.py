@@ -621,6 +621,9 @@ def solve_inverse(cfg, model, images, operator, method: str, *, key, sampler: st
     inpaint = isinstance(operator, MaskOperator)
     if method in ("projection", "repaint") and not inpaint:
         raise ValueError(f"method {method} replaces observed pixels: it solves inpainting; use dps or pigdm.")
+    if evidence_pool is not None and infer_label != "evidence":
+        raise ValueError(f"evidence_pool serves infer_label='evidence' only (got infer_label={infer_label!r}); pass "
+                         f"infer_label='evidence' with it, or drop it.")
     if infer_label:
         how = "denoising" if infer_label is True else infer_label
         if how not in LABEL_INFERENCE:

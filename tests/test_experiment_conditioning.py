@@ -107,9 +107,9 @@ def test_an_evidence_pool_drawn_once_serves_every_call(base_run, monkeypatch):
     x_true = np.asarray(images.load_dataset(cfg, "test").images[:4])
     operator = conditioning.inverse_operator("superres", 2, shape)
     kw = dict(key=jax.random.key(0), steps=3, infer_label="evidence")
-    inside = conditioning.solve_inverse(cfg, model, x_true, operator, "pigdm", **kw)
-    pool = conditioning.draw_evidence_pool(cfg, model, shape)
-    assert pool[0].shape == (cfg.num_classes * conditioning.EVIDENCE_SAMPLES, *shape) and pool[2] == 2
+    inside = conditioning.solve_inverse(cfg, model, x_true, operator, "pigdm", evidence_samples=3, **kw)
+    pool = conditioning.draw_evidence_pool(cfg, model, shape, 3)
+    assert pool[0].shape == (cfg.num_classes * 3, *shape) and pool[2] == 2
     outside = conditioning.solve_inverse(cfg, model, x_true, operator, "pigdm", evidence_pool=pool, **kw)
     np.testing.assert_array_equal(outside[0], inside[0])
     assert outside[1] == inside[1] == 2 + 3  # the pool's Euler steps + the completion's
@@ -124,6 +124,9 @@ def test_an_evidence_pool_drawn_once_serves_every_call(base_run, monkeypatch):
         conditioning.solve_inverse(cfg, model, x_true, operator, "magic", **kw)
     with pytest.raises(ValueError, match="solves inpainting"):
         conditioning.solve_inverse(cfg, model, x_true, operator, "repaint", **kw)
+    with pytest.raises(ValueError, match="serves infer_label='evidence' only"):
+        conditioning.solve_inverse(cfg, model, x_true, operator, "pigdm", **{**kw, "infer_label": "denoising"},
+                                   evidence_pool=pool)
 
 
 @pytest.mark.slow
