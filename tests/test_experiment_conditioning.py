@@ -62,6 +62,29 @@ def test_conditioning_config_errors(capsys, tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.parametrize("network", [pytest.param("unet", marks=pytest.mark.slow), "dit"])  # unet: the run below
+def test_a_caption_run_builds_either_network_with_cross_attention(network):
+    """conditioning=caption on the U-Net or the DiT: the network takes the caption's tokens (no label input) and
+    its output has the image's shape (abstract shapes only: nothing is compiled)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from experiments import images
+    from jaxgen.data.captions import MAX_LEN
+
+    cfg = dataclasses.replace(images.ImageConfig(), conditioning="caption", network=network)
+    model = nnx.eval_shape(lambda: images.build_model(cfg, (8, 8, 1), 0))
+    x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((2, MAX_LEN), jnp.int32)
+    out = nnx.eval_shape(lambda m, x, tok: m(x, jnp.full((2,), 0.5), tokens=tok), model, x, tokens)
+    assert out.shape == (2, 8, 8, 1)
+    with pytest.raises(ValueError, match="unconditional"):  # the label is one of the caption's words
+        nnx.eval_shape(lambda m, x: m(x, jnp.full((2,), 0.5), y=jnp.zeros(2, jnp.int32)), model, x)
+
+
 @pytest.mark.slow
 def test_inverse_problems_through_the_cli(base_run, tmp_path, capsys):
     """Each method completes held-out digits from the CLI: observed pixels kept exactly by the replacement methods,
