@@ -373,8 +373,8 @@ _SMOKE = {
 }
 
 
-@pytest.mark.parametrize("shape", [(2,), pytest.param((8, 8, 1), marks=pytest.mark.slow)],  # the image networks:
-                         ids=["2d", "digits"])  # the full suite
+# the image networks' smokes run in the full suite; the fast tier builds each family once, on 2-D data
+@pytest.mark.parametrize("shape", [(2,), pytest.param((8, 8, 1), marks=pytest.mark.slow)], ids=["2d", "digits"])
 @pytest.mark.parametrize("family", ["ebm", "ncsn", "ssm"])
 def test_recipe_smoke(family, shape):
     from experiments.recipes import Context
