@@ -79,7 +79,7 @@ def inverse_table(run: str, num: int, steps: int, resample: int, problems, metho
                     pool.append(conditioning.draw_evidence_pool(cfg, model, shape))
                 x, nfe = conditioning.solve_inverse(cfg, model, x_true, operator, method, key=jax.random.key(1),
                                                     steps=steps, resample=resample, scale=scale, infer_label=inferred,
-                                                    evidence_pool=pool[0] if pool else None)
+                                                    evidence_pool=pool[0] if inferred == "evidence" else None)
                 seconds = time.perf_counter() - t0
                 err = np.abs(x - x_true) * unknown
                 consistency = float(jnp.mean(jnp.abs(operator(jnp.asarray(x)) - operator(jnp.asarray(x_true)))))

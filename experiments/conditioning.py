@@ -595,7 +595,9 @@ def _compiled_inverse(schedule: str, prediction: str, factor: int, method: str, 
 DEFAULT_METHOD = {"inpaint": "repaint", "superres": "pigdm"}
 LABEL_INFERENCE = ("denoising", "evidence")  # jaxgen.inverse.infer_labels / infer_labels_by_evidence
 EVIDENCE_SAMPLES = 200  # the network's samples per class whose measurements estimate p(y | k) ("evidence")
-EVIDENCE_SIGMA = 0.2  # their kernel's width, in pixels of [-1, 1] (measured on the digits: 0.1-0.3 within +-1 point)
+# their kernel's width: chosen per operator by leave-one-out classification of the pool's own measurements
+# (jaxgen.inverse.kernel_width_by_cross_validation; on the digits 0.24 for 4x4 averages, 0.51-0.71 for halves)
+EVIDENCE_SIGMA = "auto"
 GUIDED_T0 = 1e-2  # DPS / PiGDM start here (jaxgen.inverse.guidance: the correction carries no information at t ~ 0)
 
 
@@ -610,8 +612,9 @@ def solve_inverse(cfg, model, images, operator, method: str, *, key, sampler: st
     (:func:`jaxgen.inverse.infer_labels`), and complete again conditioned on it (NFE: both passes and the
     ``num_classes x jaxgen.inverse.labels.DEFAULT_TIMES`` inference evaluations). ``infer_label="evidence"``: the
     class of largest Monte Carlo evidence ``p(y | k)`` over ``evidence_samples`` of the network's own samples per
-    class (:func:`jaxgen.inverse.infer_labels_by_evidence`, kernel width :data:`EVIDENCE_SIGMA`), then one
-    conditioned completion (NFE: the pool's sampler, one batched pass over all its samples, and the completion).
+    class (:func:`jaxgen.inverse.infer_labels_by_evidence`, kernel width :data:`EVIDENCE_SIGMA`: cross-validated on
+    the pool for each operator), then one conditioned completion (NFE: the pool's sampler, one batched pass over all
+    its samples, and the completion).
     The pool depends on the run and the image shape only: ``evidence_pool`` (from :func:`draw_evidence_pool`) reuses
     one across calls (several problems, or batches of one). ``True`` means ``"denoising"``."""
     from jaxgen.inverse import MaskOperator

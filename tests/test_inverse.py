@@ -490,6 +490,50 @@ def test_infer_labels_picks_the_class_that_explains_the_measurement():
                      key=key)
 
 
+def test_the_kernel_width_is_chosen_by_leave_one_out_classification_of_the_pool():
+    """The leave-one-out accuracies of kernel_width_by_cross_validation are a direct evaluation's (each sample scored
+    against the other samples of each class), the most accurate width is chosen, the default candidates scale with
+    the measurements' spread, infer_labels_by_evidence(sigma="auto") uses the choice, and bad input is refused."""
+    from scipy.special import logsumexp
+
+    from jaxgen.inverse import infer_labels_by_evidence, kernel_width_by_cross_validation
+    from jaxgen.inverse.labels import WIDTH_FACTORS
+
+    op = MaskOperator(half_mask((H, W), "left"))
+    labs = np.repeat(np.arange(3), 5)
+    xs = (np.asarray(jax.random.normal(jax.random.key(0), (15, H, W, 1))) + 0.8 * labs[:, None, None, None]).astype(
+        np.float32)
+    widths = np.array([0.3, 1.0, 3.0])
+    w, cand, acc = kernel_width_by_cross_validation(xs, labs, op, num_classes=3, widths=widths)
+    a = np.asarray(op(jnp.asarray(xs))).reshape(15, -1)
+    want = []
+    for s in widths:
+        right = 0
+        for j in range(15):
+            others = [[i for i in range(15) if i != j and labs[i] == k] for k in range(3)]
+            scores = [logsumexp([-np.sum((a[j] - a[i]) ** 2) / (2 * s * s) for i in o]) - np.log(len(o))
+                      for o in others]
+            right += int(np.argmax(scores) == labs[j])
+        want.append(right / 15)
+    np.testing.assert_allclose(acc, want, atol=1e-6)
+    np.testing.assert_array_equal(cand, widths)
+    assert w == widths[int(np.argmax(want))]
+    w_default, cand_default, _ = kernel_width_by_cross_validation(xs, labs, op, num_classes=3)
+    np.testing.assert_allclose(cand_default, np.asarray(WIDTH_FACTORS) * np.sqrt(np.mean(np.var(a, axis=0))), rtol=1e-4)
+    y = op(jnp.asarray(xs[:4]))
+    np.testing.assert_array_equal(infer_labels_by_evidence(xs, labs, op, y, num_classes=3, sigma="auto"),
+                                  infer_labels_by_evidence(xs, labs, op, y, num_classes=3, sigma=w_default))
+    for kwargs, match in ((dict(labels=np.array([0] * 14 + [1])), "at least 2 samples of every class"),
+                          (dict(widths=[0.5, -1.0]), "positive widths"), (dict(labels=labs[:-1]), "one label per")):
+        with pytest.raises(ValueError, match=match):
+            kernel_width_by_cross_validation(xs, kwargs.get("labels", labs), op, num_classes=3,
+                                             widths=kwargs.get("widths"))
+    with pytest.raises(ValueError, match="outside jax.jit"):
+        jax.jit(lambda x: kernel_width_by_cross_validation(x, labs, op, num_classes=3))(xs)
+    with pytest.raises(ValueError, match="positive number or 'auto'"):
+        infer_labels_by_evidence(xs, labs, op, y, num_classes=3, sigma="best")
+
+
 def test_evidence_scores_are_the_monte_carlo_marginal_likelihood_of_the_measurement():
     """(a) The formula, against a direct evaluation: ``log (1/M_k) sum_{j in k} exp(-||y - A x_j||^2 / 2 sigma^2)``.
     (b) Two Gaussian classes N(+-m, s^2 I): the measurement's exact evidence is N(y; A mu_k, (s^2 + sigma^2) I), and

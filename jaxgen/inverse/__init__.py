@@ -38,7 +38,8 @@ Example (inpainting the right half of 8x8 images)::
 
 from jaxgen.inverse.guidance import (METHODS, GuidanceTerms, guidance_terms, pigdm_coefficient, pigdm_variance,
                                      posterior_guided_field, score_to_velocity_coefficient)
-from jaxgen.inverse.labels import evidence_scores, infer_labels, infer_labels_by_evidence, label_errors
+from jaxgen.inverse.labels import (evidence_scores, infer_labels, infer_labels_by_evidence,
+                                   kernel_width_by_cross_validation, label_errors)
 from jaxgen.inverse.inversion import BACKWARD_SOLVERS, ReversedDDIM, invert, round_trip_error
 from jaxgen.inverse.operators import (DownsampleOperator, GrayscaleOperator, LinearOperator, MaskOperator, box_mask,
                                       half_mask, operator_matrix, random_mask)
@@ -51,5 +52,5 @@ __all__ = [
     "score_to_velocity_coefficient",
     "Inpaint", "renoise", "noise_observation", "usable_solvers",
     "invert", "round_trip_error", "ReversedDDIM", "BACKWARD_SOLVERS", "infer_labels", "label_errors",
-    "evidence_scores", "infer_labels_by_evidence",
+    "evidence_scores", "infer_labels_by_evidence", "kernel_width_by_cross_validation",
 ]
