@@ -680,8 +680,9 @@ def draw_evidence_pool(cfg, model, shape: tuple, per_class: int = EVIDENCE_SAMPL
 
     from experiments.images import generate
 
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"evidence_samples must be a positive number of samples per class, got {per_class!r}.")
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 2:
+        raise ValueError(f"evidence_samples must be a number of samples per class >= 2 (the kernel width is chosen "
+                         f"leaving one sample out), got {per_class!r}.")
     pool_labels = np.repeat(np.arange(cfg.num_classes), per_class)
     pool, nfe = generate(model, cfg, pool_labels, 1.0, jax.random.key(cfg.seed + 31), shape=tuple(shape))
     return np.asarray(pool), pool_labels, int(nfe)

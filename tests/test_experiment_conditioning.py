@@ -136,8 +136,9 @@ def test_an_evidence_pool_drawn_once_serves_every_call(base_run, monkeypatch):
     outside = conditioning.solve_inverse(cfg, model, x_true, operator, "pigdm", evidence_pool=pool, **kw)
     np.testing.assert_array_equal(outside[0], inside[0])
     assert outside[1] == inside[1] == 2 + 3  # the pool's Euler steps + the completion's
-    with pytest.raises(ValueError, match="positive number of samples"):
-        conditioning.draw_evidence_pool(cfg, model, shape, 0)
+    for bad in (0, 1):
+        with pytest.raises(ValueError, match="samples per class >= 2"):
+            conditioning.draw_evidence_pool(cfg, model, shape, bad)
     monkeypatch.setattr(conditioning, "draw_evidence_pool", lambda *a, **k: pytest.fail("drew a pool"))
     monkeypatch.setattr(conditioning, "_compiled_inverse", lambda *a, **k: pytest.fail("started a completion"))
     small = (pool[0][:, :4, :4], pool[1], pool[2])
