@@ -1,8 +1,8 @@
 """Data parallelism on a mesh, topology changes across checkpoints and a real two-process run, on this CPU.
 
 Fake devices need the backend to start with them, so the work runs in subprocesses: this file is also the worker
-(``python tests/test_parallel.py devices 8 OUT``, ``... process ID NUM PORT OUT`` or ``... killable OUT``). The parent compares what the
-workers write with single-device runs of its own.
+(``python tests/test_parallel.py devices 8 OUT``, ``... process ID NUM PORT OUT`` or ``... killable OUT``). The parent
+compares what the workers write with single-device runs of its own.
 """
 
 import json

@@ -86,6 +86,18 @@ def infer_labels(field: Callable, completion: Array, operator, y: Array, *, path
     return jnp.argmin(errors, axis=0).astype(jnp.int32)
 
 
+def _check_pool_labels(samples, sample_labels, num_classes: int, owner: str, need: str, min_count: int = 1) -> None:
+    """One label per sample, and (for concrete labels) at least ``min_count`` samples of every class: else an error
+    from ``owner`` (the second one begins with ``need``)."""
+    if jnp.ndim(sample_labels) != 1 or jnp.shape(sample_labels)[0] != jnp.shape(samples)[0]:
+        raise ValueError(f"{owner} needs one label per sample: samples {tuple(jnp.shape(samples))}, labels "
+                         f"{tuple(jnp.shape(sample_labels))}.")
+    if is_concrete(sample_labels):
+        counts = np.bincount(np.asarray(sample_labels).astype(np.int64), minlength=num_classes)
+        if len(counts) > num_classes or (counts[:num_classes] < min_count).any():
+            raise ValueError(f"{need} 0..{num_classes - 1}; the sample labels count {counts.tolist()} per class.")
+
+
 def evidence_scores(samples: Array, sample_labels: Array, operator, y: Array, *, num_classes: int,
                     sigma: float) -> Array:
     r"""``log p(y | k)`` per class and measurement, ``(K, B)``, up to a constant shared by the classes: the Monte
@@ -103,14 +115,8 @@ def evidence_scores(samples: Array, sample_labels: Array, operator, y: Array, *,
         raise ValueError(f"evidence_scores needs sigma > 0 (the measurement noise or the kernel width), got "
                          f"{sigma!r}.")
     sample_labels = jnp.asarray(sample_labels)
-    if sample_labels.ndim != 1 or sample_labels.shape[0] != samples.shape[0]:
-        raise ValueError(f"evidence_scores needs one label per sample: samples {tuple(samples.shape)}, labels "
-                         f"{tuple(sample_labels.shape)}.")
-    if is_concrete(sample_labels):
-        counts = np.bincount(np.asarray(sample_labels).astype(np.int64), minlength=num_classes)
-        if len(counts) > num_classes or (counts[:num_classes] == 0).any():
-            raise ValueError(f"evidence_scores needs samples of every class 0..{num_classes - 1}; the sample labels "
-                             f"count {counts.tolist()} per class.")
+    _check_pool_labels(samples, sample_labels, num_classes, "evidence_scores",
+                       "evidence_scores needs samples of every class")
     a = jnp.reshape(operator(samples), (samples.shape[0], -1))
     b = jnp.reshape(y, (y.shape[0], -1)).astype(a.dtype)
     if a.shape[1] != b.shape[1]:
@@ -144,13 +150,9 @@ def kernel_width_by_cross_validation(samples: Array, sample_labels: Array, opera
         raise ValueError("kernel_width_by_cross_validation chooses a Python float from the samples: call it outside "
                          "jax.jit (or pass sigma as a number).")
     labels = np.asarray(sample_labels)
-    if labels.ndim != 1 or labels.shape[0] != np.shape(samples)[0]:
-        raise ValueError(f"kernel_width_by_cross_validation needs one label per sample: samples "
-                         f"{tuple(np.shape(samples))}, labels {tuple(labels.shape)}.")
-    counts = np.bincount(labels.astype(np.int64), minlength=num_classes)
-    if len(counts) > num_classes or (counts[:num_classes] < 2).any():
-        raise ValueError(f"kernel_width_by_cross_validation leaves one sample out: it needs at least 2 samples of "
-                         f"every class 0..{num_classes - 1}; the sample labels count {counts.tolist()} per class.")
+    _check_pool_labels(samples, labels, num_classes, "kernel_width_by_cross_validation",
+                       "kernel_width_by_cross_validation leaves one sample out: it needs at least 2 samples of every "
+                       "class", min_count=2)
     a = jnp.reshape(operator(jnp.asarray(samples)), (labels.shape[0], -1))
     if widths is None:
         spread = float(jnp.sqrt(jnp.mean(jnp.var(a, axis=0))))
