@@ -17,9 +17,9 @@ accuracy has little room above 0.9 whatever the solver.
 With ``--infer-label`` each method also runs in two passes: the unconditional completion, the class the network
 itself finds likeliest for the measurement (:func:`jaxgen.inverse.infer_labels`, a diffusion classifier on the
 observed part), and a completion conditioned on that class. ``--infer-label evidence`` (or ``denoising,evidence``
-for both) infers the class instead from the Monte Carlo evidence of 200 of the network's own samples per class
-(:func:`jaxgen.inverse.infer_labels_by_evidence`; one pool, drawn once for all the problems, its time in the first
-evidence row) and completes once, conditioned on it.
+for both) infers the class instead from the Monte Carlo evidence of the network's own samples, ``--evidence-samples``
+per class (default 1,000; :func:`jaxgen.inverse.infer_labels_by_evidence`; one pool, drawn once for all the problems,
+its time in the first evidence row) and completes once, conditioned on it.
 
 Part 2 (``--inversion``): the round trip data -> noise -> data with each deterministic solver at several step counts,
 ``mean |sample(invert(x)) - x|`` per pixel on the held-out digits, for (a) the *oracle* field -- the exact marginal
@@ -44,7 +44,7 @@ METHODS = {"inpaint": ("projection", "repaint", "dps", "pigdm"), "superres": ("d
 
 
 def inverse_table(run: str, num: int, steps: int, resample: int, problems, methods, dps_scale: float,
-                  infer=()) -> list[dict]:
+                  infer=(), evidence_samples: int | None = None) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,7 +76,8 @@ def inverse_table(run: str, num: int, steps: int, resample: int, problems, metho
             for inferred in (False, *infer):
                 t0 = time.perf_counter()  # with the compilation: each configuration runs once
                 if inferred == "evidence" and not pool:
-                    pool.append(conditioning.draw_evidence_pool(cfg, model, shape))
+                    pool.append(conditioning.draw_evidence_pool(cfg, model, shape,
+                                                                evidence_samples or conditioning.EVIDENCE_SAMPLES))
                 x, nfe = conditioning.solve_inverse(cfg, model, x_true, operator, method, key=jax.random.key(1),
                                                     steps=steps, resample=resample, scale=scale, infer_label=inferred,
                                                     evidence_pool=pool[0] if inferred == "evidence" else None)
@@ -222,6 +223,8 @@ def main(argv=None):
     p.add_argument("--infer-label", nargs="?", const="denoising", default="", metavar="HOW[,HOW]",
                    help="also each method with the label inferred from the measurement: denoising (default; "
                         "jaxgen.inverse.infer_labels), evidence (jaxgen.inverse.infer_labels_by_evidence), or both")
+    p.add_argument("--evidence-samples", type=int, default=None, metavar="N",
+                   help="the evidence pool's samples per class (default: experiments.conditioning.EVIDENCE_SAMPLES)")
     p.add_argument("--inversion", action="store_true", help="also the inversion round-trip table")
     p.add_argument("--inversion-only", action="store_true")
     p.add_argument("--solvers", default="euler,heun,rk4,ddim")
@@ -235,7 +238,7 @@ def main(argv=None):
             p.error("--run is needed for the inverse problems (or pass --inversion-only)")
         inv = inverse_table(a.run, a.num, a.steps, a.resample, a.problems.split(","),
                             [m for m in a.methods.split(",") if m], a.dps_scale,
-                            tuple(h for h in a.infer_label.split(",") if h))
+                            tuple(h for h in a.infer_label.split(",") if h), a.evidence_samples)
     rt = []
     if a.inversion or a.inversion_only:
         rt = inversion_table(a.run, a.num, a.solvers.split(","), [int(s) for s in a.inversion_steps.split(",")],

@@ -409,7 +409,7 @@ METHODS = ("projection", "repaint", "dps", "pigdm")
 def check_sample_args(args, record: dict) -> None:
     """Clear errors for ``jaxgen sample``'s conditioning and inverse-problem flags on the run of config ``record``,
     before any work."""
-    for name in ("caption", "control", "inpaint", "superres", "method", "image"):  # namespaces built by hand
+    for name in ("caption", "control", "inpaint", "superres", "method", "image", "evidence_samples"):  # built by hand
         if not hasattr(args, name):
             setattr(args, name, None)
     infer = getattr(args, "infer_label", None)
@@ -433,6 +433,13 @@ def check_sample_args(args, record: dict) -> None:
                              f"on {kind}.")
         if not args.control.startswith("test:") and not os.path.exists(args.control):
             raise FileNotFoundError(f"--control {args.control}: no such file (a PNG or .npy control, or test:N).")
+    if args.evidence_samples is not None:
+        if args.infer_label != "evidence":
+            raise ValueError("--evidence-samples sizes the pool of --infer-label evidence; add --infer-label evidence, "
+                             "or drop it.")
+        if args.evidence_samples < 2:
+            raise ValueError(f"--evidence-samples must be >= 2 samples per class (the kernel width is chosen leaving "
+                             f"one out), got {args.evidence_samples}.")
     inverse = is_inverse_problem(args)
     if (args.method is not None or args.image is not None or args.infer_label) and not inverse:
         raise ValueError("--method, --image and --infer-label go with --inpaint or --superres.")
@@ -594,9 +601,12 @@ def _compiled_inverse(schedule: str, prediction: str, factor: int, method: str, 
 
 DEFAULT_METHOD = {"inpaint": "repaint", "superres": "pigdm"}
 LABEL_INFERENCE = ("denoising", "evidence")  # jaxgen.inverse.infer_labels / infer_labels_by_evidence
-EVIDENCE_SAMPLES = 200  # the network's samples per class whose measurements estimate p(y | k) ("evidence")
+# the network's samples per class whose measurements estimate p(y | k) ("evidence"): with 1,000 instead of 200 the
+# 6,000-step digits network infers the label of 0.905 / 0.936 / 0.900 / 0.914 / 0.958 of the held-out digits from the
+# left / right / top / bottom half or the 4x4 averages (200: 0.905 / 0.925 / 0.886 / 0.886 / 0.933)
+EVIDENCE_SAMPLES = 1000
 # their kernel's width: chosen per operator by leave-one-out classification of the pool's own measurements
-# (jaxgen.inverse.kernel_width_by_cross_validation; on the digits 0.24 for 4x4 averages, 0.51-0.71 for halves)
+# (jaxgen.inverse.kernel_width_by_cross_validation; on the digits 0.18 for 4x4 averages, 0.43-0.47 for halves)
 EVIDENCE_SIGMA = "auto"
 GUIDED_T0 = 1e-2  # DPS / PiGDM start here (jaxgen.inverse.guidance: the correction carries no information at t ~ 0)
 
@@ -742,7 +752,8 @@ def inverse_command(cfg, model, shape, args) -> str:
     if infer and labels is not None:
         raise ValueError("pass --label or --infer-label, not both.")
     x, nfe = solve_inverse(cfg, model, images, operator, method, key=jax.random.key(args.seed), sampler=sampler,
-                           steps=args.steps or 100, labels=labels, infer_label=infer)
+                           steps=args.steps or 100, labels=labels, infer_label=infer,
+                           evidence_samples=getattr(args, "evidence_samples", None) or EVIDENCE_SAMPLES)
     shown = np.clip(np.asarray(operator.pinv(operator(jax.numpy.asarray(images)))), -1, 1)
     what = (f"{problem} {args.inpaint if problem == 'inpaint' else f'x{args.superres}'}, {method}"
             f"{f', label inferred ({infer})' if infer else ''}, {sampler}, NFE {nfe}")

@@ -38,6 +38,8 @@ def test_sample_flags_are_checked_before_any_work(tmp_path):
             (dict(method="dps"), label, "go with --inpaint"),
             (dict(infer_label=True), label, "go with --inpaint"),
             (dict(inpaint="left", infer_label="guess"), label, "choose denoising or evidence"),
+            (dict(inpaint="left", infer_label=True, evidence_samples=50), label, "add --infer-label evidence"),
+            (dict(inpaint="left", infer_label="evidence", evidence_samples=1), label, ">= 2 samples per class"),
             (dict(inpaint="middle"), label, "the part to keep"),
             (dict(superres=1), label, ">= 2"),
             (dict(superres=2, method="repaint"), label, "use --method pigdm or dps"),
@@ -92,13 +94,13 @@ def test_inverse_problems_through_the_cli(base_run, tmp_path, capsys):
     for flags in (["--inpaint", "left", "--method", "repaint", "--infer-label"],
                   ["--inpaint", "centre", "--method", "projection"],
                   ["--inpaint", "top", "--method", "dps"], ["--superres", "2", "--method", "pigdm", "--infer-label"],
-                  ["--superres", "2", "--method", "pigdm", "--infer-label", "evidence"]):
-        out = tmp_path / f"{flags[1]}_{flags[3]}_{flags[-1]}.png"
+                  ["--superres", "2", "--method", "pigdm", "--infer-label", "evidence", "--evidence-samples", "3"]):
+        out = tmp_path / f"{flags[1]}_{flags[3]}_{flags[5] if len(flags) > 5 else flags[-1]}.png"
         assert cli.main(["sample", "--checkpoint", str(base_run), "--num", "4", "--steps", "3", "--out", str(out),
                          *flags]) == 0
         text = capsys.readouterr().out
         assert "digits classifier labels" in text and out.stat().st_size > 0
-        if flags[-1] == "evidence":  # the pool (the run's Euler, 2 steps, all classes in one batch) + the completion
+        if "evidence" in flags:  # the pool (the run's Euler, 2 steps, all classes in one batch) + the completion
             assert "label inferred (evidence)" in text and "NFE 5" in text, text
         grid = np.load(str(out).replace(".png", "_samples.npy"))
         assert grid.shape == (12, 8, 8, 1)  # originals, observations, completions

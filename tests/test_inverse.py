@@ -490,13 +490,15 @@ def test_infer_labels_picks_the_class_that_explains_the_measurement():
                      key=key)
 
 
-def test_the_kernel_width_is_chosen_by_leave_one_out_classification_of_the_pool():
-    """The leave-one-out accuracies of kernel_width_by_cross_validation are a direct evaluation's (each sample scored
-    against the other samples of each class), the most accurate width is chosen, the default candidates scale with
-    the measurements' spread, infer_labels_by_evidence(sigma="auto") uses the choice, and bad input is refused."""
+def test_the_kernel_width_is_chosen_by_leave_one_out_classification_of_the_pool(monkeypatch):
+    """The leave-one-out scores of kernel_width_by_cross_validation are a direct evaluation's (each sample scored
+    against the other samples of each class: the mean log-probability of its own label), also when the samples are
+    scored a few rows at a time, the width of best score is chosen, the default candidates scale with the
+    measurements' spread, infer_labels_by_evidence(sigma="auto") uses the choice, and bad input is refused."""
     from scipy.special import logsumexp
 
     from jaxgen.inverse import infer_labels_by_evidence, kernel_width_by_cross_validation
+    from jaxgen.inverse import labels as labels_module
     from jaxgen.inverse.labels import WIDTH_FACTORS
 
     op = MaskOperator(half_mask((H, W), "left"))
@@ -504,20 +506,23 @@ def test_the_kernel_width_is_chosen_by_leave_one_out_classification_of_the_pool(
     xs = (np.asarray(jax.random.normal(jax.random.key(0), (15, H, W, 1))) + 0.8 * labs[:, None, None, None]).astype(
         np.float32)
     widths = np.array([0.3, 1.0, 3.0])
-    w, cand, acc = kernel_width_by_cross_validation(xs, labs, op, num_classes=3, widths=widths)
+    w, cand, score = kernel_width_by_cross_validation(xs, labs, op, num_classes=3, widths=widths)
     a = np.asarray(op(jnp.asarray(xs))).reshape(15, -1)
     want = []
     for s in widths:
-        right = 0
+        total = 0.0
         for j in range(15):
             others = [[i for i in range(15) if i != j and labs[i] == k] for k in range(3)]
             scores = [logsumexp([-np.sum((a[j] - a[i]) ** 2) / (2 * s * s) for i in o]) - np.log(len(o))
                       for o in others]
-            right += int(np.argmax(scores) == labs[j])
-        want.append(right / 15)
-    np.testing.assert_allclose(acc, want, atol=1e-6)
+            total += scores[labs[j]] - logsumexp(scores)
+        want.append(total / 15)
+    np.testing.assert_allclose(score, want, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(cand, widths)
-    assert w == widths[int(np.argmax(want))]
+    assert w == widths[int(np.argmax(want))] and len(set(np.round(want, 3))) == 3  # distinct scores: a real choice
+    monkeypatch.setattr(labels_module, "LOO_ROWS", 4)  # 15 rows in 4 blocks, the last one padded
+    np.testing.assert_allclose(labels_module._loo_log_probabilities.__wrapped__(
+        jnp.asarray(a), jnp.asarray(labs), jnp.asarray(widths, jnp.float32), 3), want, rtol=1e-4, atol=1e-5)
     w_default, cand_default, _ = kernel_width_by_cross_validation(xs, labs, op, num_classes=3)
     np.testing.assert_allclose(cand_default, np.asarray(WIDTH_FACTORS) * np.sqrt(np.mean(np.var(a, axis=0))), rtol=1e-4)
     y = op(jnp.asarray(xs[:4]))
