@@ -26,7 +26,7 @@ def _data(label=1, value=None):
     return data
 
 
-@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("fuse", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_checked_training_refuses_bad_batches_and_keeps_the_state(fuse):
     loss = flow_matching_loss("linear")
     good = Trainer(_model(), loss, optax.adam(1e-3), data=_data(), checked=True, fuse_steps=fuse)

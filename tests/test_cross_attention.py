@@ -146,7 +146,7 @@ def test_zero_initialised_cross_attention_leaves_the_function_unchanged_until_it
     assert np.abs(out - other).max() > 1e-2  # ... and different contexts give different outputs
 
 
-@pytest.mark.parametrize("name", ["unet", "dit"])
+@pytest.mark.parametrize("name", [pytest.param("unet", marks=pytest.mark.slow), "dit"])  # one cross-attention block
 def test_masked_padding_tokens_do_not_change_the_output(name, unet_perturbed, dit_perturbed, inputs):
     model = unet_perturbed if name == "unet" else dit_perturbed
     x, t, context, mask = inputs
@@ -164,7 +164,7 @@ def test_masked_padding_tokens_do_not_change_the_output(name, unet_perturbed, di
     assert np.abs(np.asarray(full) - np.asarray(out))[:2].max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["unet", "dit"])
+@pytest.mark.parametrize("name", [pytest.param("unet", marks=pytest.mark.slow), "dit"])
 def test_an_all_masked_context_is_finite_and_equals_no_context(name, unet_perturbed, dit_perturbed, inputs):
     model = unet_perturbed if name == "unet" else dit_perturbed
     x, t, context, _ = inputs

@@ -59,7 +59,9 @@ def _counting(field):
 
 
 @pytest.mark.parametrize("method,steps", [("euler", 7), ("midpoint", 5), ("heun", 6), ("rk4", 3), ("tsit5", None),
-                                          ("bosh3", None), ("dopri8", None), ("diffrax:solver=heun", None)])
+                                          pytest.param("bosh3", None, marks=pytest.mark.slow),  # adaptive: tsit5's
+                                          pytest.param("dopri8", None, marks=pytest.mark.slow),  # counting, fast tier
+                                          ("diffrax:solver=heun", None)])
 def test_reported_nfe_equals_counted_evaluations(method, steps):
     f, count = _counting(FIELD)
     if steps:

@@ -259,7 +259,7 @@ def test_pc_steps_are_score_sde_updates(name, predictor, corrector):
 
 
 PC_CASES = [
-    ("vp", "reverse_diffusion", "langevin", 1, False),
+    pytest.param("vp", "reverse_diffusion", "langevin", 1, False, marks=pytest.mark.slow),  # ve's below: fast tier
     ("vp", "euler_maruyama", "none", 1, False),
     ("ve", "reverse_diffusion", "langevin", 1, False),
     ("ve", "reverse_diffusion", "none", 1, True),     # probability-flow predictor
