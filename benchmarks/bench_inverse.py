@@ -124,7 +124,8 @@ def measurement_references(operator, train, x_true, labels, sigma: float = 0.2) 
                                      operator(jnp.asarray(x_true, jnp.float32)), num_classes=k, sigma=sigma,
                                      log_prior=jnp.log(jnp.bincount(jnp.asarray(ytr), length=k) / len(ytr)))
     svm = SVC(C=10.0, gamma="scale").fit(a, ytr)
-    tuned = GridSearchCV(SVC(), {"C": [1.0, 3.0, 10.0, 30.0, 100.0], "gamma": ["scale", 0.3, 1.0, 3.0]}, cv=5).fit(a, ytr)
+    grid = {"C": [1.0, 3.0, 10.0, 30.0, 100.0], "gamma": ["scale", 0.3, 1.0, 3.0]}
+    tuned = GridSearchCV(SVC(), grid, cv=5).fit(a, ytr)
     return {"reference: 1-NN on A x": float(np.mean(ytr[np.argmin(d2, axis=1)] == labels)),
             f"reference: Bayes classifier of the training digits * N(0, {sigma:g}^2) on A x":
                 float(np.mean(np.asarray(bayes) == labels)),
